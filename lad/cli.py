@@ -1,0 +1,26 @@
+"""`lad SUBCOMMAND ...`: one entry point for the LAD commands (each also has its own `lad-*` script)."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "finetune": ("lad.finetune", "train a denoiser from a recipe"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: lad COMMAND [ARGS ...]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Train a LAD denoiser: `accelerate launch lad/finetune.py RECIPE.yaml [key=value ...]` (or `lad-finetune`).
+
+Read top to bottom, this is the whole recipe (torchtune style, no hidden Trainer):
+
+    recipe → base model + tokenizer → mask token → data → bidirectional + LoRA → Denoiser
+           → for each step: batch → corruption → logits at supervised positions → weighted loss → update
+           → validation, checkpoints, best weights → run directory with lad.json
+
+Determinism: the data order is a pure function of (seed, epoch), and all noise and dropout of a step are
+seeded from (seed, step, row), so a resumed run replays exactly the steps it missed, and the noise a row
+gets does not depend on how rows are split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (`accelerate launch lad/finetune.py`): Python put lad/ first on sys.path, where a
+    # module could shadow a library. Drop it and import the package from the folder above.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lad.data import DataError, Example, batch_indices, collate, encode_rows, find_token, load_rows
+from lad.loss import LossStats, position_stats, weighted_cross_entropy
+from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
+from lad.modeling.bidirectional import UnsupportedArchitectureError
+from lad.modeling.denoiser import Denoiser
+from lad.modeling.load import load_base
+from lad.modeling.locate import ModelNotFoundError
+from lad.modeling.mask_token import MaskToken, MaskTokenError, check_not_in_data, resolve_mask_token
+from lad.noise import corrupt, sample_levels, validation_levels
+from lad.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from lad.run import (LadInfo, RunDirError, commit_folder, latest_checkpoint, load_checkpoint_state,
+                     prepare_output_dir, save_checkpoint, save_weights, staging_dir)
+
+log = logging.getLogger("lad.finetune")
+
+VALIDATION_SEED = 20250101  # fixed, not the run's seed: validation noise is the same in every run
+USER_ERRORS = (RecipeError, DataError, ModelNotFoundError, UnsupportedArchitectureError, MaskTokenError,
+               RunDirError, ImportError)
+
+
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers, so (seed, step, row) never collide like seed+step would."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------- data
+
+
+def encode_sources(sources, recipe: Recipe, tokenizer) -> list[Example]:
+    examples: list[Example] = []
+    for source in sources:
+        text_field = source.fields.get("text", "text")
+        rows = load_rows(source.path, split=source.split, text_field=text_field, max_rows=source.max_rows)
+        encoded, stats = encode_rows(rows, tokenizer, fmt=source.format, fields=source.fields or None,
+                                     max_length=recipe.data.max_length, truncation=recipe.data.truncation,
+                                     chat_template=recipe.data.chat_template,
+                                     system_prompt=recipe.data.system_prompt, source_name=source.path)
+        log.info(stats.summary())
+        if not encoded:
+            raise DataError(f"{source.path}: no usable rows left (every row was dropped; see the counts above)")
+        examples += encoded
+    return examples
+
+
+def load_data(recipe: Recipe, tokenizer) -> tuple[list[Example], list[Example]]:
+    """Encode train and validation examples; hold out `val_fraction` of train when no validation is given."""
+    train = encode_sources(recipe.data.train, recipe, tokenizer)
+    if recipe.data.validation:
+        val = encode_sources(recipe.data.validation, recipe, tokenizer)
+    elif recipe.data.val_fraction > 0:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
+        n_val = max(1, int(len(train) * recipe.data.val_fraction))
+        held = set(order[:n_val])
+        val = [train[i] for i in sorted(held)]
+        train = [e for i, e in enumerate(train) if i not in held]
+    else:
+        val = []
+    return train, val[: recipe.data.val_max_examples]
+
+
+def make_batch(examples: list[Example], recipe: Recipe, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    batch = collate(examples, pad_id, shift=recipe.shift)
+    if recipe.eos_padding:  # LLaDA: answers padded with EOS to the batch length, inside the loss
+        pad = batch["attention_mask"] == 0
+        batch["input_ids"][pad] = eos_id
+        batch["attention_mask"][pad] = 1
+        batch["answer_mask"] |= pad
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_model(recipe: Recipe):
+    """Base model + tokenizer, with the mask token chosen (and its embedding row added if needed)."""
+    model, tokenizer = load_base(recipe.model, seed=recipe.seed)
+    mask = resolve_mask_token(tokenizer, recipe.mask_token)
+    prepare_embeddings(model, tokenizer, mask)
+    if recipe.gradient_checkpointing and not recipe.model.quantization:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, mask
+
+
+def add_trainable(model, recipe: Recipe, mask: MaskToken):
+    if recipe.lora.enabled:
+        return attach_lora(model, recipe.lora, mask, quantized=recipe.model.quantization is not None,
+                           gradient_checkpointing=recipe.gradient_checkpointing)
+    model.requires_grad_(True)
+    return model
+
+
+def build_optimizer(recipe: Recipe, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=recipe.optim.lr, betas=tuple(recipe.optim.betas), eps=recipe.optim.eps,
+                  weight_decay=recipe.optim.weight_decay)
+    if recipe.optim.name == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("optim.name=adamw_8bit needs bitsandbytes: pip install 'lad[quant]'") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(recipe: Recipe, optimizer, total_steps: int):
+    warmup = recipe.optim.warmup_steps
+    kind = recipe.optim.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def forward_loss(denoiser, batch, corruption, device) -> tuple[torch.Tensor, LossStats]:
+    """Weighted CE summed over the rows of `batch`, computing the LM head only where the loss needs it."""
+    input_ids = batch["input_ids"].to(device)
+    positions = corruption.loss_mask.to(device)
+    logits = denoiser(corruption.noisy_ids.to(device), batch["attention_mask"].to(device), positions=positions,
+                      position_ids=batch["position_ids"].to(device))
+    targets = input_ids[positions]
+    loss_sum = weighted_cross_entropy(logits, targets, corruption.weights.to(device)[positions])
+    was_masked = (corruption.noisy_ids.to(device) == denoiser_mask_id(denoiser))[positions]
+    return loss_sum, position_stats(logits, targets, was_masked, loss_sum.detach(), len(batch["input_ids"]))
+
+
+def denoiser_mask_id(denoiser) -> int:
+    return getattr(denoiser, "module", denoiser).mask_id
+
+
+@torch.no_grad()
+def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id: int, eos_id: int, device) -> LossStats:
+    """Validation loss and accuracy under deterministic noise: level and seed fixed per example index."""
+    denoiser.eval()
+    levels = validation_levels(len(val), recipe.noise.t_min)
+    stats = LossStats()
+    for start in range(0, len(val), recipe.batch_size):
+        idx = list(range(start, min(start + recipe.batch_size, len(val))))
+        batch = make_batch([val[i] for i in idx], recipe, pad_id, eos_id)
+        gens = [torch.Generator().manual_seed(seed_for(VALIDATION_SEED, i)) for i in idx]
+        corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, mask_id, gens)
+        _, part = forward_loss(denoiser, batch, corruption, device)
+        stats.add(part)
+    denoiser.train()
+    return stats
+
+
+class Schedule:
+    """Which examples each optimizer step reads: a pure function of the step (for exact resume)."""
+
+    def __init__(self, n_examples: int, recipe: Recipe, num_processes: int):
+        self.per_step = recipe.batch_size * num_processes * recipe.grad_accum
+        self.steps_per_epoch = n_examples // self.per_step
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training data has {n_examples} examples, fewer than one optimizer step needs "
+                            f"(batch_size {recipe.batch_size} × processes {num_processes} × grad_accum "
+                            f"{recipe.grad_accum} = {self.per_step})")
+        self.n, self.seed = n_examples, recipe.seed
+        by_epochs = math.ceil(recipe.epochs * self.steps_per_epoch) if recipe.epochs is not None else None
+        self.total_steps = min(s for s in (recipe.max_steps, by_epochs) if s is not None)
+        self._epoch, self._order = -1, []
+
+    def step_indices(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = batch_indices(self.n, self.per_step, seed=self.seed, epoch=epoch, drop_last=True)
+            self._epoch = epoch
+        return self._order[index]
+
+
+# ---------------------------------------------------------------- main
+
+
+def train(recipe: Recipe) -> Path:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(recipe.precision, recipe.precision),
+                              log_with=recipe.report_to or None, project_dir=recipe.output_dir)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    resuming = recipe.resume_from is not None
+    out = Path(recipe.output_dir)
+    if main:
+        prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming)
+    accelerator.wait_for_everyone()
+
+    model, tokenizer, mask = load_model(recipe)
+    train_set, val_set = load_data(recipe, tokenizer)
+    check_not_in_data(mask, find_token(train_set + val_set, mask.id))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_id = tokenizer.eos_token_id
+    schedule = Schedule(len(train_set), recipe, world)
+
+    base_ref = dataclasses.asdict(recipe.model)
+    if recipe.model.init == "scratch" and recipe.lora.enabled:  # the random base must travel with the run
+        if main:
+            tmp = staging_dir(out / "base")
+            model.save_pretrained(tmp, safe_serialization=True)
+            commit_folder(tmp, out / "base")
+        base_ref.update(name_or_path="./base", init="pretrained", config={}, tokenizer=None)
+    model = add_trainable(model, recipe, mask)
+    denoiser = Denoiser(model, mask.id, recipe.shift)
+    trainable, total = count_parameters(denoiser)
+    info = LadInfo(base_model=base_ref, mask_token=mask.token, mask_token_id=mask.id, mask_token_added=mask.added,
+                   vocab_size=len(tokenizer), shift=recipe.shift, objective=recipe.noise.objective,
+                   noise=dataclasses.asdict(recipe.noise), adapter="lora" if recipe.lora.enabled else "full",
+                   chat_template=bool(getattr(tokenizer, "chat_template", None)) and recipe.data.chat_template is not False,
+                   max_length=recipe.data.max_length, eos_padding=recipe.eos_padding)
+    optimizer = build_optimizer(recipe, denoiser)
+    scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
+
+    start_step, best_val, tokens_seen = 0, float("inf"), 0
+    if resuming:
+        folder = latest_checkpoint(out) if recipe.resume_from == "latest" else Path(recipe.resume_from)
+        if folder is None:
+            log.warning("resume_from=latest: no usable checkpoint in %s, starting from step 0", out)
+        else:
+            state = load_checkpoint_state(folder, model=denoiser.model, optimizer=optimizer, scheduler=scheduler)
+            start_step, best_val, tokens_seen = state["step"], state.get("best_val", best_val), state.get("tokens", 0)
+            log.info("resumed from %s at step %d", folder, start_step)
+    if main:
+        tokenizer.save_pretrained(out)
+        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        log.info("model: %s | trainable %s of %s parameters (%.2f%%) | mask %r (id %d%s) | shift=%s",
+                 recipe.model.name_or_path or "scratch", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 mask.token, mask.id, ", added" if mask.added else "", recipe.shift)
+        log.info("data: %d train / %d validation examples; %d steps of %d examples (%d per epoch)",
+                 len(train_set), len(val_set), schedule.total_steps, schedule.per_step, schedule.steps_per_epoch)
+
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    device = accelerator.device
+    if recipe.report_to:
+        accelerator.init_trackers("lad", config={k: str(v) for k, v in recipe.to_dict().items()})
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
+
+    def record(entry: dict) -> None:
+        if main:
+            metrics.write(json.dumps(entry) + "\n")
+            metrics.flush()
+        if recipe.report_to:
+            accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+    def validate(step: int) -> None:
+        nonlocal best_val
+        if not val_set:
+            return
+        stats = evaluate(denoiser, val_set, recipe, mask.id, pad_id, eos_id, device)
+        summary = stats.summary("val_")
+        record({"step": step, **summary})
+        log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+        if summary["val_loss"] < best_val:
+            best_val = summary["val_loss"]
+            if main:
+                tmp = staging_dir(out / "best")
+                save_weights(accelerator.unwrap_model(denoiser).model, tmp)
+                dataclasses.replace(info, step=step, extra={"val_loss": best_val}).save(tmp)
+                commit_folder(tmp, out / "best")
+
+    if recipe.eval_every and start_step == 0:
+        validate(0)  # the starting point, so a run's curve shows what training bought
+    denoiser.train()
+    bar = tqdm(total=schedule.total_steps, initial=start_step, disable=not main, desc="lad", dynamic_ncols=True)
+    rows_per_micro = recipe.batch_size
+    t_last, tok_last = time.perf_counter(), 0
+    for step in range(start_step, schedule.total_steps):
+        indices = schedule.step_indices(step)
+        levels = sample_levels(len(indices), recipe.noise.t_min,
+                               torch.Generator().manual_seed(seed_for(recipe.seed, step)), recipe.noise.stratified)
+        stats = LossStats()
+        for micro in range(recipe.grad_accum):
+            first = (micro * world + rank) * rows_per_micro
+            rows = list(range(first, first + rows_per_micro))
+            batch = make_batch([train_set[indices[j]] for j in rows], recipe, pad_id, eos_id)
+            gens = [torch.Generator().manual_seed(seed_for(recipe.seed, step, j)) for j in rows]
+            corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[rows], recipe.noise, mask.id, gens)
+            torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
+            sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
+            with sync, accelerator.autocast():
+                loss_sum, part = forward_loss(denoiser, batch, corruption, device)
+                # sum over the step's rows / rows per step; × world because DDP averages over processes
+                accelerator.backward(loss_sum * world / schedule.per_step)
+            stats.add(part)
+            tokens_seen += int(batch["attention_mask"].sum()) * world
+        if recipe.optim.grad_clip:
+            accelerator.clip_grad_norm_(denoiser.parameters(), recipe.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        loss = stats.loss_sum / max(stats.examples, 1)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {done}; the last good checkpoint is kept")
+        bar.update(1)
+        if done % recipe.log_every == 0 or done == schedule.total_steps:
+            now = time.perf_counter()
+            tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
+            t_last, tok_last = now, tokens_seen
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            record({"step": done, **stats.summary(), "lr": lr, "tokens": tokens_seen, "tokens_per_s": tps})
+        if recipe.eval_every and done % recipe.eval_every == 0 and done < schedule.total_steps:
+            validate(done)
+        if recipe.save_every and done % recipe.save_every == 0 and done < schedule.total_steps:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(out, done, model=accelerator.unwrap_model(denoiser).model, optimizer=optimizer,
+                                scheduler=scheduler, state={"best_val": best_val, "tokens": tokens_seen},
+                                info=info, keep=recipe.keep_checkpoints)
+    bar.close()
+    validate(schedule.total_steps)
+    accelerator.wait_for_everyone()
+    if main:
+        final = accelerator.unwrap_model(denoiser).model
+        save_checkpoint(out, schedule.total_steps, model=final, optimizer=optimizer, scheduler=scheduler,
+                        state={"best_val": best_val, "tokens": tokens_seen}, info=info, keep=recipe.keep_checkpoints)
+        save_weights(final, out)
+        dataclasses.replace(info, step=schedule.total_steps).save(out)
+        metrics.close()
+        log.info("saved %s (step %d)", out, schedule.total_steps)
+    accelerator.end_training()
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lad-finetune", description="Train a LAD diffusion denoiser with LoRA from a YAML recipe.",
+        epilog="Any recipe key can be overridden as key=value (dotted for nested keys), e.g. "
+               "max_steps=20 output_dir=runs/t noise.objective=structural lora.r=8")
+    parser.add_argument("recipe", help="recipe YAML file (see recipes/ and docs/recipe.md)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output_dir that already holds files")
+    parser.add_argument("--resume", action="store_true", help="same as resume_from=latest")
+    parser.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else []) + \
+            (["resume_from=latest"] if args.resume else [])
+        recipe = load_recipe(args.recipe, overrides)
+        if args.print_recipe:
+            print(dump_recipe(recipe), end="")
+            return 0
+        train(recipe)
+    except USER_ERRORS as err:
+        print(f"lad-finetune: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"lad-finetune: error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

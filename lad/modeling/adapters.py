@@ -1,0 +1,42 @@
+"""Attach trainable parameters: PEFT LoRA (optionally over 4/8-bit weights: QLoRA), or full fine-tuning.
+
+When the mask token was added to the vocabulary, its new embedding row is trained through PEFT's
+`trainable_token_indices`, which trains that row alone (and keeps tied input/output embeddings tied).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..recipe import LoraSpec
+from .mask_token import MaskToken
+
+
+def prepare_embeddings(model: nn.Module, tokenizer, mask: MaskToken) -> None:
+    """Resize the embeddings when the tokenizer grew (a new mask token); the new row starts at the mean."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec, mask: MaskToken, *, quantized: bool = False,
+                gradient_checkpointing: bool = False) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+        trainable_token_indices=[mask.id] if mask.added else None,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

