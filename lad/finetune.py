@@ -6,9 +6,10 @@ Read top to bottom, this is the whole recipe (torchtune style, no hidden Trainer
            → for each step: batch → corruption → logits at supervised positions → weighted loss → update
            → validation, checkpoints, best weights → run directory with lad.json
 
-Determinism: the data order is a pure function of (seed, epoch), and all noise and dropout of a step are
-seeded from (seed, step, row), so a resumed run replays exactly the steps it missed, and the noise a row
-gets does not depend on how rows are split into micro-batches or processes.
+Determinism: the data order is a pure function of (seed, epoch); the noise levels of a step are drawn from
+(seed, step), each row's corruption from (seed, step, row) and replacement tokens from the whole step's
+answers, so the noise a row gets does not depend on how rows are split into micro-batches or processes.
+LoRA dropout is seeded from (seed, step, micro-step, rank). A resumed run replays exactly what it missed.
 """
 
 from __future__ import annotations
@@ -68,11 +69,16 @@ def encode_sources(sources, recipe: Recipe, tokenizer) -> list[Example]:
     examples: list[Example] = []
     for source in sources:
         text_field = source.fields.get("text", "text")
-        rows = load_rows(source.path, split=source.split, text_field=text_field, max_rows=source.max_rows)
-        encoded, stats = encode_rows(rows, tokenizer, fmt=source.format, fields=source.fields or None,
-                                     max_length=recipe.data.max_length, truncation=recipe.data.truncation,
-                                     chat_template=recipe.data.chat_template,
-                                     system_prompt=recipe.data.system_prompt, source_name=source.path)
+        try:
+            rows = load_rows(source.path, split=source.split, text_field=text_field, max_rows=source.max_rows)
+            encoded, stats = encode_rows(rows, tokenizer, fmt=source.format, fields=source.fields or None,
+                                         max_length=recipe.data.max_length, truncation=recipe.data.truncation,
+                                         chat_template=recipe.data.chat_template,
+                                         system_prompt=recipe.data.system_prompt, source_name=source.path)
+        except DataError:
+            raise
+        except ValueError as err:  # bad fields / template / limits: name the source, no traceback
+            raise DataError(f"{source.path}: {err}") from None
         log.info(stats.summary())
         if not encoded:
             raise DataError(f"{source.path}: no usable rows left (every row was dropped; see the counts above)")
@@ -87,13 +93,19 @@ def load_data(recipe: Recipe, tokenizer) -> tuple[list[Example], list[Example]]:
         val = encode_sources(recipe.data.validation, recipe, tokenizer)
     elif recipe.data.val_fraction > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
-        n_val = max(1, int(len(train) * recipe.data.val_fraction))
+        n_val = min(max(1, int(len(train) * recipe.data.val_fraction)), recipe.data.val_max_examples)
         held = set(order[:n_val])
         val = [train[i] for i in sorted(held)]
         train = [e for i, e in enumerate(train) if i not in held]
     else:
         val = []
     return train, val[: recipe.data.val_max_examples]
+
+
+def replacement_pool(examples: list[Example], special_ids: set[int]) -> torch.Tensor:
+    """Answer tokens of these examples minus special tokens: plausible wrong tokens for `structural` noise."""
+    tokens = torch.tensor([t for e in examples for t in e.answer_ids if t not in special_ids], dtype=torch.long)
+    return tokens if tokens.numel() else torch.tensor([t for e in examples for t in e.answer_ids], dtype=torch.long)
 
 
 def make_batch(examples: list[Example], recipe: Recipe, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
@@ -178,16 +190,19 @@ def denoiser_mask_id(denoiser) -> int:
 
 
 @torch.no_grad()
-def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id: int, eos_id: int, device) -> LossStats:
+def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id: int, eos_id: int, device,
+             special_ids: set[int] = frozenset()) -> LossStats:
     """Validation loss and accuracy under deterministic noise: level and seed fixed per example index."""
     denoiser.eval()
     levels = validation_levels(len(val), recipe.noise.t_min)
+    pool = replacement_pool(val, special_ids)
     stats = LossStats()
     for start in range(0, len(val), recipe.batch_size):
         idx = list(range(start, min(start + recipe.batch_size, len(val))))
         batch = make_batch([val[i] for i in idx], recipe, pad_id, eos_id)
         gens = [torch.Generator().manual_seed(seed_for(VALIDATION_SEED, i)) for i in idx]
-        corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, mask_id, gens)
+        corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, mask_id, gens,
+                             replace_pool=pool)
         _, part = forward_loss(denoiser, batch, corruption, device)
         stats.add(part)
     denoiser.train()
@@ -230,17 +245,24 @@ def train(recipe: Recipe) -> Path:
     resuming = recipe.resume_from is not None
     out = Path(recipe.output_dir)
     if main:
-        prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming)
-    accelerator.wait_for_everyone()
+        prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming, create=False)
 
     model, tokenizer, mask = load_model(recipe)
     train_set, val_set = load_data(recipe, tokenizer)
     check_not_in_data(mask, find_token(train_set + val_set, mask.id))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
+    special_ids = set(tokenizer.all_special_ids) | {mask.id}
     schedule = Schedule(len(train_set), recipe, world)
+    if main:  # only now, with model and data checked, is anything written
+        prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming)
+    accelerator.wait_for_everyone()
 
     base_ref = dataclasses.asdict(recipe.model)
+    for key in ("name_or_path", "tokenizer"):  # local paths stored absolute so the run loads from anywhere
+        ref = base_ref[key]
+        if ref and ref != "bytes" and not ref.startswith("pkg://") and os.path.exists(os.path.expanduser(ref)):
+            base_ref[key] = os.path.abspath(os.path.expanduser(ref))
     if recipe.model.init == "scratch" and recipe.lora.enabled:  # the random base must travel with the run
         if main:
             tmp = staging_dir(out / "base")
@@ -280,6 +302,10 @@ def train(recipe: Recipe) -> Path:
     device = accelerator.device
     if recipe.report_to:
         accelerator.init_trackers("lad", config={k: str(v) for k, v in recipe.to_dict().items()})
+    if main and start_step and (out / "metrics.jsonl").is_file():  # drop lines logged after the checkpoint
+        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
 
     def record(entry: dict) -> None:
@@ -293,7 +319,7 @@ def train(recipe: Recipe) -> Path:
         nonlocal best_val
         if not val_set:
             return
-        stats = evaluate(denoiser, val_set, recipe, mask.id, pad_id, eos_id, device)
+        stats = evaluate(denoiser, val_set, recipe, mask.id, pad_id, eos_id, device, special_ids)
         summary = stats.summary("val_")
         record({"step": step, **summary})
         log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in summary.items()))
@@ -315,13 +341,15 @@ def train(recipe: Recipe) -> Path:
         indices = schedule.step_indices(step)
         levels = sample_levels(len(indices), recipe.noise.t_min,
                                torch.Generator().manual_seed(seed_for(recipe.seed, step)), recipe.noise.stratified)
+        pool = replacement_pool([train_set[i] for i in indices], special_ids)
         stats = LossStats()
         for micro in range(recipe.grad_accum):
             first = (micro * world + rank) * rows_per_micro
             rows = list(range(first, first + rows_per_micro))
             batch = make_batch([train_set[indices[j]] for j in rows], recipe, pad_id, eos_id)
             gens = [torch.Generator().manual_seed(seed_for(recipe.seed, step, j)) for j in rows]
-            corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[rows], recipe.noise, mask.id, gens)
+            corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[rows], recipe.noise, mask.id, gens,
+                                 replace_pool=pool)
             torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
             sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
             with sync, accelerator.autocast():
@@ -380,7 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an output_dir that already holds files")
     parser.add_argument("--resume", action="store_true", help="same as resume_from=latest")
     parser.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

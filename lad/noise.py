@@ -19,6 +19,7 @@ generator i, so its noise does not depend on the rest of the batch.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ OBJECTIVES = ("mask", "structural", "mixed")
 
 @dataclass
 class NoiseConfig:
-    objective: str = "mask"  # "mask" | "structural" | "mixed"
+    objective: Literal["mask", "structural", "mixed"] = "mask"  # "mask" | "structural" | "mixed"
     t_min: float = 1e-3  # levels t ~ U(t_min, 1)
     stratified: bool = True  # one level per stratum across the batch (lower variance, MDLM)
     mixed_structural_prob: float = 0.5  # mixed: prob that an example is structural

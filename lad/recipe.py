@@ -48,6 +48,8 @@ class ModelSpec:
             raise ValueError("config: required when init is 'scratch' (e.g. model_type: llama, hidden_size: ...)")
         if self.init == "scratch" and not self.tokenizer:
             raise ValueError("tokenizer: required when init is 'scratch' ('bytes' or a tokenizer path/id)")
+        if self.init == "scratch" and self.quantization:
+            raise ValueError("quantization: 4/8-bit loading applies to pretrained weights, not init: scratch")
 
 
 @dataclass
@@ -190,7 +192,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except RecipeError as err:
                 errors.append(str(err))
-        raise errors[-1] if len(errors) == 1 else RecipeError(
+        raise RecipeError(errors[-1]) if len(errors) == 1 else RecipeError(
             f"{key}: expected {' or '.join(_type_name(o) for o in options if o is not type(None))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -251,6 +253,9 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
             raise RecipeError(f"unknown key {full!r}{hint}")
         kwargs[key] = _convert(value, hints[key], full)
+    for name in names:  # a section left out is validated too (a recipe without `model:` has no model)
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{prefix}.{name}" if prefix else name)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         try:
@@ -283,8 +288,10 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     for i, part in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
+            if not part.isdigit() or int(part) > len(node):
                 raise RecipeError(f"{'.'.join(path)}: no list item {part}")
+            if int(part) == len(node):  # a new item, as for the last key below
+                node.append([] if nxt.isdigit() else {})
             node = node[int(part)]
             continue
         if node.get(part) is None:
@@ -311,11 +318,13 @@ def _resolve_paths(recipe: Recipe, base: Path | None) -> None:
         return str(candidate) if candidate.exists() else path
 
     recipe.model.name_or_path = fix(recipe.model.name_or_path)
+    if recipe.model.tokenizer != "bytes":
+        recipe.model.tokenizer = fix(recipe.model.tokenizer)
     for source in recipe.data.train + recipe.data.validation:
         source.path = fix(source.path)
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 
 def _check_files(recipe: Recipe) -> None:
@@ -370,9 +379,11 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
             raise RecipeError(f"{path}: expected a mapping of keys at the top level")
         base = path.parent
     for item in overrides:
-        keys, value = parse_override(item)
         try:
+            keys, value = parse_override(item)
             apply_override(data, keys, value)
+        except RecipeError as err:
+            raise RecipeError(f"{name}: {err}") from None
         except (AttributeError, TypeError):
             raise RecipeError(f"{name}: override {item!r}: {'.'.join(keys[:-1])} is not a mapping") from None
     return from_dict(data, source=name, base=base)

@@ -131,8 +131,10 @@ def staging_dir(final: Path) -> Path:
 # ---------------------------------------------------------------- output directory
 
 
-def prepare_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Path:
-    """Refuse to write over a folder that holds files unless told to (never lose a user's run)."""
+def prepare_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, create: bool = True) -> Path:
+    """Refuse to write over a folder that holds files unless told to (never lose a user's run).
+
+    With create=False it only checks (call it before loading anything, then again to create)."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"output_dir {out} exists and is not a folder")
@@ -141,8 +143,10 @@ def prepare_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> P
             what = "a LAD run" if (out / "lad.json").exists() or (out / CHECKPOINTS).exists() else "files"
             raise RunDirError(f"output_dir {out} already holds {what}: pass overwrite=true to replace it, "
                               "resume_from=latest to continue it, or choose another output_dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if create:
+            shutil.rmtree(out)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -174,7 +178,8 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))  # by number: step-1000000 is newer than step-999999
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -256,7 +261,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
     from transformers import AutoTokenizer
 
     from .modeling.denoiser import Denoiser
-    from .modeling.load import load_base
+    from .modeling.load import load_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -264,9 +269,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
     info = LadInfo.load(run_dir)
     folder = run_dir if weights == "final" else run_dir / weights if (run_dir / weights).is_dir() else Path(weights)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    spec = base_spec(run_dir, info)
-    spec.tokenizer = None
-    model, _ = load_base(spec)
+    model = load_model(base_spec(run_dir, info), vocab_size=info.vocab_size)
     if model.get_input_embeddings().weight.shape[0] < info.vocab_size:
         model.resize_token_embeddings(info.vocab_size, mean_resizing=False)
     if info.adapter == "lora":

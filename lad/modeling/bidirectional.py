@@ -53,13 +53,15 @@ def check_supported(model: nn.Module) -> None:
 def _detach_config(model: nn.Module) -> None:
     """Give `model` a private copy of its config, re-pointing every module that shared the old one."""
     old = model.config
-    if getattr(old, "_lad_private", False):
+    # remembered on the model, not as a config attribute: that would be saved to config.json and make every
+    # model later built from the reloaded config skip the copy
+    if getattr(model, "_lad_private_config", None) is old:
         return
     new = copy.deepcopy(old)
-    new._lad_private = True
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = new
+    model._lad_private_config = new
 
 
 def set_causal(model: nn.Module, causal: bool) -> None:

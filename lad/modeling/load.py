@@ -20,6 +20,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..recipe import ModelSpec
+from .bidirectional import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from .byte_tokenizer import build_byte_tokenizer
 from .locate import locate_model
 
@@ -122,18 +123,37 @@ def build_scratch_model(spec: ModelSpec, vocab_size: int, seed: int = 0):
     return model
 
 
-def load_base(spec: ModelSpec, seed: int = 0):
-    """Return `(model, tokenizer)` for a recipe's `model` section, causal as the parent trained it."""
+def check_model_type(model_type: str | None, where: str) -> None:
+    """Refuse an architecture LAD cannot make bidirectional before spending time loading its weights."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {model_type!r} is not supported; LAD makes attention bidirectional for "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders)")
+
+
+def load_model(spec: ModelSpec, folder: str | None = None, vocab_size: int | None = None, seed: int = 0):
+    """The base model alone (causal, as the parent trained it); `folder` skips re-resolving the source."""
     if spec.init == "scratch":
-        tokenizer = load_tokenizer(spec)
-        return build_scratch_model(spec, len(tokenizer), seed), tokenizer
-    folder = model_folder(spec)
-    tokenizer = load_tokenizer(spec, folder)
+        check_model_type(spec.config.get("model_type", "llama"), "model.config")
+        if vocab_size is None:
+            vocab_size = len(load_tokenizer(spec))
+        return build_scratch_model(spec, vocab_size, seed)
+    folder = folder or model_folder(spec)
+    config = AutoConfig.from_pretrained(folder, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    check_model_type(config.model_type, spec.name_or_path)
     dtype = resolve_dtype(spec.dtype)
     kwargs = dict(revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
                   trust_remote_code=spec.trust_remote_code)
     quant = quantization_config(spec, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def load_base(spec: ModelSpec, seed: int = 0):
+    """Return `(model, tokenizer)` for a recipe's `model` section, causal as the parent trained it."""
+    if spec.init == "scratch":
+        tokenizer = load_tokenizer(spec)
+        return load_model(spec, vocab_size=len(tokenizer), seed=seed), tokenizer
+    folder = model_folder(spec)
+    return load_model(spec, folder), load_tokenizer(spec, folder)

@@ -1,0 +1,77 @@
+"""Shared fixtures: LAD's byte tokenizer and tiny random LLaMA-family models built from a config.
+
+`tiny_config(model_type, **overrides)` and `tiny_model(model_type | config=..., seed=..., **overrides)` are
+factories (fixtures returning functions), so a test can build several models, e.g. two from one config object.
+Defaults: hidden 32, 2 layers, 4 heads, 2 kv heads (head_dim 8), vocab = len(byte tokenizer) = 266, and the
+byte tokenizer's bos/eos/pad ids. Models come back in eval mode (no dropout), fp32, SDPA attention unless
+`attn_implementation` says otherwise, with weights fixed by `seed` (the global RNG is left untouched).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from lad.modeling.byte_tokenizer import build_byte_tokenizer
+
+BYTE_VOCAB = len(build_byte_tokenizer())  # 266: 256 bytes + bos, eos, pad, 3 roles, 4 reserved
+BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
+    tie_word_embeddings=False,
+)
+
+
+def make_tiny_config(model_type: str = "llama", *, vocab_size: int = BYTE_VOCAB, **overrides) -> PretrainedConfig:
+    options = {**TINY, "vocab_size": vocab_size, **overrides}
+    return AutoConfig.for_model(model_type, **options)
+
+
+def make_tiny_model(model_type: str = "llama", *, config: PretrainedConfig | None = None, seed: int = 0,
+                    attn_implementation: str = "sdpa", **overrides):
+    """A random tiny causal LM; `config` (used as is, not copied) wins over `model_type`/`overrides`."""
+    if config is None:
+        config = make_tiny_config(model_type, **overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def byte_tokenizer():
+    """A fresh byte tokenizer (tests may add tokens to it)."""
+    return build_byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Byte ids (0..255) only: never a special token, so never the mask token."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=generator)
+
+
+@pytest.fixture
+def ids():
+    return random_ids
