@@ -235,8 +235,9 @@ class Schedule:
 # ---------------------------------------------------------------- main
 
 
-def train(recipe: Recipe) -> Path:
+def _train(recipe: Recipe) -> Path:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(recipe.precision, recipe.precision),
@@ -247,6 +248,7 @@ def train(recipe: Recipe) -> Path:
     if main:
         prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming, create=False)
 
+    set_seed(recipe.seed)  # LoRA's random init and an added mask row draw from the global RNG
     model, tokenizer, mask = load_model(recipe)
     train_set, val_set = load_data(recipe, tokenizer)
     check_not_in_data(mask, find_token(train_set + val_set, mask.id))
@@ -396,6 +398,17 @@ def train(recipe: Recipe) -> Path:
         log.info("saved %s (step %d)", out, schedule.total_steps)
     accelerator.end_training()
     return out
+
+
+def train(recipe: Recipe) -> Path:
+    """Run one training job; Accelerate's process-wide state is reset afterwards so a Python session (a
+    notebook, the tests) can train again with other settings."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _train(recipe)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
