@@ -212,7 +212,10 @@ def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id:
 class Schedule:
     """Which examples each optimizer step reads: a pure function of the step (for exact resume)."""
 
-    def __init__(self, n_examples: int, recipe: Recipe, num_processes: int):
+    GROUP = 50  # steps whose examples are sorted together when grouping by length
+
+    def __init__(self, n_examples: int, recipe: Recipe, num_processes: int, lengths: list[int] | None = None):
+        self.lengths = lengths if recipe.data.group_by_length else None
         self.per_step = recipe.batch_size * num_processes * recipe.grad_accum
         self.steps_per_epoch = n_examples // self.per_step
         if self.steps_per_epoch == 0:
@@ -228,8 +231,20 @@ class Schedule:
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._order = batch_indices(self.n, self.per_step, seed=self.seed, epoch=epoch, drop_last=True)
+            if self.lengths is not None:
+                self._order = self.group_by_length(self._order, epoch)
             self._epoch = epoch
         return self._order[index]
+
+    def group_by_length(self, steps: list[list[int]], epoch: int) -> list[list[int]]:
+        """Sort each run of GROUP shuffled steps by example length and re-cut it, then shuffle the steps:
+        batches of similar lengths waste little padding, and the order is still a function of (seed, epoch)."""
+        out = []
+        for start in range(0, len(steps), self.GROUP):
+            pool = sorted((i for s in steps[start:start + self.GROUP] for i in s), key=lambda i: -self.lengths[i])
+            out += [pool[k:k + self.per_step] for k in range(0, len(pool), self.per_step)]
+        order = torch.randperm(len(out), generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, 7)))
+        return [out[i] for i in order.tolist()]
 
 
 # ---------------------------------------------------------------- main
@@ -255,7 +270,7 @@ def _train(recipe: Recipe) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
     special_ids = set(tokenizer.all_special_ids) | {mask.id}
-    schedule = Schedule(len(train_set), recipe, world)
+    schedule = Schedule(len(train_set), recipe, world, [len(e.prompt_ids) + len(e.answer_ids) for e in train_set])
     if main:  # only now, with model and data checked, is anything written
         prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming)
     accelerator.wait_for_everyone()

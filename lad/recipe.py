@@ -88,6 +88,7 @@ class DataSpec:
     val_max_examples: int = 256
     max_length: int = 512
     truncation: Literal["right", "left", "drop"] = "right"
+    group_by_length: bool = True  # steps of similar-length examples: less padding (~1.5× faster on SmolLM2)
     chat_template: bool | Literal["auto"] = "auto"
     system_prompt: str | None = None
 
