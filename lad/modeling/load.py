@@ -154,6 +154,10 @@ def load_base(spec: ModelSpec, seed: int = 0):
     """Return `(model, tokenizer)` for a recipe's `model` section, causal as the parent trained it."""
     if spec.init == "scratch":
         tokenizer = load_tokenizer(spec)
-        return load_model(spec, vocab_size=len(tokenizer), seed=seed), tokenizer
+        model = load_model(spec, vocab_size=len(tokenizer), seed=seed)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the tokenizer's, not LLaMA's defaults
+            setattr(model.config, key, getattr(tokenizer, key))
+            setattr(model.generation_config, key, getattr(tokenizer, key))
+        return model, tokenizer
     folder = model_folder(spec)
     return load_model(spec, folder), load_tokenizer(spec, folder)

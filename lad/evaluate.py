@@ -1,0 +1,188 @@
+"""`lad-eval`: score a LAD run with lm-evaluation-harness (model `lad`), or its AR parent, or both.
+
+    lad-eval --model RUN_DIR --tasks arc_easy --iters 16
+    lad-eval --model RUN_DIR --tasks arc_easy,mmlu --baseline ar          # the parent, same prompts
+    lad-eval --model RUN_DIR --tasks arc_easy --compare --limit 200 --data-dir ../shared/data/eval
+
+Usual lm-eval options pass through (`--num_fewshot`, `--limit`, `--batch_size`, `--output_path`,
+`--log_samples`, `--include_path`, `--seed`, `--apply_chat_template`). Prints lm-eval's results table, and a
+markdown table of acc / acc_norm ± stderr per task (side by side with `--compare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .run import RunDirError
+
+USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a LAD run directory (or exported model folder)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
+    p.add_argument("--iters", type=int, default=16, help="reveal steps for --score denoise / generation")
+    p.add_argument("--score", choices=["denoise", "elbo"], default="denoise")
+    p.add_argument("--order", choices=["confidence", "l2r"], default="confidence",
+                   help="denoise: reveal most-confident first, or left to right")
+    p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice")
+    p.add_argument("--strategy", default="confidence", help="sampler for generative tasks")
+    p.add_argument("--baseline", choices=["none", "ar"], default="none",
+                   help="ar: score the AR parent (adapter off, causal attention)")
+    p.add_argument("--compare", action="store_true", help="score the LAD model and the AR parent side by side")
+    p.add_argument("--data-dir", help="read arc_easy/arc_challenge/mmlu/hellaswag from local JSONL folders")
+    p.add_argument("--weights", default="final", help="final | best | a checkpoint folder")
+    p.add_argument("--device", default=None)
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None)
+    p.add_argument("--batch_size", default="16")
+    p.add_argument("--output_path", default=None, help="folder (or .json file) for results")
+    p.add_argument("--log_samples", action="store_true")
+    p.add_argument("--include_path", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--apply_chat_template", action="store_true")
+    p.add_argument("--bootstrap_iters", type=int, default=1000)
+    args = p.parse_args(argv)
+    if args.iters < 1:
+        p.error(f"--iters must be >= 1, got {args.iters}")
+    if args.mc_samples < 1:
+        p.error(f"--mc-samples must be >= 1, got {args.mc_samples}")
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    return args
+
+
+def resolve_tasks(names: list[str], args, task_manager):
+    """Stock task names (checked, with a suggestion for typos), or offline copies with --data-dir."""
+    import difflib
+
+    known = set(task_manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            raise KeyError(f"unknown task {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if args.data_dir:
+        from .scoring.tasks import load_offline_tasks
+
+        return load_offline_tasks(names, args.data_dir, task_manager)
+    return names
+
+
+def run_one(lm, args, tasks, task_manager) -> dict:
+    from lm_eval import simple_evaluate
+
+    started = time.perf_counter()
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                              log_samples=args.log_samples, task_manager=task_manager, random_seed=args.seed,
+                              numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+                              apply_chat_template=args.apply_chat_template, bootstrap_iters=args.bootstrap_iters)
+    if results is not None:  # only rank 0 gets results
+        results["config"].update(model="lad", model_args=args.model, iters=args.iters, score=args.score,
+                                 order=args.order, mc_samples=args.mc_samples if args.score == "elbo" else None,
+                                 baseline=lm.baseline, nfe=lm.nfe, wall_s=round(time.perf_counter() - started, 2))
+    return results
+
+
+def metric_rows(results: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """{task: {metric: (value, stderr)}} for acc and acc_norm."""
+    rows = {}
+    for task, values in results["results"].items():
+        row = {}
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in values:
+                err = values.get(f"{metric}_stderr,none")
+                row[metric] = (values[f"{metric},none"], err if isinstance(err, (int, float)) else float("nan"))
+        if row:
+            rows[task] = row
+    return rows
+
+
+def markdown_table(named: dict[str, dict]) -> str:
+    """Tasks × metrics, one column per model (LAD / AR parent), values as acc ± stderr."""
+    names = list(named)
+    rows = {name: metric_rows(res) for name, res in named.items()}
+    tasks = sorted({t for r in rows.values() for t in r})
+    header = "| task | metric | " + " | ".join(names) + (" | Δ |" if len(names) == 2 else " |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for task in tasks:
+        metrics = sorted({m for r in rows.values() for m in r.get(task, {})})
+        for metric in metrics:
+            cells, values = [], []
+            for name in names:
+                value = rows[name].get(task, {}).get(metric)
+                values.append(value[0] if value else None)
+                cells.append(f"{value[0]:.4f} ± {value[1]:.4f}" if value else "-")
+            delta = ""
+            if len(names) == 2:
+                delta = f" {values[0] - values[1]:+.4f} |" if None not in values else " - |"
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |" + delta)
+    return "\n".join(lines)
+
+
+def save(results_by_name: dict[str, dict], table: str, output_path: str) -> Path:
+    out = Path(output_path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = out.parent if out.suffix == ".json" else out
+    folder.mkdir(parents=True, exist_ok=True)
+    target = out if out.suffix == ".json" else folder / f"results_{stamp}.json"
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another --output_path")
+    payload = {name: {k: v for k, v in res.items() if k != "samples"} for name, res in results_by_name.items()}
+    target.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    target.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+    for name, res in results_by_name.items():
+        for task, samples in (res.get("samples") or {}).items():
+            path = folder / f"samples_{name}_{task}_{stamp}.jsonl"
+            with path.open("w", encoding="utf-8") as fh:
+                for sample in samples:
+                    fh.write(json.dumps(sample, default=str) + "\n")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+
+        from .scoring.harness import LadLM
+
+        task_manager = TaskManager(include_path=args.include_path)
+        tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
+        lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
+                   mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                   weights=args.weights, strategy=args.strategy)
+        runs = {"ar" if args.baseline == "ar" else "lad": lm}
+        if args.compare:
+            parent = LadLM(denoiser=lm.denoiser, tokenizer=lm.tokenizer, info=lm.info, baseline="ar",
+                           batch_size=args.batch_size, seed=args.seed, device=args.device)
+            runs = {"lad": lm, "ar": parent}
+        results = {}
+        for name, model in runs.items():
+            if args.compare and args.data_dir:  # tasks are objects holding state: build them afresh per model
+                tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
+            results[name] = run_one(model, args, tasks, task_manager)
+        if lm.rank != 0:
+            return 0
+        for name, res in results.items():
+            print(f"\n## {name}: {res['config'].get('score') if name == 'lad' else 'AR parent'} "
+                  f"(NFE {res['config']['nfe']}, {res['config']['wall_s']} s)")
+            print(make_table(res))
+        table = markdown_table(results)
+        print(table)
+        if args.output_path:
+            print(f"wrote {save(results, table, args.output_path)}")
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"lad-eval: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

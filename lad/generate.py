@@ -1,0 +1,310 @@
+"""Generate from a LAD run by iterative denoising: `lad-generate --model RUN_DIR --prompt "..."` (or `lad generate`).
+
+    lad-generate --model runs/tiny --prompt "What is the capital of France?" --iters 16 --show
+    lad-generate --model runs/tiny --prompts-file questions.jsonl --batch-size 8 --json > trace.jsonl
+    lad-generate --model runs/tiny --prompt "2+2?" --strategy confidence --block-length 8 --ar
+
+Python API (see docs/sampling.md):
+
+    from lad.generate import generate, load
+    gens = generate("runs/tiny", ["What is 2+2?"], strategy="refine", iters=16, max_new_tokens=32)
+    denoiser, tokenizer = load("runs/tiny")           # load once, then call generate(denoiser, ...) many times
+    gens = generate(denoiser, "Hello", tokenizer=tokenizer, seed=1)
+
+Options are passed to the strategy function as keyword arguments; a strategy ignores those it does not use
+(the CLI says so on stderr). Options the user did not give are left out, so each strategy keeps its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .sampling import STRATEGIES, Generation, get_strategy
+from .sampling.common import eos_token_ids
+from .sampling.render import LiveView, decode_pieces
+
+PROG = "lad-generate"
+DEFAULT_BATCH_SIZE = 8
+
+
+class GenerateError(ValueError):
+    """A user error in what was asked for (prompts, options); reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def load(model: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final"):
+    """Load a run for repeated `generate` calls: (denoiser, tokenizer). The denoiser remembers the run's
+    `lad.json` (as `denoiser.lad_info`), so prompts are rendered as training rendered them."""
+    from .run import load_run
+
+    denoiser, tokenizer, info = load_run(model, device=device, weights=weights)
+    denoiser.lad_info = info
+    return denoiser, tokenizer
+
+
+def _chat_template(denoiser, options: dict) -> bool:
+    if options.get("chat_template") is not None:
+        return bool(options.pop("chat_template"))
+    options.pop("chat_template", None)
+    info = getattr(denoiser, "lad_info", None)
+    return info.chat_template if info is not None else True
+
+
+def generate(model, prompts: list[str] | str, *, strategy: str = "refine", tokenizer=None,
+             batch_size: int | None = None, device: str | torch.device | None = None, weights: str = "final",
+             on_step=None, trace: bool = False, **options) -> list[Generation]:
+    """Answer `prompts` with `strategy`; returns one `Generation` per prompt, in order.
+
+    model: a run directory (loaded here; `device`, `weights` as for `load_run`) or a `Denoiser` (then
+    `tokenizer` is required). Prompts run in batches of `batch_size` (default: 8). `options` go to the
+    strategy (max_new_tokens, iters, seed, temperature, ...); `chat_template` defaults to the run's.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise GenerateError("no prompts given")
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+    if batch_size < 1:
+        raise GenerateError(f"batch_size must be >= 1, got {batch_size}")
+    if strategy not in STRATEGIES:
+        raise GenerateError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    fn = get_strategy(strategy)
+    if isinstance(model, (str, os.PathLike)):
+        model, loaded_tokenizer = load(model, device=device, weights=weights)
+        tokenizer = tokenizer or loaded_tokenizer
+    elif tokenizer is None:
+        raise GenerateError("generate(denoiser, ...) needs tokenizer=; or pass a run directory")
+    chat_template = _chat_template(model, options)
+    out: list[Generation] = []
+    for start in range(0, len(prompts), batch_size):
+        out += fn(model, tokenizer, prompts[start:start + batch_size], chat_template=chat_template,
+                  on_step=on_step, trace=trace, **options)
+    return out
+
+
+def ar_generate(denoiser, tokenizer, prompts: list[str], *, chat_template: bool = True, **options) -> list[Generation]:
+    """The AR parent's answers (adapter off, causal attention, HF `generate` with its KV cache): the `ar`
+    strategy, given the same options (those it does not use are ignored)."""
+    return get_strategy("ar")(denoiser, tokenizer, prompts, chat_template=chat_template, **options)
+
+
+def strategy_parameters(name: str) -> set[str]:
+    """Keyword options the strategy reads (the rest it swallows in **_unused)."""
+    fn = get_strategy(name)
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def trace_dict(gen: Generation, tokenizer, mask_id: int, cache: dict | None = None) -> dict:
+    """`Generation.to_dict()` plus each step's decoded token strings ("pieces"; null where masked)."""
+    out = gen.to_dict()
+    cache = {} if cache is None else cache
+    for step, record in zip(gen.steps, out["steps"]):
+        pieces = decode_pieces(tokenizer, step.tokens, cache)
+        record["pieces"] = [None if m else p for p, m in zip(pieces, step.masked)]
+    return out
+
+
+# ---------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# CLI flag → strategy keyword; default None means "not given: the strategy's own default"
+OPTION_FLAGS = {
+    "iters": "--iters", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "temperature": "--temperature",
+    "top_k": "--top-k", "top_p": "--top-p", "noise_start": "--noise-start", "schedule": "--schedule",
+    "remask": "--remask", "retention": "--retention", "early_stop": "--early-stop",
+    "block_length": "--block-length", "threshold": "--threshold", "delay_eos": "--delay-eos",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = _Parser(
+        prog=PROG, description="Generate answers from a LAD run by iterative denoising.",
+        epilog="Options a strategy does not use are ignored (with a note on stderr); options not given keep the "
+               "strategy's defaults. See docs/sampling.md.")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="a LAD run directory (holds lad.json)")
+    parser.add_argument("--weights", default="final", metavar="{final,best,PATH}",
+                        help="which weights of the run (default: final)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    what = parser.add_argument_group("prompts")
+    what.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    what.add_argument("--prompts-file", metavar="FILE",
+                      help="one prompt per line, or JSON lines with a 'prompt' field ('-' reads stdin)")
+    what.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch (default: 8)")
+    how = parser.add_argument_group("sampling (defaults: the strategy's own)")
+    how.add_argument("--strategy", default="refine", choices=sorted(STRATEGIES), help="default: refine")
+    how.add_argument("--iters", type=int, help="iterations (forward passes at most)")
+    how.add_argument("--max-new-tokens", type=int, help="answer slots on the canvas")
+    how.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    how.add_argument("--temperature", type=float, help="0 = greedy")
+    how.add_argument("--top-k", type=int, help="0 = off")
+    how.add_argument("--top-p", type=float, help="1 = off")
+    how.add_argument("--noise-start", type=float, help="refine: fraction re-masked after the first step (0..1)")
+    how.add_argument("--schedule", choices=("linear", "exponential"), help="refine: how the re-mask fraction decays")
+    how.add_argument("--remask", choices=("random", "confidence"),
+                     help="refine: which slots are re-masked; confidence: which are committed")
+    how.add_argument("--retention", choices=("none", "editable", "locked"), help="refine: kept slots")
+    how.add_argument("--early-stop", type=int, help="stop after this many unchanged iterations (0 = off)")
+    how.add_argument("--block-length", type=int, help="confidence, threshold: left-to-right blocks of this many slots")
+    how.add_argument("--threshold", type=float, help="threshold: commit slots with confidence >= this")
+    how.add_argument("--delay-eos", action="store_const", const=True, help="confidence, threshold: commit EOS last")
+    out = parser.add_argument_group("output")
+    out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
+    out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")
+    out.add_argument("--pause", type=float, default=0.0, metavar="SECONDS", help="with --show: wait after each step")
+    out.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                     help="ANSI colours for --show (auto: when writing to a terminal and NO_COLOR is unset)")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object per prompt with the full step trace (--show then goes to stderr)")
+    out.add_argument("--ar", action="store_true", help="also answer with the AR parent (adapter off) and time both")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.iters is not None and args.iters < 1, f"--iters must be >= 1, got {args.iters}"),
+        (args.max_new_tokens is not None and args.max_new_tokens < 1,
+         f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.temperature is not None and args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.top_k is not None and args.top_k < 0, f"--top-k must be >= 0, got {args.top_k}"),
+        (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.pause < 0, f"--pause must be >= 0, got {args.pause}"),
+        (not args.prompt and not args.prompts_file, "give at least one --prompt or a --prompts-file"),
+        ((args.device or "").startswith("cuda") and not torch.cuda.is_available(),
+         f"--device {args.device}: no CUDA GPU is available to PyTorch here"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise GenerateError(message)
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-blank line, or JSON lines (every line an object) with a "prompt" field."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise GenerateError(f"cannot read --prompts-file {path}: {err}") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise GenerateError(f"--prompts-file {path} holds no prompts")
+    if not all(line.lstrip().startswith("{") for _, line in lines):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GenerateError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row.get("prompt"), str):
+            fields = ", ".join(map(repr, row)) or "none"
+            raise GenerateError(f"{path}:{n}: needs a string field 'prompt' (has {fields})")
+        prompts.append(row["prompt"])
+    return prompts
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in OPTION_FLAGS if getattr(args, key) is not None}
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+def _plain(index: int | None, gen: Generation, ar: Generation | None) -> str:
+    lines = [] if index is None else [f"[{index}] {gen.prompt}"]
+    if ar is None:
+        lines.append(gen.text)
+    else:
+        lines.append(f"lad ({gen.strategy}, {gen.nfe} forwards, {gen.seconds:.2f} s): {gen.text}")
+        lines.append(f"ar  (parent, {ar.nfe} tokens, {ar.seconds:.2f} s): {ar.text}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    options = given_options(args)
+    used = strategy_parameters(args.strategy)
+    unused = [OPTION_FLAGS[k] for k in options if k not in used]
+    if unused:
+        print(f"{PROG}: note: strategy {args.strategy!r} does not use {', '.join(unused)}", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    denoiser, tokenizer = load(args.model, device=device, weights=args.weights)
+    view = None
+    if args.show:
+        stream = sys.stderr if args.json else sys.stdout
+        color = args.color == "always" or (args.color == "auto" and stream.isatty() and not os.environ.get("NO_COLOR"))
+        defaults = inspect.signature(get_strategy(args.strategy)).parameters
+        iters = options.get("iters", defaults["iters"].default if "iters" in defaults else None)
+        iters = None if args.strategy == "ar" else iters  # one step per token: no fixed total
+        view = LiveView(tokenizer, denoiser.mask_id, stream=stream, color=color,
+                        redraw=False if args.no_redraw else None, pause=args.pause, iters=iters,
+                        eos_ids=eos_token_ids(tokenizer, denoiser))
+    numbered = len(prompts) > 1
+    cache: dict[int, str] = {}
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        if view is not None:
+            view.reset([f"[{start + i + 1}]" for i in range(len(batch))] if numbered else None)
+        gens = generate(denoiser, batch, strategy=args.strategy, tokenizer=tokenizer, batch_size=len(batch),
+                        on_step=view, trace=args.json, **options)
+        ars = ar_generate(denoiser, tokenizer, batch, chat_template=denoiser.lad_info.chat_template,
+                          **options) if args.ar else [None] * len(batch)
+        for i, (gen, ar) in enumerate(zip(gens, ars)):
+            if args.json:
+                record = {**trace_dict(gen, tokenizer, denoiser.mask_id, cache), "options": options}
+                if ar is not None:
+                    record["ar"] = ar.to_dict(with_steps=False)
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                if view is not None and not i:
+                    print()  # the view's last frame, a blank line, then the answers plain
+                print(_plain(start + i + 1 if numbered else None, gen, ar), flush=True)
+                if numbered:
+                    print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _quiet_libraries()
+    from .modeling.bidirectional import UnsupportedArchitectureError
+    from .modeling.locate import ModelNotFoundError
+
+    try:
+        return run(args)
+    # GenerateError and lad.run.RunDirError are ValueErrors; strategies refuse bad options (--noise-start 2) so too
+    except (ValueError, ModelNotFoundError, UnsupportedArchitectureError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""What every sampling strategy shares: the canvas, token sampling, EOS handling and trace records.
+
+The canvas is the prompt (rendered exactly as training rendered it: `lad.data.prompt_ids`) followed by
+`max_new_tokens` answer slots. Prompts are LEFT-padded, so every row's answer occupies the same last N columns
+and one slice reads all answers; the bidirectional adapter keeps left padding exact (padding is masked and
+position ids start at each row's first real token), so a prompt's output is the same alone or in a batch.
+
+Each strategy is one function with the signature
+    strategy(denoiser, tokenizer, prompts, *, max_new_tokens, iters, seed, ..., on_step=None, trace=False)
+        -> list[Generation]
+and reports every iteration as a `Step` (to `on_step` as it happens, and in `Generation.steps` when
+`trace=True`): the terminal view, `--json`, the demo and the tests all read these records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..data.formats import prompt_ids
+
+
+@dataclass
+class Step:
+    """One iteration for one prompt, over its answer slots."""
+
+    iteration: int
+    tokens: list[int]  # current answer slots (mask id where masked)
+    masked: list[bool]  # slot holds the mask token after this iteration
+    changed: list[bool]  # slot's value differs from before this iteration
+    confidence: list[float]  # probability of the token predicted at each slot this iteration
+    nfe: int  # model forwards so far
+
+    def to_dict(self) -> dict:
+        return {"iteration": self.iteration, "tokens": self.tokens, "masked": self.masked,
+                "changed": self.changed, "confidence": [round(c, 4) for c in self.confidence], "nfe": self.nfe}
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the answer, cut at the first EOS
+    token_ids: list[int]  # answer ids before the first EOS
+    nfe: int  # model forwards spent on this prompt's batch
+    seconds: float
+    strategy: str
+    steps: list[Step] = field(default_factory=list)
+
+    def to_dict(self, with_steps: bool = True) -> dict:
+        out = {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids, "nfe": self.nfe,
+               "seconds": round(self.seconds, 4), "strategy": self.strategy}
+        if with_steps:
+            out["steps"] = [s.to_dict() for s in self.steps]
+        return out
+
+
+@dataclass
+class Canvas:
+    ids: Tensor  # [B, P + N] left-padded prompt, then N answer slots
+    attention_mask: Tensor  # [B, P + N]
+    prompt_width: int  # P: answers are ids[:, P:]
+    prompts: list[str]
+
+    @property
+    def answer(self) -> Tensor:
+        return self.ids[:, self.prompt_width:]
+
+    @property
+    def positions(self) -> Tensor:
+        """Bool [B, P + N]: the answer slots (what the denoiser is asked to predict)."""
+        pos = torch.zeros_like(self.ids, dtype=torch.bool)
+        pos[:, self.prompt_width:] = True
+        return pos
+
+
+def render_prompt(tokenizer, prompt: str, chat_template: bool | str = True) -> list[int]:
+    """A user prompt as training rendered it (chat template when the run used one, plain text otherwise).
+
+    chat_template="raw" tokenizes the string as it is (lm-eval contexts are complete prompts already)."""
+    if chat_template == "raw":
+        return tokenizer(prompt, add_special_tokens=False).input_ids
+    messages = [{"role": "user", "content": prompt}]
+    return prompt_ids(messages, tokenizer, chat_template="auto" if chat_template else False)
+
+
+def build_canvas(tokenizer, prompts: list[str], max_new_tokens: int, mask_id: int, *, chat_template: bool = True,
+                 device: torch.device | str = "cpu") -> Canvas:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        raise ValueError("no prompts given")
+    rendered = [render_prompt(tokenizer, p, chat_template) for p in prompts]
+    width = max(len(r) for r in rendered)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(prompts), width + max_new_tokens), pad, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, r in enumerate(rendered):
+        ids[row, width - len(r):width] = torch.tensor(r, dtype=torch.long)
+        attention[row, width - len(r):] = 1
+    ids[:, width:] = mask_id
+    return Canvas(ids.to(device), attention.to(device), width, list(prompts))
+
+
+def answer_logits(denoiser, canvas: Canvas) -> Tensor:
+    """[B, N, V] float logits for the answer slots (the shift, if any, is the Denoiser's business)."""
+    flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions)
+    return flat.view(canvas.ids.shape[0], -1, flat.shape[-1]).float()
+
+
+def row_generators(n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per row, each seeded with `seed`: a prompt samples the same alone or in a batch."""
+    device = torch.device(device)
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(n)]
+
+
+def filter_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k and top-p (nucleus) filtering, on the last dimension."""
+    logits = logits / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(logits: Tensor, generators: list[torch.Generator], *, temperature: float = 0.0, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Draw a token per slot; returns (tokens [B, N], confidence [B, N] = model probability of that token).
+
+    temperature 0 is greedy. Confidence is read from the unfiltered softmax, so it means the same for every
+    strategy and setting.
+    """
+    probs = logits.softmax(-1)
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+    else:
+        filtered = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+        # each row draws on its own generator's device (a CPU generator cannot sample a CUDA tensor)
+        tokens = torch.stack([torch.multinomial(filtered[b].to(generators[b].device), 1, generator=generators[b])
+                              .squeeze(-1).to(logits.device) for b in range(logits.shape[0])])
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def record_step(steps: list[list[Step]] | None, on_step, iteration: int, before: Tensor, after: Tensor,
+                confidence: Tensor, mask_id: int, nfe: int) -> None:
+    """Build the per-prompt Step records of one iteration and hand them out."""
+    if steps is None and on_step is None:
+        return
+    masked = (after == mask_id).tolist()
+    changed = (after != before).tolist()
+    tokens, conf = after.tolist(), confidence.tolist()
+    records = [Step(iteration, tokens[b], masked[b], changed[b], conf[b], nfe) for b in range(after.shape[0])]
+    if steps is not None:
+        for b, record in enumerate(records):
+            steps[b].append(record)
+    if on_step is not None:
+        on_step(records)
+
+
+def finish(tokenizer, canvas: Canvas, strategy: str, nfe: int, started: float, eos_ids: set[int],
+           steps: list[list[Step]] | None, mask_id: int) -> list[Generation]:
+    """Cut each answer at its first EOS (text after it is noise) and decode."""
+    seconds = time.perf_counter() - started
+    out = []
+    for b, row in enumerate(canvas.answer.tolist()):
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+        ids = [t for t in row[:cut] if t != mask_id]
+        out.append(Generation(canvas.prompts[b], tokenizer.decode(ids, skip_special_tokens=True), ids, nfe, seconds,
+                              strategy, steps[b] if steps is not None else []))
+    return out
+
+
+def eos_token_ids(tokenizer, model=None) -> set[int]:
+    """The ids that end an answer: the tokenizer's EOS (the turn end for chat models), plus the EOS ids of
+    `model`'s generation config when a model (a `Denoiser` or a transformers model) is given."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    ids |= set(getattr(tokenizer, "lad_extra_eos_ids", None) or [])
+    model = getattr(model, "causal_lm", model)
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        generation_eos = [generation_eos]
+    return ids | {int(i) for i in generation_eos or []}
+
+
+@torch.no_grad()
+def prepare(denoiser, tokenizer, prompts: list[str], max_new_tokens: int, *, chat_template: bool = True):
+    """Canvas on the denoiser's device, in eval mode."""
+    denoiser.eval()
+    device = next(denoiser.parameters()).device
+    return build_canvas(tokenizer, prompts, max_new_tokens, denoiser.mask_id, chat_template=chat_template,
+                        device=device)

@@ -1,0 +1,93 @@
+"""`confidence`: LLaDA's sampler (low-confidence remasking), optionally in semi-autoregressive blocks.
+
+Start from N mask tokens, split into blocks of `block_length` slots (one block of N by default) decoded left to
+right. Each block gets `steps = iters // n_blocks` iterations. Every iteration predicts every masked slot of the
+current block, then COMMITS a fixed number of them; committed tokens never change, the rest stay masked.
+
+How many per iteration (LLaDA's `get_num_transfer_tokens`): a block of m masks over s steps commits m // s per
+step, and the first m % s steps one more, so the block is complete after its last step.
+Which ones: `remask="confidence"` commits the slots whose predicted token has the highest probability (LLaDA's
+"low_confidence" remasking: the least confident stay masked); `remask="random"` commits random slots.
+`delay_eos=True` gives EOS candidates the lowest priority, so EOS is committed only once the quota cannot be
+filled otherwise — the model cannot end the answer early just because EOS is an easy, confident prediction.
+
+`iters` is the NFE budget: one forward per iteration, NFE = n_blocks · steps (== iters when iters is a multiple
+of the number of blocks). LLaDA runs forwards that commit nothing when steps > block_length; we cap steps at
+block_length instead (same output, no wasted forwards). LLaDA is at its best with steps = tokens; its
+answers may contain text after EOS, which `finish` cuts off.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .common import answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens
+
+REMASK = ("confidence", "random")
+
+
+def num_transfer_tokens(masked: int, steps: int) -> list[int]:
+    """LLaDA's schedule: `masked` commits spread over `steps` (masked // steps each, remainder to the first)."""
+    base, remainder = divmod(masked, steps)
+    return [base + (1 if i < remainder else 0) for i in range(steps)]
+
+
+def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tuple[int, int, int]:
+    """(block_length, n_blocks, iterations per block) for a budget of `iters` forwards; ValueError if impossible."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    block_length = max_new_tokens if block_length is None else block_length
+    if block_length < 1 or max_new_tokens % block_length:
+        raise ValueError(f"block_length must divide max_new_tokens ({max_new_tokens}), got {block_length}")
+    n_blocks = max_new_tokens // block_length
+    if iters < n_blocks:
+        raise ValueError(f"iters ({iters}) must be at least the number of blocks ({n_blocks} blocks of "
+                         f"{block_length}): every block needs one forward")
+    return block_length, n_blocks, iters // n_blocks
+
+
+@torch.no_grad()
+def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, block_length: int | None = None,
+               remask: str = "confidence", delay_eos: bool = False, chat_template: bool = True, on_step=None,
+               trace: bool = False, **_unused):
+    block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters, block_length)
+    if remask not in REMASK:
+        raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
+    started = time.perf_counter()
+    canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
+    generators = row_generators(rows, seed, device)
+    eos_ids = eos_token_ids(tokenizer, denoiser)
+    eos_tensor = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    steps = [[] for _ in range(rows)] if trace else None
+    steps_per_block = min(steps_per_block, block_length)  # more would be forwards that commit nothing
+    quotas = num_transfer_tokens(block_length, steps_per_block)
+    iteration = 0
+    for block in range(n_blocks):
+        in_block = torch.zeros(rows, n, dtype=torch.bool, device=device)
+        in_block[:, block * block_length:(block + 1) * block_length] = True
+        for quota in quotas:
+            before = canvas.answer.clone()
+            logits = answer_logits(denoiser, canvas)
+            predicted, conf = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
+            predicted, conf = predicted.to(device), conf.to(device)
+            if remask == "confidence":
+                priority = conf.clone()
+            else:
+                priority = torch.stack([torch.rand(n, generator=g, device=g.device) for g in generators]).to(device)
+            if delay_eos:  # priorities are in [0, 1]: every EOS candidate ranks below every other token
+                priority = priority - 2.0 * torch.isin(predicted, eos_tensor)
+            eligible = in_block & (before == mask_id)
+            priority = priority.masked_fill(~eligible, float("-inf"))
+            chosen = torch.zeros_like(eligible)
+            chosen.scatter_(1, priority.topk(quota, dim=-1).indices, True)  # quota <= masks left in the block
+            draft = torch.where(chosen, predicted, before)
+            canvas.answer.copy_(draft)
+            iteration += 1
+            record_step(steps, on_step, iteration - 1, before, draft, conf, mask_id, iteration)
+    return finish(tokenizer, canvas, "confidence", iteration, started, eos_ids, steps, mask_id)

@@ -1,0 +1,74 @@
+"""`threshold`: Fast-dLLM's confidence-aware parallel decoding, optionally in semi-autoregressive blocks.
+
+Start from N mask tokens, split into blocks of `block_length` slots (one block of N by default) decoded left to
+right. Every iteration predicts the masked slots of the current block and COMMITS every one whose predicted
+token has probability >= `threshold` (τ), and at least one — the most confident — so every forward makes
+progress. Committed tokens never change. Easy stretches (formatting, copied words, EOS padding) go many tokens
+per forward; hard tokens one at a time.
+
+Budget: each block may use `iters // n_blocks` iterations; at its last allowed iteration everything still masked
+in it is committed, so NFE <= iters always (a block usually finishes sooner). `threshold=0` commits a whole block
+per forward; `threshold > 1` commits one token per forward (pure confidence order).
+`delay_eos=True`: an EOS candidate is committed only when no other masked slot is left in the block (or at the
+forced last iteration) — the model cannot end the answer early because EOS is an easy, confident prediction.
+
+Rows advance independently: a row whose block is complete moves on to its next block at the next forward while
+the others finish theirs, so a prompt's output is the same alone or in a batch. NFE counts the batch's forwards.
+(Fast-dLLM also caches the prompt's and finished blocks' K/V per block; this sampler recomputes the canvas.)
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .common import answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens
+from .confidence import blocks_of
+
+
+@torch.no_grad()
+def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
+              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
+              block_length: int | None = None, delay_eos: bool = False, chat_template: bool = True, on_step=None,
+              trace: bool = False, **_unused):
+    tau = threshold
+    block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
+    if not tau >= 0:  # also refuses NaN
+        raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
+    started = time.perf_counter()
+    canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
+    generators = row_generators(rows, seed, device)
+    eos_ids = eos_token_ids(tokenizer, denoiser)
+    eos_tensor = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    steps = [[] for _ in range(rows)] if trace else None
+    block = torch.zeros(rows, dtype=torch.long, device=device)  # each row's current block
+    used = torch.zeros(rows, dtype=torch.long, device=device)  # iterations spent on it
+    slot_block = torch.arange(n, device=device) // block_length  # [n]: the block of each slot
+    nfe = 0
+    while bool((block < n_blocks).any()):
+        before = canvas.answer.clone()
+        logits = answer_logits(denoiser, canvas)
+        nfe += 1
+        predicted, conf = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
+        predicted, conf = predicted.to(device), conf.to(device)
+        eligible = (slot_block[None, :] == block[:, None]) & (before == mask_id)  # done rows: nothing eligible
+        is_eos = torch.isin(predicted, eos_tensor) if delay_eos else torch.zeros_like(eligible)
+        commit = eligible & (conf >= tau) & ~is_eos
+        # at least one per row: the most confident (non-EOS first when delaying EOS; confidence is in [0, 1])
+        priority = (conf - 2.0 * is_eos.float()).masked_fill(~eligible, float("-inf"))
+        commit |= torch.zeros_like(eligible).scatter_(1, priority.argmax(-1, keepdim=True), True) & eligible
+        others_left = (eligible & ~is_eos & ~commit).any(dim=-1, keepdim=True)
+        commit |= eligible & (conf >= tau) & is_eos & ~others_left  # EOS once nothing else is left
+        used += 1
+        last_chance = (used >= budget)[:, None]
+        commit |= eligible & last_chance  # the block's last allowed iteration: commit everything left
+        draft = torch.where(commit, predicted, before)
+        canvas.answer.copy_(draft)
+        record_step(steps, on_step, nfe - 1, before, draft, conf, mask_id, nfe)
+        complete = ~((slot_block[None, :] == block[:, None]) & (draft == mask_id)).any(dim=-1)
+        complete &= block < n_blocks
+        block = torch.where(complete, block + 1, block)
+        used = torch.where(complete, torch.zeros_like(used), used)
+    return finish(tokenizer, canvas, "threshold", nfe, started, eos_ids, steps, mask_id)
