@@ -89,9 +89,14 @@ def run_one(lm, args, tasks, task_manager) -> dict:
 
 
 def metric_rows(results: dict) -> dict[str, dict[str, tuple[float, float]]]:
-    """{task: {metric: (value, stderr)}} for acc and acc_norm."""
+    """{task: {metric: (value, stderr)}} for acc and acc_norm; a group's leaf tasks (MMLU subjects) are left
+    to lm-eval's full table, the summary keeps the group and its categories."""
+    grouped_leaves = {t for group, members in results.get("group_subtasks", {}).items() for t in members
+                      if t not in results.get("group_subtasks", {})}
     rows = {}
     for task, values in results["results"].items():
+        if task in grouped_leaves:
+            continue
         row = {}
         for metric in ("acc", "acc_norm"):
             if f"{metric},none" in values:

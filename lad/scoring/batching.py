@@ -1,0 +1,86 @@
+"""What every scorer shares: validating requests, ordering them by length, padding them into a batch.
+
+A request is `(context_ids, continuation_ids)`, already tokenized and split as lm-eval's `hf` model splits it.
+Scorers sort requests by total length (longest first, as lm-eval does: similar lengths share a batch, so little
+padding, and an out-of-memory shows up at once), score them in chunks, and hand results back in request order.
+
+Padding is exact either way: the bidirectional denoiser masks padding and derives position ids from the
+attention mask (so LEFT padding does not move positions), and the causal AR parent never looks right of a token
+(so RIGHT padding is invisible to it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Request = tuple[Sequence[int], Sequence[int]]
+
+
+def check_requests(requests: Sequence[Request], *, need_context: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Requests as lists of ints; ValueError on an empty continuation (or context, when one is needed)."""
+    out = []
+    for i, (context, continuation) in enumerate(requests):
+        context, continuation = list(map(int, context)), list(map(int, continuation))
+        if not continuation:
+            raise ValueError(f"request {i}: the continuation is empty")
+        if need_context and not context:
+            raise ValueError(f"request {i}: the context is empty (nothing to predict the first token from; "
+                             "lm-eval passes the prefix token as context in that case)")
+        out.append((context, continuation))
+    return out
+
+
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices sorted longest first (ties by index, so deterministic)."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def check_batch_size(batch_size: int) -> int:
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+def length_chunks(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted longest first (ties by index), cut into chunks of `batch_size`."""
+    batch_size = check_batch_size(batch_size)
+    order = longest_first(lengths)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "left",
+              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(ids [B, W], attention_mask [B, W]) with W the longest sequence; padding on `side` ("left" or "right")."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not seqs:
+        raise ValueError("no sequences to pad")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        attention[row, span] = 1
+    return ids.to(device), attention.to(device)
+
+
+def pad_id_of(denoiser) -> int:
+    """The config's pad id, or 0: padded columns are masked out of attention, so any id would do."""
+    pad = getattr(denoiser.config, "pad_token_id", None)
+    return pad if isinstance(pad, int) and pad >= 0 else 0
+
+
+def device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def count(stats: dict | None, *, rows: int) -> None:
+    """Record one batched forward of `rows` sequences: stats["nfe"] counts sequences through the model (does not
+    depend on the batch size), stats["forward_calls"] counts batched calls."""
+    if stats is not None:
+        stats["nfe"] = stats.get("nfe", 0) + int(rows)
+        stats["forward_calls"] = stats.get("forward_calls", 0) + 1

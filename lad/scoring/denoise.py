@@ -1,0 +1,104 @@
+"""`score_denoise`: log-likelihood of a continuation by revealing it over a few iterations (any-order chain rule).
+
+For one request (context c, continuation x of L tokens), with S = min(iters, L) iterations:
+
+    canvas = c + [MASK] * L
+    quotas = num_transfer_tokens(L, S)          # LLaDA: L // S per iteration, the first L % S one more
+    logp, greedy = 0, True
+    for quota in quotas:
+        p = softmax(denoiser(canvas))           # one forward, read at the still-masked slots
+        pick `quota` masked slots:              # the order never looks at the true tokens
+            order="confidence": the highest max_v p[slot, v] (the model's own confidence), ties by position
+            order="l2r":        the leftmost
+        for slot in picked:
+            logp   += log p[slot, x[slot]]      # the TRUE token's log-prob at the moment it is revealed
+            greedy &= argmax p[slot] == x[slot]
+            canvas[slot] = x[slot]              # reveal the true token, not the prediction
+    return logp, greedy
+
+With iters >= L it reveals one token per iteration: log p(x) = Σ_t log p(x_{σ(t)} | c, x_{σ(<t)}) for the order σ
+the model picks, an exact chain rule for the denoiser's conditionals. With fewer iterations the tokens revealed
+together are scored as independent (a product of marginals). Deterministic; a single-token continuation costs
+exactly one forward.
+
+Batching: requests are left-padded so each row's continuation ends at the last column. Each row follows its own
+schedule; a row whose schedule is over leaves the batch (later forwards run only the rows still being revealed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batching import check_requests, count, device_of, length_chunks, pad_batch, pad_id_of
+
+ORDERS = ("confidence", "l2r")
+
+
+def num_transfer_tokens(length: int, steps: int) -> list[int]:
+    """LLaDA's get_num_transfer_tokens: `length` reveals over `steps` iterations (remainder to the first ones)."""
+    base, remainder = divmod(length, steps)
+    return [base + (1 if i < remainder else 0) for i in range(steps)]
+
+
+@torch.no_grad()
+def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "confidence", batch_size: int = 16,
+                  progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) per request, in request order.
+
+    progress(n): called after each chunk with the number of requests it finished (tqdm's `update`).
+    stats: if given, stats["nfe"] += sequences run through the model (Σ min(iters, L) over requests) and
+    stats["forward_calls"] += batched forwards.
+    """
+    if int(iters) < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    requests = check_requests(requests, need_context=denoiser.shift)
+    denoiser.eval()
+    device, pad_id, mask_id = device_of(denoiser), pad_id_of(denoiser), denoiser.mask_id
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+
+    for chunk in length_chunks([len(c) + len(x) for c, x in requests], batch_size):
+        target, attention = pad_batch([requests[i][0] + requests[i][1] for i in chunk], pad_id, side="left",
+                                      device=device)
+        rows, width = target.shape
+        lengths = [len(requests[i][1]) for i in chunk]
+        masked = torch.zeros_like(target, dtype=torch.bool)  # continuation slots not revealed yet
+        for row, length in enumerate(lengths):
+            masked[row, width - length:] = True
+        canvas = target.masked_fill(masked, mask_id)
+        schedules = [num_transfer_tokens(length, min(int(iters), length)) for length in lengths]
+        logp = torch.zeros(rows, dtype=torch.float64, device=device)
+        greedy = torch.ones(rows, dtype=torch.bool, device=device)
+        column = torch.arange(width, device=device).expand(rows, width)
+
+        for step in range(max(len(s) for s in schedules)):
+            live = torch.tensor([r for r in range(rows) if step < len(schedules[r])], device=device)
+            quota = torch.tensor([schedules[r][step] for r in live.tolist()], device=device)
+            slots = masked[live]
+            log_probs = denoiser(canvas[live], attention[live], positions=slots).float().log_softmax(-1)  # [N, V]
+            count(stats, rows=len(live))
+            truth = target[live]
+            true_lp = torch.zeros(slots.shape, dtype=torch.float32, device=device)
+            true_lp[slots] = log_probs.gather(-1, truth[slots].unsqueeze(-1)).squeeze(-1)
+            is_argmax = torch.zeros_like(slots)
+            is_argmax[slots] = log_probs.argmax(-1) == truth[slots]
+            # priority of each masked slot (higher is revealed first); the true token plays no part in it
+            if order == "confidence":
+                priority = torch.full(slots.shape, float("-inf"), device=device)
+                priority[slots] = log_probs.max(-1).values  # log of the max probability: same order
+            else:
+                priority = (-column[live].float()).masked_fill(~slots, float("-inf"))
+            ranked = priority.sort(dim=-1, descending=True, stable=True).indices  # stable: ties by position
+            reveal = torch.zeros_like(slots)
+            reveal.scatter_(1, ranked, torch.arange(width, device=device).expand_as(ranked) < quota[:, None])
+            logp[live] += torch.where(reveal, true_lp, 0.0).sum(-1).double()
+            greedy[live] &= ~(reveal & ~is_argmax).any(-1)
+            canvas[live] = torch.where(reveal, truth, canvas[live])
+            masked[live] = slots & ~reveal
+
+        for row, i in enumerate(chunk):
+            results[i] = (float(logp[row]), bool(greedy[row]))
+        if progress is not None:
+            progress(len(chunk))
+    return results

@@ -1,0 +1,179 @@
+"""The lm-evaluation-harness model `lad`: a LAD run scored by iterative denoising.
+
+It subclasses lm-eval's `TemplateLM`, so the context/continuation split is exactly the stock HF model's
+(trailing spaces move to the continuation; context+continuation tokenized together and split at the
+context's length; no BOS added, as `hf` does for LLaMA-family tokenizers). Scoring:
+
+- `score="denoise"` (default): deterministic any-order chain rule over `iters` reveal steps (scoring/denoise.py);
+- `score="elbo"`: LLaDA's Monte-Carlo ELBO with `mc_samples`, draws shared by the choices of one question;
+- `baseline="ar"`: the AR parent (adapter off, causal attention) on the same prompts, for a fair side by side.
+
+Requests are sharded across processes by lm-eval itself (`rank` / `world_size` below, from Accelerate when
+launched with `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm.auto import tqdm
+
+from ..run import load_run
+
+
+@register_model("lad")
+class LadLM(TemplateLM):
+    def __init__(self, pretrained: str | None = None, *, denoiser=None, tokenizer=None, info=None,
+                 baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "confidence",
+                 mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
+                 weights: str = "final", strategy: str = "confidence", max_length: int | None = None, **_ignored):
+        super().__init__()
+        if baseline not in ("none", "ar"):
+            raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
+        if score not in ("denoise", "elbo"):
+            raise ValueError(f"score must be 'denoise' or 'elbo', got {score!r}")
+        if int(iters) < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
+        self._setup_processes(device)
+        if denoiser is None:
+            if pretrained is None:
+                raise ValueError("model_args needs pretrained=RUN_DIR")
+            denoiser, tokenizer, info = load_run(pretrained, weights=weights)
+        self.denoiser = denoiser.to(self._device).eval()
+        self.tokenizer = tokenizer
+        self.info = info
+        self.baseline, self.score, self.iters, self.order = baseline, score, int(iters), order
+        self.mc_samples, self.seed, self.strategy = int(mc_samples), int(seed), strategy
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_length = int(max_length or getattr(info, "max_length", None) or 2048)
+        self.nfe = 0
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------- processes (lm-eval shards requests by rank)
+    def _setup_processes(self, device: str | None) -> None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        self._rank, self._world_size = state.process_index, state.num_processes
+        if device is None:
+            device = str(state.device)
+        self._device = torch.device(device)
+
+    @property
+    def device(self):
+        return self._device
+
+    def all_gather(self, tensor):
+        if self._world_size == 1:
+            return tensor
+        out = [torch.zeros_like(tensor) for _ in range(self._world_size)]
+        torch.distributed.all_gather(out, tensor)
+        return torch.cat([t.reshape(-1) for t in out])
+
+    def gather_object(self, obj, dst=0):
+        if self._world_size == 1:
+            return [obj]
+        out = [None] * self._world_size if self._rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------- tokenization (as lm-eval's `hf` model)
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------- scoring
+    def _fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """Keep the end of an over-long context (the continuation is what is scored)."""
+        room = self.max_length - len(continuation)
+        if room < 1:
+            return context[-1:], continuation[-(self.max_length - 1):]
+        return context[-room:], continuation
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        from . import score_ar, score_denoise, score_elbo
+
+        pairs = [self._fit(list(ctx), list(cont)) for _, ctx, cont in requests]
+        groups: dict[str, int] = {}  # the choices of one question share their context string
+        group_ids = [groups.setdefault(args[0], len(groups)) for args, _, _ in requests]
+        bar = tqdm(total=len(pairs), disable=disable_tqdm or self._rank != 0, desc=f"lad {self._mode()}")
+        stats: dict = {}
+        started = time.perf_counter()
+        common = dict(batch_size=self.batch_size, progress=bar.update, stats=stats)
+        if self.baseline == "ar":
+            out = score_ar(self.denoiser, pairs, **common)
+        elif self.score == "elbo":
+            out = score_elbo(self.denoiser, pairs, mc_samples=self.mc_samples, seed=self.seed, group_ids=group_ids,
+                             **common)
+        else:
+            out = score_denoise(self.denoiser, pairs, iters=self.iters, order=self.order, **common)
+        bar.close()
+        self.nfe += int(stats.get("nfe", 0))
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def _mode(self) -> str:
+        if self.baseline == "ar":
+            return "ar baseline"
+        return f"elbo x{self.mc_samples}" if self.score == "elbo" else f"denoise {self.order} iters={self.iters}"
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Perplexity tasks: disjoint windows of `max_length` tokens, each scored given the text before it."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        results = []
+        for request in tqdm(requests, disable=disable_tqdm or self._rank != 0, desc="lad rolling"):
+            tokens = self.tok_encode(request.args[0])
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([((None, None), ctx, cont) for ctx, cont in windows],
+                                                disable_tqdm=True)
+            results.append(sum(s for s, _ in scores))
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Generate with a LAD sampler (`strategy`, `iters`), or the AR parent with baseline=ar; cut at `until`."""
+        from ..sampling import get_strategy
+
+        strategy = get_strategy("ar" if self.baseline == "ar" else self.strategy)
+        out = []
+        for request in tqdm(requests, disable=disable_tqdm or self._rank != 0, desc="lad generate"):
+            context, gen_kwargs = request.args
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+            started = time.perf_counter()
+            [generation] = strategy(self.denoiser, self.tokenizer, [context], max_new_tokens=max_new,
+                                    iters=min(self.iters, max_new), seed=self.seed, temperature=temperature,
+                                    chat_template="raw")
+            self.nfe += generation.nfe
+            self.seconds += time.perf_counter() - started
+            text = generation.text
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            out.append(text)
+        return out
