@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "finetune": ("lad.finetune", "train a denoiser from a recipe"),
     "generate": ("lad.generate", "answer prompts with a trained run (iterative denoising)"),
-    "eval": ("lad.evaluate", "score a run with lm-evaluation-harness (ARC, MMLU, HellaSwag, ...)"),
+    "eval": ("lad.evaluation", "score a run with lm-evaluation-harness (ARC, MMLU, HellaSwag, ...)"),
 }
 
 

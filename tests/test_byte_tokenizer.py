@@ -1,7 +1,7 @@
 """The byte tokenizer: exact round-trips, single-id special tokens, chat template, save/load."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
@@ -32,6 +32,8 @@ def test_round_trip_and_ids_are_bytes(tok, text):
 @given(st.text(max_size=40))
 def test_round_trip_any_text(text):
     tok = _SHARED
+    # a special token's literal text is that token (as in every HF tokenizer); hypothesis finds the literals
+    assume(not any(special in text for special in SPECIALS + RESERVED))
     ids = tok(text, add_special_tokens=False).input_ids
     assert ids == list(text.encode("utf-8"))
     assert tok.decode(ids) == text

@@ -56,7 +56,10 @@ class LadLM(TemplateLM):
     def _setup_processes(self, device: str | None) -> None:
         from accelerate import PartialState
 
-        state = PartialState()
+        from accelerate.utils import parse_flag_from_env
+
+        # like Accelerator(): ACCELERATE_USE_CPU (or no GPU) still joins a torchrun/accelerate process group
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
         self._rank, self._world_size = state.process_index, state.num_processes
         if device is None:
             device = str(state.device)

@@ -81,10 +81,12 @@ def run_one(lm, args, tasks, task_manager) -> dict:
                               log_samples=args.log_samples, task_manager=task_manager, random_seed=args.seed,
                               numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
                               apply_chat_template=args.apply_chat_template, bootstrap_iters=args.bootstrap_iters)
+    nfe = lm.gather_object(lm.nfe)  # every process calls it; rank 0 gets each process's count
     if results is not None:  # only rank 0 gets results
         results["config"].update(model="lad", model_args=args.model, iters=args.iters, score=args.score,
                                  order=args.order, mc_samples=args.mc_samples if args.score == "elbo" else None,
-                                 baseline=lm.baseline, nfe=lm.nfe, wall_s=round(time.perf_counter() - started, 2))
+                                 baseline=lm.baseline, nfe=sum(nfe), processes=lm.world_size,
+                                 wall_s=round(time.perf_counter() - started, 2))
     return results
 
 

@@ -1,0 +1,116 @@
+"""`lad-eval` end to end on a tiny run with local fixture data (the stock task configs, offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lad.evaluation import main as lad_eval
+from lad.finetune import main as finetune
+
+REPO = Path(__file__).resolve().parents[1]
+ARC = [{"id": f"q{i}", "question": f"Which number is {i}?", "choices": {"text": [str(i), str(i + 1), str(i + 2)],
+        "label": ["A", "B", "C"]}, "answerKey": "A"} for i in range(6)]
+MMLU = [{"question": f"{i} + 1 = ?", "subject": "elementary_mathematics", "choices": [str(i + 1), "0", "x", "y"],
+         "answer": 0} for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval_run") / "run"
+    assert finetune([str(REPO / "recipes" / "tiny.yaml"), f"output_dir={out}", "max_steps=10", "eval_every=0",
+                     "save_every=0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_data")
+    for folder, name, rows in (("arc_easy", "validation.jsonl", ARC), ("mmlu", "validation.jsonl", MMLU),
+                               ("mmlu", "dev.jsonl", MMLU)):
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAD_CACHE", str(tmp_path / "cache"))
+
+
+def results(folder: Path) -> dict:
+    [path] = list(folder.glob("results_*.json"))
+    return json.loads(path.read_text())
+
+
+def test_compare_runs_both_models_and_writes_results(run_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = lad_eval(["--model", str(run_dir), "--tasks", "arc_easy,mmlu", "--data-dir", str(data_dir), "--limit", "4",
+                     "--iters", "4", "--compare", "--output_path", str(out), "--log_samples"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| task | metric | lad | ar | Δ |" in printed and "| arc_easy | acc_norm |" in printed
+    data = results(out)
+    assert set(data) == {"lad", "ar"}
+    lad, ar = data["lad"]["config"], data["ar"]["config"]
+    assert lad["iters"] == 4 and lad["score"] == "denoise" and lad["baseline"] == "none" and ar["baseline"] == "ar"
+    # NFE: ARC answers are 1-2 tokens (≤ min(iters, L) forwards each); MMLU letters one forward each; AR one each
+    n_arc, n_mmlu = 4 * 3, 4 * 4
+    assert ar["nfe"] == n_arc + n_mmlu
+    assert n_arc + n_mmlu <= lad["nfe"] <= 4 * n_arc + n_mmlu
+    assert 0.0 <= data["lad"]["results"]["arc_easy"]["acc,none"] <= 1.0
+    assert list(out.glob("samples_lad_arc_easy_*.jsonl")) and list(out.glob("results_*.md"))
+
+
+def test_elbo_mode_and_determinism(run_dir, data_dir, tmp_path):
+    scores = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert lad_eval(["--model", str(run_dir), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "3",
+                         "--score", "elbo", "--mc-samples", "4", "--output_path", str(out), "--log_samples"]) == 0
+        data = results(out)["lad"]
+        assert data["config"]["score"] == "elbo" and data["config"]["mc_samples"] == 4
+        samples = [json.loads(line) for line in next(out.glob("samples_lad_arc_easy_*.jsonl")).read_text().splitlines()]
+        scores.append([s["filtered_resps"] for s in samples])
+    assert scores[0] == scores[1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "arc_eazy"], "did you mean 'arc_easy'"),
+    (["--tasks", "arc_easy", "--data-dir", "/nonexistent/dir"], "is not a folder"),
+])
+def test_user_errors_exit_2_with_one_line(run_dir, argv, message, capsys):
+    assert lad_eval(["--model", str(run_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lad-eval: error:") and message in err[0]
+
+
+def test_not_a_run_and_bad_iters(tmp_path, capsys):
+    assert lad_eval(["--model", str(tmp_path), "--tasks", "arc_easy"]) == 2
+    assert "not a LAD run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        lad_eval(["--model", str(tmp_path), "--tasks", "arc_easy", "--iters", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_two_processes_shard_requests_and_agree(run_dir, data_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): lm-eval shards the requests; the scores equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    common = ["--model", str(run_dir), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--iters", "4"]
+    single = tmp_path / "one"
+    assert lad_eval([*common, "--output_path", str(single)]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    double = tmp_path / "two"
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "lad.evaluation", *common,
+                           "--output_path", str(double)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = results(single)["lad"], results(double)["lad"]
+    assert two["config"]["processes"] == 2 and one["config"]["processes"] == 1
+    for metric in ("acc,none", "acc_norm,none"):
+        assert one["results"]["arc_easy"][metric] == pytest.approx(two["results"]["arc_easy"][metric], abs=1e-9)
