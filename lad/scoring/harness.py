@@ -2,7 +2,7 @@
 
 It subclasses lm-eval's `TemplateLM`, so the context/continuation split is exactly the stock HF model's
 (trailing spaces move to the continuation; context+continuation tokenized together and split at the
-context's length; no BOS added, as `hf` does for LLaMA-family tokenizers). Scoring:
+context's length; special tokens as the tokenizer adds them by default, as `hf` does). Scoring:
 
 - `score="denoise"` (default): deterministic any-order chain rule over `iters` reveal steps (scoring/denoise.py);
 - `score="elbo"`: LLaDA's Monte-Carlo ELBO with `mc_samples`, draws shared by the choices of one question;
@@ -102,7 +102,14 @@ class LadLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
+        """As `hf`: the tokenizer's own default (LLaMA 3 adds BOS, SmolLM2 does not), unless told otherwise or
+        the string already starts with BOS."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and string.startswith(bos))
+            if add_special_tokens:
+                return self.tokenizer.encode(string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
@@ -143,14 +150,15 @@ class LadLM(TemplateLM):
         return f"elbo x{self.mc_samples}" if self.score == "elbo" else f"denoise {self.order} iters={self.iters}"
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Perplexity tasks: disjoint windows of `max_length` tokens, each scored given the text before it."""
+        """Perplexity tasks: lm-eval's disjoint rolling windows (each scored given the one token before it, as
+        `hf` does), every window's continuation scored by denoising."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         results = []
         for request in tqdm(requests, disable=disable_tqdm or self._rank != 0, desc="lad rolling"):
             tokens = self.tok_encode(request.args[0])
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
+                token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length - 1, context_len=1)]
             scores = self._loglikelihood_tokens([((None, None), ctx, cont) for ctx, cont in windows],
                                                 disable_tqdm=True)
             results.append(sum(s for s, _ in scores))
