@@ -128,6 +128,7 @@ OPTION_FLAGS = {
     "top_k": "--top-k", "top_p": "--top-p", "noise_start": "--noise-start", "schedule": "--schedule",
     "remask": "--remask", "retention": "--retention", "early_stop": "--early-stop",
     "block_length": "--block-length", "threshold": "--threshold", "delay_eos": "--delay-eos",
+    "prefix_cache": "--prefix-cache",
 }
 
 
@@ -162,6 +163,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--block-length", type=int, help="confidence, threshold: left-to-right blocks of this many slots")
     how.add_argument("--threshold", type=float, help="threshold: commit slots with confidence >= this")
     how.add_argument("--delay-eos", action="store_const", const=True, help="confidence, threshold: commit EOS last")
+    how.add_argument("--prefix-cache", action="store_const", const=True,
+                     help="refine, confidence, threshold: compute the prompt's K/V once and run only the answer slots "
+                          "(faster; approximate: the prompt does not see the canvas)")
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")
@@ -239,7 +243,8 @@ def _plain(index: int | None, gen: Generation, ar: Generation | None) -> str:
     if ar is None:
         lines.append(gen.text)
     else:
-        lines.append(f"lad ({gen.strategy}, {gen.nfe} forwards, {gen.seconds:.2f} s): {gen.text}")
+        prefix = f" + {gen.prefix_forwards} prompt pass" if gen.prefix_forwards else ""
+        lines.append(f"lad ({gen.strategy}, {gen.nfe} forwards{prefix}, {gen.seconds:.2f} s): {gen.text}")
         lines.append(f"ar  (parent, {ar.nfe} tokens, {ar.seconds:.2f} s): {ar.text}")
     return "\n".join(lines)
 

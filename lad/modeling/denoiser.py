@@ -12,11 +12,20 @@ about the shift:
 It computes the LM head only at the positions asked for: the head is a large share of the cost of small
 models, and training needs only the supervised positions. It is an `nn.Module`, so Accelerate can wrap it
 in DDP and gradients flow through `forward`. `as_parent()` runs the same weights as the causal AR parent.
+
+Prefix K/V cache (sampling only; docs/sampling.md): `prefix_cache(prompt_ids, prompt_mask)` runs the prompt
+alone once and keeps its keys and values; `forward(..., cache=...)` then runs only the columns after the cached
+prefix against them. The prefix does not see the rest of the canvas, so this equals a full forward whose mask
+forbids the prefix's rows from attending to later columns, and only approximates the bidirectional forward.
+With `shift=True` the last prompt token is left out of the cache and recomputed with the canvas, because the
+prediction for the first answer slot is read from it.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +36,35 @@ from .bidirectional import causal_attention, make_bidirectional
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """0, 1, 2, ... over real tokens, so left padding does not move positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of a canvas's first `length` columns, computed with those columns alone.
+
+    `ids` and `attention_mask` ([B, length]) are the cached columns; every cached forward checks that its canvas
+    starts with them. `kv` is a transformers `DynamicCache` of exactly `length` positions (None when `length` is
+    0: then there is nothing to reuse and the forward is the full one); cached forwards append to it and crop it
+    back, so it never grows.
+    """
+
+    kv: object
+    ids: Tensor
+    attention_mask: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    @property
+    def forwards(self) -> int:
+        """Forwards spent building it (0 or 1): reported apart from the sampler's NFE."""
+        return int(self.length > 0)
+
+
+def _cache_keyword(decoder: nn.Module) -> str:
+    """transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old name is deprecated)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 class Denoiser(nn.Module):
@@ -55,33 +93,95 @@ class Denoiser(nn.Module):
                                            position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
+    def _decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, kv) -> Tensor:
+        """Hidden states of `input_ids`, appending their keys and values to the cache `kv`."""
+        decoder = self.causal_lm.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **{_cache_keyword(decoder): kv})
+        return out.last_hidden_state
+
+    def prefix_cache(self, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PrefixCache:
+        """Run the (left-padded) prompts alone and keep their keys and values for `forward(..., cache=...)`.
+
+        Attention among the prompt tokens is bidirectional, padding masked, position ids from the mask: what a
+        full forward computes for them when they cannot see the columns that follow. With `shift=True` the last
+        column is left out (it is recomputed with the canvas: the first answer slot is predicted from it).
+        """
+        from transformers import DynamicCache
+
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        length = max(prompt_ids.shape[1] - (1 if self.shift else 0), 0)
+        ids, mask = prompt_ids[:, :length], prompt_mask[:, :length]
+        if not length:
+            return PrefixCache(None, ids, mask)
+        kv = DynamicCache(config=self.config)
+        self._decode(ids, mask, position_ids_from_mask(mask), kv)
+        return PrefixCache(kv, ids, mask)
+
+    def _cached_hidden(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                       cache: PrefixCache) -> Tensor:
+        """Hidden states of the columns after the cached prefix ([B, L - length, H]), attending to the prefix's
+        cached keys and values and bidirectionally among themselves; the cache is cropped back afterwards."""
+        k = cache.length
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.dim() != 2:
+            raise ValueError("a cached forward takes a 2-D attention mask (padding) over the whole canvas")
+        if input_ids.shape[1] <= k or not (torch.equal(input_ids[:, :k], cache.ids.to(input_ids.device))
+                                          and torch.equal(attention_mask[:, :k].bool(),
+                                                          cache.attention_mask.to(attention_mask.device).bool())):
+            raise ValueError(f"the canvas does not start with the cached prefix ({k} columns)")
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        try:
+            return self._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], cache.kv)
+        finally:  # back to the prefix alone, however the forward ended
+            grown = cache.kv.get_seq_length() - k
+            if grown:
+                cache.kv.crop(-grown)
+
     def head(self, hidden: Tensor) -> Tensor:
         logits = self.causal_lm.get_output_embeddings()(hidden)
         # the mask token is never a prediction: keep its probability at zero everywhere
         return logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), torch.finfo(logits.dtype).min)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
+                position_ids: Tensor | None = None, cache: PrefixCache | None = None) -> Tensor:
         """Logits for token i at index i.
 
         positions: optional bool [B, L]; then only those tokens are predicted and the result is [N, V] in
         row-major order of the True entries. Otherwise [B, L, V].
+        cache: a `prefix_cache` of the canvas's first columns; then only the columns after it are run (the
+        prefix does not see them), `positions` is required and must not ask for a token predicted from inside
+        the prefix. The result has the same shape and order as without the cache.
         """
+        if cache is not None and cache.length:
+            if positions is None:
+                raise ValueError("a cached forward needs `positions` (the tokens to predict)")
+            source = self._source(positions.bool())
+            if source[:, :cache.length].any():
+                raise ValueError(f"positions predicted from the cached prefix (its first {cache.length} columns) "
+                                 "cannot be computed by a cached forward")
+            hidden = self._cached_hidden(input_ids, attention_mask, position_ids, cache)
+            return self.head(hidden[source[:, cache.length:]])
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         if positions is None:
             logits = self.head(hidden)
             if self.shift:
                 logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
             return logits
-        positions = positions.bool()
-        if self.shift:
-            if positions[:, 0].any():
-                raise ValueError("with shift=True the first position cannot be predicted (nothing precedes it)")
-            source = torch.zeros_like(positions)
-            source[:, :-1] = positions[:, 1:]
-        else:
-            source = positions
-        return self.head(hidden[source])
+        return self.head(hidden[self._source(positions.bool())])
+
+    def _source(self, positions: Tensor) -> Tensor:
+        """Bool [B, L]: the positions whose hidden states predict `positions` (one to the left with shift)."""
+        if not self.shift:
+            return positions
+        if positions[:, 0].any():
+            raise ValueError("with shift=True the first position cannot be predicted (nothing precedes it)")
+        source = torch.zeros_like(positions)
+        source[:, :-1] = positions[:, 1:]
+        return source
 
     logits = forward
 

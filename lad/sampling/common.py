@@ -10,6 +10,11 @@ Each strategy is one function with the signature
         -> list[Generation]
 and reports every iteration as a `Step` (to `on_step` as it happens, and in `Generation.steps` when
 `trace=True`): the terminal view, `--json`, the demo and the tests all read these records.
+
+`prefix_cache=True` (refine, confidence, threshold) runs the prompt alone once (`prompt_cache`) and then every
+iteration only the answer slots against its cached keys and values (`answer_logits(..., cache)`): faster, an
+approximation (the prompt no longer sees the canvas; docs/sampling.md). That prompt pass is not counted in `nfe`;
+`Generation.prefix_forwards` reports it.
 """
 
 from __future__ import annotations
@@ -48,10 +53,13 @@ class Generation:
     seconds: float
     strategy: str
     steps: list[Step] = field(default_factory=list)
+    prefix_forwards: int = 0  # prompt-only forwards building the prefix cache (not counted in nfe)
 
     def to_dict(self, with_steps: bool = True) -> dict:
         out = {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids, "nfe": self.nfe,
                "seconds": round(self.seconds, 4), "strategy": self.strategy}
+        if self.prefix_forwards:  # only with prefix_cache=True: the trace is otherwise unchanged
+            out["prefix_forwards"] = self.prefix_forwards
         if with_steps:
             out["steps"] = [s.to_dict() for s in self.steps]
         return out
@@ -104,9 +112,22 @@ def build_canvas(tokenizer, prompts: list[str], max_new_tokens: int, mask_id: in
     return Canvas(ids.to(device), attention.to(device), width, list(prompts))
 
 
-def answer_logits(denoiser, canvas: Canvas) -> Tensor:
-    """[B, N, V] float logits for the answer slots (the shift, if any, is the Denoiser's business)."""
-    flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions)
+def prompt_cache(denoiser, canvas: Canvas):
+    """The prompt's keys and values, computed with the prompt alone (`Denoiser.prefix_cache`), for
+    `answer_logits(denoiser, canvas, cache)`."""
+    width = canvas.prompt_width
+    return denoiser.prefix_cache(canvas.ids[:, :width], canvas.attention_mask[:, :width])
+
+
+def answer_logits(denoiser, canvas: Canvas, cache=None) -> Tensor:
+    """[B, N, V] float logits for the answer slots (the shift, if any, is the Denoiser's business).
+
+    cache: a `prompt_cache(denoiser, canvas)`; then only the answer slots are run, against the prompt's cached
+    keys and values (the prompt does not see the canvas: an approximation of the full forward)."""
+    if cache is None:
+        flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions)
+    else:
+        flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions, cache=cache)
     return flat.view(canvas.ids.shape[0], -1, flat.shape[-1]).float()
 
 
@@ -166,15 +187,17 @@ def record_step(steps: list[list[Step]] | None, on_step, iteration: int, before:
 
 
 def finish(tokenizer, canvas: Canvas, strategy: str, nfe: int, started: float, eos_ids: set[int],
-           steps: list[list[Step]] | None, mask_id: int) -> list[Generation]:
-    """Cut each answer at its first EOS (text after it is noise) and decode."""
+           steps: list[list[Step]] | None, mask_id: int, cache=None) -> list[Generation]:
+    """Cut each answer at its first EOS (text after it is noise) and decode. `cache`: the batch's prefix cache,
+    if any (its prompt pass is reported as `prefix_forwards`)."""
+    prefix_forwards = cache.forwards if cache is not None else 0
     seconds = time.perf_counter() - started
     out = []
     for b, row in enumerate(canvas.answer.tolist()):
         cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
         ids = [t for t in row[:cut] if t != mask_id]
         out.append(Generation(canvas.prompts[b], tokenizer.decode(ids, skip_special_tokens=True), ids, nfe, seconds,
-                              strategy, steps[b] if steps is not None else []))
+                              strategy, steps[b] if steps is not None else [], prefix_forwards))
     return out
 
 

@@ -15,6 +15,8 @@ filled otherwise — the model cannot end the answer early just because EOS is a
 of the number of blocks). LLaDA runs forwards that commit nothing when steps > block_length; we cap steps at
 block_length instead (same output, no wasted forwards). LLaDA is at its best with steps = tokens; its
 answers may contain text after EOS, which `finish` cuts off.
+`prefix_cache=True`: the prompt's keys and values are computed once and every forward runs only the answer
+slots (an approximation: the prompt does not see the canvas; see docs/sampling.md). NFE is unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import time
 
 import torch
 
-from .common import answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens
+from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
+                     sample_tokens)
 
 REMASK = ("confidence", "random")
 
@@ -53,13 +56,14 @@ def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tupl
 @torch.no_grad()
 def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, block_length: int | None = None,
-               remask: str = "confidence", delay_eos: bool = False, chat_template: bool = True, on_step=None,
-               trace: bool = False, **_unused):
+               remask: str = "confidence", delay_eos: bool = False, prefix_cache: bool = False,
+               chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters, block_length)
     if remask not in REMASK:
         raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    cache = prompt_cache(denoiser, canvas) if prefix_cache else None  # the prompt's K/V, computed once
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
     eos_ids = eos_token_ids(tokenizer, denoiser)
@@ -73,7 +77,7 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
         in_block[:, block * block_length:(block + 1) * block_length] = True
         for quota in quotas:
             before = canvas.answer.clone()
-            logits = answer_logits(denoiser, canvas)
+            logits = answer_logits(denoiser, canvas, cache)
             predicted, conf = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
             predicted, conf = predicted.to(device), conf.to(device)
             if remask == "confidence":
@@ -90,4 +94,4 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
             canvas.answer.copy_(draft)
             iteration += 1
             record_step(steps, on_step, iteration - 1, before, draft, conf, mask_id, iteration)
-    return finish(tokenizer, canvas, "confidence", iteration, started, eos_ids, steps, mask_id)
+    return finish(tokenizer, canvas, "confidence", iteration, started, eos_ids, steps, mask_id, cache)

@@ -16,7 +16,9 @@ Retention of slots that were left unmasked:
     editable  a kept slot is never re-masked, but its value may still change when re-predicted;
     locked    a kept slot is never re-masked and never changes.
 Early stop: when the draft has no masks and has not changed for `early_stop` iterations (0 disables it).
-Every iteration costs one forward (NFE ≤ iters).
+Every iteration costs one forward (NFE ≤ iters). `prefix_cache=True` computes the prompt's keys and values once
+and runs only the answer slots in each forward (an approximation: the prompt does not see the draft; see
+docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import time
 
 import torch
 
-from .common import answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens
+from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
+                     sample_tokens)
 
 SCHEDULES = ("linear", "exponential")
 REMASK = ("random", "confidence")
@@ -58,10 +61,11 @@ def _check(iters: int, noise_start: float, schedule: str, remask: str, retention
 def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, noise_start: float = 0.5,
            schedule: str = "linear", remask: str = "random", retention: str = "none", early_stop: int = 2,
-           chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+           prefix_cache: bool = False, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     _check(iters, noise_start, schedule, remask, retention)
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    cache = prompt_cache(denoiser, canvas) if prefix_cache else None  # the prompt's K/V, computed once
     mask_id, rows, n = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens
     generators = row_generators(rows, seed, canvas.ids.device)
     kept = torch.zeros(rows, n, dtype=torch.bool, device=canvas.ids.device)  # never re-masked again
@@ -69,7 +73,7 @@ def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
     unchanged, nfe = 0, 0
     for iteration in range(iters):
         before = canvas.answer.clone()
-        logits = answer_logits(denoiser, canvas)
+        logits = answer_logits(denoiser, canvas, cache)
         nfe += 1
         predicted, confidence = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
         predicted = predicted.to(before.device)
@@ -96,4 +100,5 @@ def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
         unchanged = unchanged + 1 if stable else 0
         if early_stop and unchanged >= early_stop:
             break
-    return finish(tokenizer, canvas, "refine", nfe, started, eos_token_ids(tokenizer, denoiser), steps, mask_id)
+    return finish(tokenizer, canvas, "refine", nfe, started, eos_token_ids(tokenizer, denoiser), steps, mask_id,
+                  cache)

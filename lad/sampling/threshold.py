@@ -14,7 +14,9 @@ forced last iteration) — the model cannot end the answer early because EOS is 
 
 Rows advance independently: a row whose block is complete moves on to its next block at the next forward while
 the others finish theirs, so a prompt's output is the same alone or in a batch. NFE counts the batch's forwards.
-(Fast-dLLM also caches the prompt's and finished blocks' K/V per block; this sampler recomputes the canvas.)
+Fast-dLLM also caches K/V: `prefix_cache=True` computes the prompt's keys and values once and runs only the answer
+slots in every forward (an approximation: the prompt does not see the canvas; docs/sampling.md); finished blocks
+are still recomputed. NFE is unchanged.
 """
 
 from __future__ import annotations
@@ -23,21 +25,23 @@ import time
 
 import torch
 
-from .common import answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens
+from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
+                     sample_tokens)
 from .confidence import blocks_of
 
 
 @torch.no_grad()
 def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
-              block_length: int | None = None, delay_eos: bool = False, chat_template: bool = True, on_step=None,
-              trace: bool = False, **_unused):
+              block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool = False,
+              chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     tau = threshold
     block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
     if not tau >= 0:  # also refuses NaN
         raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    cache = prompt_cache(denoiser, canvas) if prefix_cache else None  # the prompt's K/V, computed once
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
     eos_ids = eos_token_ids(tokenizer, denoiser)
@@ -49,7 +53,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
     nfe = 0
     while bool((block < n_blocks).any()):
         before = canvas.answer.clone()
-        logits = answer_logits(denoiser, canvas)
+        logits = answer_logits(denoiser, canvas, cache)
         nfe += 1
         predicted, conf = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
         predicted, conf = predicted.to(device), conf.to(device)
@@ -71,4 +75,4 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         complete &= block < n_blocks
         block = torch.where(complete, block + 1, block)
         used = torch.where(complete, torch.zeros_like(used), used)
-    return finish(tokenizer, canvas, "threshold", nfe, started, eos_ids, steps, mask_id)
+    return finish(tokenizer, canvas, "threshold", nfe, started, eos_ids, steps, mask_id, cache)
