@@ -158,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from lad import __version__
     from lad.sampling import STRATEGIES
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -230,24 +229,36 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a['same_text']:>11.1%}{a['dlogprob']:>10.3f}{a['abs_dlogprob']:>12.3f}"
                   f"{a['cache_logprob_error']:>11.3f}")
 
-    import peft
-
     record = {
         "command": "python eval/bench_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "prompts": prompts, "results": results, "batches": records,
-        "versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "python": platform.python_version()},
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **environment(args.device),
     }
-    out = Path(args.out)
+    write_record(args.out, record)
+    return 0
+
+
+def environment(device: str, **versions: str) -> dict:
+    """Versions, machine and date for a benchmark record (shared with bench_scoring.py)."""
+    import peft
+    import transformers
+
+    from lad import __version__
+
+    return {"versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__, **versions, "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "threads": torch.get_num_threads(),
+                        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_record(path: str, record: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

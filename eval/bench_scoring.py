@@ -22,8 +22,6 @@ This is a benchmark, not a test: run it on an otherwise idle machine; the times 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampling import environment, write_record  # noqa: E402  (the shared benchmark record)
 MODES = ("ar", "denoise", "elbo")
 
 
@@ -176,11 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import datasets
     import lm_eval
-    import peft
     import transformers
     from lm_eval.tasks import TaskManager
-
-    from lad import __version__
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
@@ -219,18 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python eval/bench_scoring.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
-        "versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "lm_eval": lm_eval.__version__, "datasets": datasets.__version__,
-                     "python": platform.python_version()},
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **environment(args.device, lm_eval=lm_eval.__version__, datasets=datasets.__version__),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_record(args.out, record)
     return 0
 
 

@@ -9,8 +9,15 @@ byte tokenizer's bos/eos/pad ids. Models come back in eval mode (no dropout), fp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tiny models gain nothing from a second thread and lose a lot when the other core is busy; subprocesses
+# (accelerate launch, lad-finetune, torchrun) inherit the same setting through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lad.modeling.byte_tokenizer import build_byte_tokenizer

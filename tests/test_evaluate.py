@@ -56,7 +56,8 @@ def test_compare_runs_both_models_and_writes_results(run_dir, data_dir, tmp_path
     assert set(data) == {"lad", "ar"}
     lad, ar = data["lad"]["config"], data["ar"]["config"]
     assert lad["iters"] == 4 and lad["score"] == "denoise" and lad["baseline"] == "none" and ar["baseline"] == "ar"
-    # NFE: ARC answers are 1-2 tokens (≤ min(iters, L) forwards each); MMLU letters one forward each; AR one each
+    # NFE: with the byte tokenizer every answer (" 0", " A") is 2 tokens: ≤ min(iters, L) forwards each for LAD,
+    # one each for AR (one-token answers sharing a forward is tested in test_scoring.py)
     n_arc, n_mmlu = 4 * 3, 4 * 4
     assert ar["nfe"] == n_arc + n_mmlu
     assert n_arc + n_mmlu <= lad["nfe"] <= 4 * n_arc + n_mmlu

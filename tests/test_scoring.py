@@ -305,3 +305,24 @@ def test_ar_equals_lm_eval_hf_model(tmp_path, byte_tokenizer, monkeypatch):
     for (value, greedy), (ref, ref_greedy) in zip(got, expected):
         assert value == pytest.approx(ref, abs=1e-4) and greedy == ref_greedy
     assert stats == {"nfe": 6, "forward_calls": 2}
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_single_token_choices_share_one_forward(den, den_shift, shift):
+    """MMLU-style: 4 choices × 2 questions of one-token answers cost 2 forwards and equal the per-request scorers."""
+    from lad.scoring.single import score_single_tokens
+
+    model = den_shift if shift else den
+    contexts = [[5, 6, 7, 8, 9], [11, 12]]
+    requests = [(ctx, [tok]) for ctx in contexts for tok in (20, 21, 22, 23)]
+    stats: dict = {}
+    shared = score_single_tokens(model, requests, stats=stats)
+    assert stats["nfe"] == 2 and stats["forward_calls"] == 1
+    one_by_one = score_denoise(model, requests, iters=4)
+    for (a, ga), (b, gb) in zip(shared, one_by_one):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+    stats = {}
+    causal = score_single_tokens(model, requests, causal=True, stats=stats)
+    assert stats["nfe"] == 2
+    for (a, ga), (b, gb) in zip(causal, score_ar(model, requests)):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb

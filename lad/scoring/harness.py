@@ -124,6 +124,7 @@ class LadLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         from . import score_ar, score_denoise, score_elbo
+        from .single import score_single_tokens
 
         pairs = [self._fit(list(ctx), list(cont)) for _, ctx, cont in requests]
         groups: dict[str, int] = {}  # the choices of one question share their context string
@@ -132,13 +133,25 @@ class LadLM(TemplateLM):
         stats: dict = {}
         started = time.perf_counter()
         common = dict(batch_size=self.batch_size, progress=bar.update, stats=stats)
-        if self.baseline == "ar":
-            out = score_ar(self.denoiser, pairs, **common)
-        elif self.score == "elbo":
-            out = score_elbo(self.denoiser, pairs, mc_samples=self.mc_samples, seed=self.seed, group_ids=group_ids,
-                             **common)
-        else:
-            out = score_denoise(self.denoiser, pairs, iters=self.iters, order=self.order, **common)
+        single = [i for i, (_, cont) in enumerate(pairs) if len(cont) == 1]
+        multi = [i for i, (_, cont) in enumerate(pairs) if len(cont) != 1]
+        out: list = [None] * len(pairs)
+        if single:  # the choices share one forward (score_single_tokens); exact in every mode
+            scores = score_single_tokens(self.denoiser, [pairs[i] for i in single], causal=self.baseline == "ar",
+                                         **common)
+            for i, value in zip(single, scores):
+                out[i] = value
+        if multi:
+            chosen = [pairs[i] for i in multi]
+            if self.baseline == "ar":
+                scores = score_ar(self.denoiser, chosen, **common)
+            elif self.score == "elbo":
+                scores = score_elbo(self.denoiser, chosen, mc_samples=self.mc_samples, seed=self.seed,
+                                    group_ids=[group_ids[i] for i in multi], **common)
+            else:
+                scores = score_denoise(self.denoiser, chosen, iters=self.iters, order=self.order, **common)
+            for i, value in zip(multi, scores):
+                out[i] = value
         bar.close()
         self.nfe += int(stats.get("nfe", 0))
         self.seconds += time.perf_counter() - started
