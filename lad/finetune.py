@@ -308,7 +308,7 @@ def _train(recipe: Recipe) -> Path:
             log.info("resumed from %s at step %d", folder, start_step)
     if main:
         tokenizer.save_pretrained(out)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        (out / "recipe.yaml").write_text(dump_recipe(recipe, absolute_paths=True), encoding="utf-8")
         log.info("model: %s | trainable %s of %s parameters (%.2f%%) | mask %r (id %d%s) | shift=%s",
                  recipe.model.name_or_path or "scratch", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  mask.token, mask.id, ", added" if mask.added else "", recipe.shift)

@@ -390,5 +390,18 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
     return from_dict(data, source=name, base=base)
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def dump_recipe(recipe: Recipe, *, absolute_paths: bool = False) -> str:
+    """The recipe as YAML; with absolute_paths, local files it names are written absolute (a run's
+    recipe.yaml then reloads from any working directory)."""
+    data = recipe.to_dict()
+    if absolute_paths:
+        def fix(path):
+            if path and not path.startswith("pkg://") and os.path.exists(os.path.expanduser(path)):
+                return os.path.abspath(os.path.expanduser(path))
+            return path
+
+        data["model"]["name_or_path"] = fix(data["model"]["name_or_path"])
+        for split in ("train", "validation"):
+            for source in data["data"][split]:
+                source["path"] = fix(source["path"])
+    return yaml.safe_dump(data, sort_keys=False)

@@ -205,7 +205,6 @@ def eos_token_ids(tokenizer, model=None) -> set[int]:
     """The ids that end an answer: the tokenizer's EOS (the turn end for chat models), plus the EOS ids of
     `model`'s generation config when a model (a `Denoiser` or a transformers model) is given."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    ids |= set(getattr(tokenizer, "lad_extra_eos_ids", None) or [])
     model = getattr(model, "causal_lm", model)
     generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(generation_eos, int):
