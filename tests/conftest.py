@@ -18,6 +18,7 @@ import torch
 # (accelerate launch, lad-finetune, torchrun) inherit the same setting through the environment.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
@@ -82,3 +83,14 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def ids():
     return random_ids
+
+
+def with_lora(model, seed=0):
+    """A LoRA adapter whose B weights are nonzero, so it really changes the outputs; A and B fixed by `seed`."""
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return peft.eval()

@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lad.modeling.bidirectional import is_causal
 from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 
-from conftest import PAD_ID, make_tiny_model, random_ids
+from conftest import PAD_ID, make_tiny_model, random_ids, with_lora
 
 MASK_ID = 262  # <|reserved_special_token_0|> of the byte tokenizer
 NEG = torch.finfo(torch.float32).min
@@ -25,17 +24,6 @@ def suppressed(logits):
     out = logits.clone()
     out[..., MASK_ID] = NEG
     return out
-
-
-def with_lora(model, seed=0):
-    """A LoRA adapter whose B weights are nonzero, so it really changes the outputs."""
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return peft.eval()
 
 
 def test_position_ids_from_mask():

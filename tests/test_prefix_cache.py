@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lad.generate import generate, given_options, parse_args, strategy_parameters
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
@@ -17,7 +16,7 @@ from lad.modeling.denoiser import Denoiser, PrefixCache, position_ids_from_mask
 from lad.sampling import STRATEGIES
 from lad.sampling.common import answer_logits, build_canvas, prompt_cache
 
-from conftest import make_tiny_model, random_ids
+from conftest import make_tiny_model, random_ids, with_lora
 
 MASK_ID = 262  # <|reserved_special_token_0|> of the byte tokenizer
 ATOL = 1e-5
@@ -33,17 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def with_lora(model, seed=0):
-    """A LoRA adapter whose B weights are nonzero, so it really changes the outputs."""
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return peft.eval()
 
 
 def denoiser(shift=False, lora=False, attn="sdpa", seed=0) -> Denoiser:

@@ -5,7 +5,6 @@ Every reference value is computed by hand here from direct `Denoiser` calls on o
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from lad.modeling.denoiser import Denoiser
 from lad.scoring import SCORERS, score_ar, score_denoise, score_elbo
@@ -13,21 +12,10 @@ from lad.scoring.batching import length_chunks, pad_batch
 from lad.scoring.denoise import num_transfer_tokens
 from lad.scoring.elbo import elbo_masks, group_generator
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, with_lora
 
 MASK_ID = 262  # <|reserved_special_token_0|> of the byte tokenizer
 ATOL = 1e-5
-
-
-def with_lora(model, seed=0):
-    """A LoRA adapter whose B weights are nonzero, so it really changes the outputs; A and B fixed by `seed`."""
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    return peft.eval()
 
 
 def make_denoiser(shift=False, seed=2):
