@@ -192,9 +192,10 @@ class Denoiser(nn.Module):
         with (disable() if callable(disable) else nullcontext()), causal_attention(self.model, True):
             yield self.causal_lm
 
-    def parent_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Next-token logits of the AR parent ([B, L, V], index i predicts token i+1)."""
+    def parent_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, keep_last: int = 0) -> Tensor:
+        """Next-token logits of the AR parent ([B, L, V], index i predicts token i+1); with keep_last=K only the
+        last K positions ([B, K, V]: the LM head is skipped elsewhere, as transformers' `logits_to_keep`)."""
         position_ids = position_ids_from_mask(attention_mask) if attention_mask is not None else None
         with self.as_parent() as parent:
             return parent(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).logits
+                          use_cache=False, logits_to_keep=keep_last).logits

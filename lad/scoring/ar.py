@@ -4,12 +4,13 @@ For one request (context c, continuation x of L tokens):
 
     inp = (c + x)[:-1]                           # the last token is never an input
     logits = parent(inp)                         # causal: index i predicts token i + 1
-    rows = logits[len(c) - 1 : len(c) - 1 + L]   # the predictions of x_0 .. x_{L-1}
+    rows = logits[-L:]                           # the predictions of x_0 .. x_{L-1}
     log-likelihood = Σ_j log_softmax(rows)[j, x_j]
     is_greedy = all(argmax(rows) == x)
 
 This is the fair side-by-side for the denoiser: same weights without the adapter, same prompts, same token split.
-Requests are right-padded (a causal model never sees padding to its right); one forward per chunk.
+Requests are left-padded (position ids start at each row's first real token, so padding changes nothing), and
+the LM head runs only at the last K positions, where every row's continuation is predicted; one forward per chunk.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ def score_ar(denoiser, requests, *, batch_size: int = 16, progress=None,
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     for chunk in length_chunks([len(c) + len(x) for c, x in requests], batch_size):
         inputs = [(requests[i][0] + requests[i][1])[:-1] for i in chunk]
-        ids, attention = pad_batch(inputs, pad_id, side="right", device=device)
-        log_probs = denoiser.parent_logits(ids, attention).float().log_softmax(-1)  # [B, W, V]
+        ids, attention = pad_batch(inputs, pad_id, side="left", device=device)
+        keep = max(len(requests[i][1]) for i in chunk)  # left padding: every continuation is read at the end
+        log_probs = denoiser.parent_logits(ids, attention, keep_last=keep).float().log_softmax(-1)  # [B, keep, V]
         count(stats, rows=len(chunk))
         for row, i in enumerate(chunk):
-            context, continuation = requests[i]
-            start = len(context) - 1
-            rows = log_probs[row, start:start + len(continuation)]
+            continuation = requests[i][1]
+            rows = log_probs[row, keep - len(continuation):]
             truth = torch.tensor(continuation, device=device)
             value = rows.gather(-1, truth[:, None]).sum()
             results[i] = (float(value), bool((rows.argmax(-1) == truth).all()))
