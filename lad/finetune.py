@@ -40,7 +40,7 @@ from lad.data import DataError, Example, batch_indices, collate, encode_rows, fi
 from lad.loss import LossStats, position_stats, weighted_cross_entropy
 from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
 from lad.modeling.bidirectional import UnsupportedArchitectureError
-from lad.modeling.denoiser import Denoiser
+from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 from lad.modeling.load import load_base
 from lad.modeling.locate import ModelNotFoundError
 from lad.modeling.mask_token import MaskToken, MaskTokenError, check_not_in_data, resolve_mask_token
@@ -115,7 +115,7 @@ def make_batch(examples: list[Example], recipe: Recipe, pad_id: int, eos_id: int
         batch["input_ids"][pad] = eos_id
         batch["attention_mask"][pad] = 1
         batch["answer_mask"] |= pad
-        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
     return batch
 
 
@@ -173,20 +173,16 @@ def build_scheduler(recipe: Recipe, optimizer, total_steps: int):
 # ---------------------------------------------------------------- steps
 
 
-def forward_loss(denoiser, batch, corruption, device) -> tuple[torch.Tensor, LossStats]:
+def forward_loss(denoiser, batch, corruption, mask_id: int, device) -> tuple[torch.Tensor, LossStats]:
     """Weighted CE summed over the rows of `batch`, computing the LM head only where the loss needs it."""
-    input_ids = batch["input_ids"].to(device)
     positions = corruption.loss_mask.to(device)
-    logits = denoiser(corruption.noisy_ids.to(device), batch["attention_mask"].to(device), positions=positions,
+    noisy = corruption.noisy_ids.to(device)
+    logits = denoiser(noisy, batch["attention_mask"].to(device), positions=positions,
                       position_ids=batch["position_ids"].to(device))
-    targets = input_ids[positions]
+    targets = batch["input_ids"].to(device)[positions]
     loss_sum = weighted_cross_entropy(logits, targets, corruption.weights.to(device)[positions])
-    was_masked = (corruption.noisy_ids.to(device) == denoiser_mask_id(denoiser))[positions]
+    was_masked = (noisy == mask_id)[positions]
     return loss_sum, position_stats(logits, targets, was_masked, loss_sum.detach(), len(batch["input_ids"]))
-
-
-def denoiser_mask_id(denoiser) -> int:
-    return getattr(denoiser, "module", denoiser).mask_id
 
 
 @torch.no_grad()
@@ -203,7 +199,7 @@ def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id:
         gens = [torch.Generator().manual_seed(seed_for(VALIDATION_SEED, i)) for i in idx]
         corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, mask_id, gens,
                              replace_pool=pool)
-        _, part = forward_loss(denoiser, batch, corruption, device)
+        _, part = forward_loss(denoiser, batch, corruption, mask_id, device)
         stats.add(part)
     denoiser.train()
     return stats
@@ -370,7 +366,7 @@ def _train(recipe: Recipe) -> Path:
             torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
             sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
             with sync, accelerator.autocast():
-                loss_sum, part = forward_loss(denoiser, batch, corruption, device)
+                loss_sum, part = forward_loss(denoiser, batch, corruption, mask.id, device)
                 # sum over the step's rows / rows per step; × world because DDP averages over processes
                 accelerator.backward(loss_sum * world / schedule.per_step)
             stats.add(part)
