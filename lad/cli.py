@@ -8,6 +8,9 @@ COMMANDS = {
     "finetune": ("lad.finetune", "train a denoiser from a recipe"),
     "generate": ("lad.generate", "answer prompts with a trained run (iterative denoising)"),
     "eval": ("lad.evaluation", "score a run with lm-evaluation-harness (ARC, MMLU, HellaSwag, ...)"),
+    "distill": ("lad.distill", "make the AR parent answer prompts: a training set in its own words"),
+    "export": ("lad.export", "merge a run's adapter into a standalone diffusion model folder"),
+    "demo": ("lad.demo", "serve a browser page that shows a run denoising step by step"),
 }
 
 
