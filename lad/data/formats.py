@@ -176,18 +176,28 @@ def _string(row: dict, field: str, where: str, *, required: bool = True) -> str:
     return value
 
 
+def instruction_messages(instruction: str, input: str = "", system_prompt: str | None = None) -> list[dict]:
+    """The prompt messages of an `instruction` row; shared with `lad.distill`, whose parent must answer the very
+    prompt that training will render."""
+    messages = [{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}]
+    return _with_system(messages, system_prompt)
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def _parse_row(row: dict, fmt: str, fields: dict, system_prompt: str | None, where: str) -> tuple[list[dict], str]:
     """(prompt messages, answer text) of one row."""
     if fmt == "instruction":
         user = _string(row, fields["instruction"], where)
         extra = _string(row, fields["input"], where, required=False)
         answer = _string(row, fields["output"], where)
-        messages = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user}]
-    else:
-        messages, answer = _parse_chat(row, fields["messages"], where)
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages, answer
+        return instruction_messages(user, extra, system_prompt), answer
+    messages, answer = _parse_chat(row, fields["messages"], where)
+    return _with_system(messages, system_prompt), answer
 
 
 def _parse_chat(row: dict, field: str, where: str) -> tuple[list[dict], str]:
