@@ -3,7 +3,8 @@
 Read top to bottom, this is the whole recipe (torchtune style, no hidden Trainer):
 
     recipe → base model + tokenizer → mask token → data → bidirectional + LoRA → Denoiser
-           → for each step: batch → corruption → logits at supervised positions → weighted loss → update
+           → for each step: batch → corruption → logits at supervised positions → weighted loss
+             (+ KL toward the causal parent) → update (non-finite loss: skip or stop)
            → validation, checkpoints, best weights → run directory with lad.json
 
 Determinism: the data order is a pure function of (seed, epoch); the noise levels of a step are drawn from
@@ -37,8 +38,9 @@ from pathlib import Path
 import torch
 
 from lad.data import DataError, Example, batch_indices, collate, encode_rows, find_token, load_rows
-from lad.loss import LossStats, position_stats, weighted_cross_entropy
+from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
 from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
+from lad.modeling.anneal import anneal_progress, annealed_mask
 from lad.modeling.bidirectional import UnsupportedArchitectureError
 from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 from lad.modeling.load import load_base
@@ -110,6 +112,7 @@ def replacement_pool(examples: list[Example], special_ids: set[int]) -> torch.Te
 
 def make_batch(examples: list[Example], recipe: Recipe, pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
     batch = collate(examples, pad_id, shift=recipe.shift)
+    batch["real_answer"] = batch["answer_mask"].clone()  # without EOS padding: where the parent is a target
     if recipe.eos_padding:  # LLaDA: answers padded with EOS to the batch length, inside the loss
         pad = batch["attention_mask"] == 0
         batch["input_ids"][pad] = eos_id
@@ -173,16 +176,34 @@ def build_scheduler(recipe: Recipe, optimizer, total_steps: int):
 # ---------------------------------------------------------------- steps
 
 
-def forward_loss(denoiser, batch, corruption, mask_id: int, device) -> tuple[torch.Tensor, LossStats]:
-    """Weighted CE summed over the rows of `batch`, computing the LM head only where the loss needs it."""
+def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_weight: float = 0.0, parent=None,
+                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
+    """Weighted CE summed over the rows of `batch`, computing the LM head only where the loss needs it.
+
+    With distill_weight, `parent` (`Denoiser.parent_logits_at`) gives the causal parent's distribution on the
+    clean batch at `distill_positions`, and weight·KL is added with each position's CE weight (the stats keep
+    CE and KL apart). attention_mask: a 4-D mask to use instead of the batch's padding mask (annealing)."""
     positions = corruption.loss_mask.to(device)
     noisy = corruption.noisy_ids.to(device)
-    logits = denoiser(noisy, batch["attention_mask"].to(device), positions=positions,
-                      position_ids=batch["position_ids"].to(device))
+    position_ids = batch["position_ids"].to(device)
+    attention = batch["attention_mask"].to(device) if attention_mask is None else attention_mask.to(device)
+    logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids)
     targets = batch["input_ids"].to(device)[positions]
-    loss_sum = weighted_cross_entropy(logits, targets, corruption.weights.to(device)[positions])
+    weights = corruption.weights.to(device)[positions]
+    loss_sum = weighted_cross_entropy(logits, targets, weights)
     was_masked = (noisy == mask_id)[positions]
-    return loss_sum, position_stats(logits, targets, was_masked, loss_sum.detach(), len(batch["input_ids"]))
+    stats = position_stats(logits, targets, was_masked, loss_sum.detach(), len(batch["input_ids"]))
+    if not distill_weight:
+        return loss_sum, stats
+    where = distill_positions(noisy, batch["real_answer"].to(device), mask_id,
+                              corruption.structural.to(device)) & positions
+    if not where.any():
+        return loss_sum, stats
+    target = parent(batch["input_ids"].to(device), batch["attention_mask"].to(device), where, position_ids)
+    pick = where[positions]  # rows of `logits` (row-major over positions) that are distillation positions
+    kl_sum = kl_to_parent(logits[pick], target, weights[pick])
+    stats.kl_sum, stats.kl_tokens = float(kl_sum.detach()), int(where.sum())
+    return loss_sum + distill_weight * kl_sum, stats
 
 
 @torch.no_grad()
@@ -199,7 +220,8 @@ def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id:
         gens = [torch.Generator().manual_seed(seed_for(VALIDATION_SEED, i)) for i in idx]
         corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, mask_id, gens,
                              replace_pool=pool)
-        _, part = forward_loss(denoiser, batch, corruption, mask_id, device)
+        _, part = forward_loss(denoiser, batch, corruption, mask_id, device, distill_weight=recipe.distill_weight,
+                               parent=getattr(denoiser, "module", denoiser).parent_logits_at)
         stats.add(part)
     denoiser.train()
     return stats
@@ -293,7 +315,7 @@ def _train(recipe: Recipe) -> Path:
     optimizer = build_optimizer(recipe, denoiser)
     scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
 
-    start_step, best_val, tokens_seen = 0, float("inf"), 0
+    start_step, best_val, tokens_seen, skipped = 0, float("inf"), 0, 0
     if resuming:
         folder = latest_checkpoint(out) if recipe.resume_from == "latest" else Path(recipe.resume_from)
         if folder is None:
@@ -301,6 +323,7 @@ def _train(recipe: Recipe) -> Path:
         else:
             state = load_checkpoint_state(folder, model=denoiser.model, optimizer=optimizer, scheduler=scheduler)
             start_step, best_val, tokens_seen = state["step"], state.get("best_val", best_val), state.get("tokens", 0)
+            skipped = state.get("skipped_steps", 0)
             log.info("resumed from %s at step %d", folder, start_step)
     if main:
         tokenizer.save_pretrained(out)
@@ -313,6 +336,8 @@ def _train(recipe: Recipe) -> Path:
 
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     device = accelerator.device
+    parent = accelerator.unwrap_model(denoiser).parent_logits_at  # no gradient: called outside DDP's forward
+    weight_dtype = next(accelerator.unwrap_model(denoiser).parameters()).dtype
     if recipe.report_to:
         accelerator.init_trackers("lad", config={k: str(v) for k, v in recipe.to_dict().items()})
     if main and start_step and (out / "metrics.jsonl").is_file():  # drop lines logged after the checkpoint
@@ -363,23 +388,44 @@ def _train(recipe: Recipe) -> Path:
             gens = [torch.Generator().manual_seed(seed_for(recipe.seed, step, j)) for j in rows]
             corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[rows], recipe.noise, mask.id, gens,
                                  replace_pool=pool)
+            attention = None
+            if step < recipe.anneal_steps:  # causal → bidirectional: a random share of later tokens visible
+                attention = annealed_mask(batch["attention_mask"], anneal_progress(step, recipe.anneal_steps),
+                                          [torch.Generator().manual_seed(seed_for(recipe.seed, step, j, 2))
+                                           for j in rows], weight_dtype)
             torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
             sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
             with sync, accelerator.autocast():
-                loss_sum, part = forward_loss(denoiser, batch, corruption, mask.id, device)
+                loss_sum, part = forward_loss(denoiser, batch, corruption, mask.id, device,
+                                              distill_weight=recipe.distill_weight, parent=parent,
+                                              attention_mask=attention)
                 # sum over the step's rows / rows per step; × world because DDP averages over processes
                 accelerator.backward(loss_sum * world / schedule.per_step)
             stats.add(part)
             tokens_seen += int(batch["attention_mask"].sum()) * world
-        if recipe.optim.grad_clip:
-            accelerator.clip_grad_norm_(denoiser.parameters(), recipe.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         done = step + 1
         loss = stats.loss_sum / max(stats.examples, 1)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {done}; the last good checkpoint is kept")
+        norm = accelerator.clip_grad_norm_(denoiser.parameters(), recipe.optim.grad_clip or float("inf"))
+        # every process must take the same decision, so a bad loss or gradient anywhere counts everywhere
+        bad = accelerator.reduce(torch.tensor(float(not (math.isfinite(stats.loss_sum + stats.kl_sum)
+                                                          and math.isfinite(float(norm)))), device=device), "sum")
+        if float(bad):
+            skipped += 1
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(norm)}"
+            if skipped > recipe.skip_bad_steps:
+                bar.close()  # the message goes on a line of its own
+                last = latest_checkpoint(out)
+                raise FloatingPointError(
+                    f"non-finite {what} at step {done}; stopped before updating the weights. The last good "
+                    f"checkpoint is {last or 'none yet (save_every=0)'}: lower optim.lr, or set skip_bad_steps=N "
+                    "to skip up to N such steps, then resume with resume_from=latest")
+            log.warning("step %d: non-finite %s, step skipped (%d of skip_bad_steps=%d)", done, what, skipped,
+                        recipe.skip_bad_steps)
+            record({"step": done, "skipped": what, "skipped_steps": skipped})
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         if done % recipe.log_every == 0 or done == schedule.total_steps:
             now = time.perf_counter()
@@ -394,7 +440,7 @@ def _train(recipe: Recipe) -> Path:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(out, done, model=accelerator.unwrap_model(denoiser).model, optimizer=optimizer,
-                                scheduler=scheduler, state={"best_val": best_val, "tokens": tokens_seen},
+                                scheduler=scheduler, state={"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped},
                                 info=info, keep=recipe.keep_checkpoints)
     bar.close()
     validate(schedule.total_steps)
@@ -402,7 +448,7 @@ def _train(recipe: Recipe) -> Path:
     if main:
         final = accelerator.unwrap_model(denoiser).model
         save_checkpoint(out, schedule.total_steps, model=final, optimizer=optimizer, scheduler=scheduler,
-                        state={"best_val": best_val, "tokens": tokens_seen}, info=info, keep=recipe.keep_checkpoints)
+                        state={"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped}, info=info, keep=recipe.keep_checkpoints)
         save_weights(final, out)
         dataclasses.replace(info, step=schedule.total_steps).save(out)
         metrics.close()

@@ -4,6 +4,9 @@
 objective, 1/n_answer for every answer token of `structural`). The loss of a batch is the weighted sum
 divided by the number of examples it stands for, so micro-batches, accumulation and processes add up to
 the same objective (see `finetune.train_step`).
+
+Parent distillation (`distill_weight`) adds a KL term toward the causal AR parent's next-token distribution at
+the positions where that distribution is a valid soft target (`distill_positions`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class LossStats:
     correct: int = 0  # argmax == target at supervised positions
     masked: int = 0  # supervised positions whose input was the mask token
     masked_correct: int = 0
+    kl_sum: float = 0.0  # weighted KL(parent || denoiser) summed over examples (distillation only)
+    kl_tokens: int = 0  # positions the KL was computed at
 
     def add(self, other: "LossStats") -> None:
         for key in self.__dataclass_fields__:
@@ -33,6 +38,8 @@ class LossStats:
                f"{prefix}acc": self.correct / max(self.tokens, 1)}
         if self.masked:
             out[f"{prefix}masked_acc"] = self.masked_correct / self.masked
+        if self.kl_tokens:
+            out[f"{prefix}kl"] = self.kl_sum / max(self.examples, 1)
         return out
 
 
@@ -47,3 +54,28 @@ def position_stats(logits: Tensor, targets: Tensor, was_masked: Tensor, loss_sum
     hit = logits.argmax(-1) == targets
     return LossStats(loss_sum=float(loss_sum), examples=examples, tokens=int(targets.numel()),
                      correct=int(hit.sum()), masked=int(was_masked.sum()), masked_correct=int((hit & was_masked).sum()))
+
+
+def distill_positions(noisy_ids: Tensor, answer_mask: Tensor, mask_id: int, structural: Tensor) -> Tensor:
+    """Bool [B, L]: masked answer positions of non-structural rows after which every answer token is masked.
+
+    There the denoiser sees only the prompt and (some of) the answer tokens before i, a subset of what the
+    parent conditions on (x_<i), so the parent's p(x_i | x_<i) averages to the denoiser's Bayes target: a
+    lower-variance stand-in for the one-hot target (Rao-Blackwell). Where a later token is visible, or in
+    structural rows (a span shift can move later tokens earlier), the denoiser knows more than the parent and
+    the parent's distribution would be the wrong target. Not covered: the denoiser also knows the answer
+    length from the canvas, a bias that matters near the end of the answer. Suffix rows qualify entirely.
+    """
+    answer = answer_mask.bool()
+    masked = (noisy_ids == mask_id) & answer & ~structural.bool()[:, None]
+    visible = (answer & (noisy_ids != mask_id)).long()
+    visible_after = visible.flip(-1).cumsum(-1).flip(-1) - visible  # visible answer tokens at j > i
+    return masked & (visible_after == 0)
+
+
+def kl_to_parent(logits: Tensor, parent_logits: Tensor, weights: Tensor) -> Tensor:
+    """Sum of weight·KL(parent || denoiser) over N positions ([N, V] each, fp32)."""
+    log_q = F.log_softmax(logits.float(), -1)
+    log_p = F.log_softmax(parent_logits.float(), -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (kl * weights.to(kl.dtype)).sum()

@@ -8,6 +8,10 @@ Two schedules, both applied only inside each row's answer span:
   random replacements, then masking. The loss is on every answer token, weighted
   1/n_answer, so the model learns to keep right tokens and repair wrong ones.
 
+Whatever the objective, `suffix_share` of the rows instead mask every answer token
+from a cut on (m = round(t * n) tokens, at least one), weighted 1/m: the left-to-right
+factorisation the AR parent knows, kept alive under bidirectional attention.
+
 Edits are drawn as events: for each op, every eligible position starts an event
 independently with prob rate * t (one draw per position, up front), and the events
 are then applied left to right to the sequence as edited so far.
@@ -41,6 +45,7 @@ class NoiseConfig:
     span_shift_rate: float = 0.05  # structural: span starting at a position moves w.p. rate * t
     max_span: int = 4  # span shift: span length 1..max_span
     max_shift: int = 2  # span shift: displacement 1..max_shift, either direction
+    suffix_share: float = 0.0  # share of rows masked from a cut to the answer's end (left-to-right)
 
     def validate(self) -> None:
         """Fail early with the field name, rather than train on a silently odd schedule."""
@@ -48,7 +53,7 @@ class NoiseConfig:
             raise ValueError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 < self.t_min < 1.0:
             raise ValueError(f"t_min: must be in (0, 1), got {self.t_min!r}")
-        for name in ("mixed_structural_prob", "full_mask_share", "mask_rate", "replace_rate",
+        for name in ("mixed_structural_prob", "full_mask_share", "suffix_share", "mask_rate", "replace_rate",
                      "swap_rate", "duplicate_rate", "span_shift_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -66,6 +71,7 @@ class Corruption:
     weights: Tensor  # [B, L] float: per-position loss weight (0 outside loss_mask)
     levels: Tensor  # [B] float: the noise level t used per example
     structural: Tensor  # [B] bool: which examples got the structural schedule
+    suffix: Tensor | None = None  # [B] bool: which examples were masked from a cut on (suffix_share)
 
 
 def sample_levels(batch_size: int, t_min: float, generator: torch.Generator,
@@ -158,6 +164,7 @@ def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseCo
     loss_mask = torch.zeros(B, L, dtype=torch.bool)
     weights = torch.zeros(B, L, dtype=torch.float32)
     structural = torch.zeros(B, dtype=torch.bool)
+    suffix = torch.zeros(B, dtype=torch.bool)
     for i in range(B):
         where = torch.nonzero(answer[i]).flatten()
         n = len(where)
@@ -167,11 +174,19 @@ def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseCo
         if e - s != n:
             raise ValueError(f"answer_mask: row {i} is not one contiguous span")
         t, gen = float(t_all[i]), gens[i]
+        x = noisy[i, s:e]  # a view: edits land in noisy
+        # drawn only when asked for, so runs without suffix rows keep their random streams
+        if cfg.suffix_share > 0 and _rand(1, gen).item() < cfg.suffix_share:
+            suffix[i] = True
+            m = min(n, max(1, round(t * n)))
+            x[n - m:] = mask_id
+            loss_mask[i, s + n - m:e] = True
+            weights[i, s + n - m:e] = 1.0 / m
+            continue
         if cfg.objective == "mixed":
             structural[i] = bool(_rand(1, gen).item() < cfg.mixed_structural_prob)
         else:
             structural[i] = cfg.objective == "structural"
-        x = noisy[i, s:e]  # a view: edits land in noisy
         if structural[i]:
             _structural(x, t, cfg, mask_id, pool, gen)
             loss_mask[i, s:e] = True
@@ -184,4 +199,4 @@ def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseCo
 
     device = input_ids.device
     return Corruption(noisy.to(device), loss_mask.to(device), weights.to(device),
-                      levels.float().to(device), structural.to(device))
+                      levels.float().to(device), structural.to(device), suffix.to(device))

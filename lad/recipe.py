@@ -129,6 +129,9 @@ class Recipe:
     mask_token: str = "auto"  # auto: a spare reserved special token, else add <|mask|>; or name one
     shift: bool = False  # false: token i predicted at position i (LAD); true: at i-1 (Dream/DiffuLLaMA)
     eos_padding: bool = False  # pad answers with EOS inside the loss (LLaDA); off: it teaches EOS floods
+    distill_weight: float = 0.0  # + weight·KL(causal parent || denoiser) where the parent is a valid target
+    anneal_steps: int = 0  # causal → bidirectional attention over the first N steps (DiffuLLaMA); 0: switch at once
+    skip_bad_steps: int = 0  # a non-finite loss skips its step this many times in a run before the run stops
     batch_size: int = 8  # examples per process per micro-step
     grad_accum: int = 1
     max_steps: int | None = None  # optimizer steps; with `epochs`, whichever ends first
@@ -160,6 +163,14 @@ class Recipe:
             raise ValueError(f"epochs: must be > 0, got {self.epochs}")
         if not self.lora.enabled and self.model.quantization:
             raise ValueError("model.quantization: 4/8-bit weights need LoRA (lora.enabled: true)")
+        for key in ("distill_weight", "anneal_steps", "skip_bad_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.distill_weight and not self.lora.enabled:
+            raise ValueError("distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
+        if self.anneal_steps and self.model.attn_implementation == "flash_attention_2":
+            raise ValueError("anneal_steps: annealing builds 4-D attention masks, which flash_attention_2 cannot "
+                             "take; use attn_implementation: sdpa")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

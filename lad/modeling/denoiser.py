@@ -192,6 +192,24 @@ class Denoiser(nn.Module):
         with (disable() if callable(disable) else nullcontext()), causal_attention(self.model, True):
             yield self.causal_lm
 
+    @torch.no_grad()
+    def parent_logits_at(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor,
+                         position_ids: Tensor | None = None) -> Tensor:
+        """The AR parent's distribution for the tokens at `positions` (bool [B, L]) given the tokens before them:
+        [N, V] read from position i-1 of a causal, adapter-free forward, in the order of `forward(positions=)`.
+        The mask token is excluded as in `head` (it is never a prediction). A training target: no gradient."""
+        positions = positions.bool()
+        if positions[:, 0].any():
+            raise ValueError("the parent cannot predict the first position (nothing precedes it)")
+        source = torch.zeros_like(positions)
+        source[:, :-1] = positions[:, 1:]
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        with self.as_parent() as parent:
+            hidden = parent.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.head(hidden[source])
+
     def parent_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, keep_last: int = 0) -> Tensor:
         """Next-token logits of the AR parent ([B, L, V], index i predicts token i+1); with keep_last=K only the
         last K positions ([B, K, V]: the LM head is skipped elsewhere, as transformers' `logits_to_keep`)."""
