@@ -109,12 +109,25 @@ def metric_rows(results: dict) -> dict[str, dict[str, tuple[float, float]]]:
     return rows
 
 
+def column_label(name: str, results: dict) -> str:
+    """What produced a column: the scoring method and reveal order are part of the number."""
+    config = results.get("config", {})
+    if config.get("baseline") == "ar":
+        return f"{name} (AR parent)"
+    if config.get("score") == "elbo":
+        return f"{name} (elbo, {config.get('mc_samples')} samples)"
+    if config.get("score") == "denoise":
+        return f"{name} (denoise, {config.get('order')} order, {config.get('iters')} iters)"
+    return name
+
+
 def markdown_table(named: dict[str, dict]) -> str:
     """Tasks × metrics, one column per model (LAD / AR parent), values as acc ± stderr."""
     names = list(named)
     rows = {name: metric_rows(res) for name, res in named.items()}
     tasks = sorted({t for r in rows.values() for t in r})
-    header = "| task | metric | " + " | ".join(names) + (" | Δ |" if len(names) == 2 else " |")
+    labels = [column_label(name, named[name]) for name in names]
+    header = "| task | metric | " + " | ".join(labels) + (" | Δ |" if len(names) == 2 else " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for task in tasks:
         metrics = sorted({m for r in rows.values() for m in r.get(task, {})})

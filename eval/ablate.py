@@ -1,0 +1,147 @@
+"""Ablations of the levers that keep what the AR parent knows (issue 11), at one fixed training budget.
+
+    python eval/ablate.py --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
+
+Each variant trains recipes/smollm2_135m.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
+then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
+once with the same prompts. Results land in eval/results/ablation/ (small JSON files: the commands, wall times,
+validation losses and scores) and `summary.json` collects them. A variant (or score) whose result file exists is
+skipped, so an interrupted sweep continues where it stopped and later sessions add variants without rerunning.
+`python eval/ablation_report.py` turns the summary into the table and plot of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "eval" / "results" / "ablation"
+RUNS = REPO / "runs" / "ablate"
+RECIPE = "recipes/smollm2_135m.yaml"
+DATA_DIR = "../shared/data/eval"
+
+# the levers, each on top of the plain absorbing-mask objective
+VARIANTS = {
+    "mask": [],
+    "suffix": ["noise.suffix_share=0.5"],
+    "distill": ["distill_weight=1.0"],
+    "both": ["noise.suffix_share=0.5", "distill_weight=1.0"],
+    "anneal": ["noise.suffix_share=0.5", "distill_weight=1.0", "anneal_steps={half}"],
+    "shift": ["noise.suffix_share=0.5", "distill_weight=1.0", "shift=true"],
+    "mixed": ["noise.objective=mixed"],
+    "structural": ["noise.objective=structural"],
+}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command with its output in `log`; returns wall seconds, raises on failure."""
+    started = time.perf_counter()
+    with log.open("w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    if code:
+        raise SystemExit(f"failed ({code}): {shlex.join(cmd)}; see {log}")
+    return time.perf_counter() - started
+
+
+def train(name: str, overrides: list[str], steps: int) -> dict:
+    folder = RESULTS / name
+    done = folder / "train.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    out = RUNS / name
+    cmd = ["lad-finetune", RECIPE, f"max_steps={steps}", "noise.objective=mask", f"eval_every={steps // 2}",
+           "save_every=0", f"output_dir={out}", "overwrite=true",
+           *[o.format(half=steps // 2) for o in overrides]]
+    seconds = run(cmd, folder / "train.log")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    record = {"variant": name, "command": shlex.join(cmd), "wall_s": round(seconds, 1), "steps": steps,
+              "tokens": max(m.get("tokens", 0) for m in metrics),
+              "val": [{k: m[k] for k in m if k.startswith("val_") or k == "step"} for m in metrics
+                      if "val_loss" in m],
+              "train_loss": [m["loss"] for m in metrics if "loss" in m]}
+    done.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def score(name: str, model: Path, task: str, order: str, limit: int, baseline: bool = False) -> dict:
+    folder = RESULTS / name
+    target = folder / f"{task}_{'ar' if baseline else order}.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / f".{target.stem}.raw.json"
+    raw.unlink(missing_ok=True)
+    cmd = ["lad-eval", "--model", str(model), "--tasks", task, "--limit", str(limit), "--iters", "16",
+           "--order", order, "--data-dir", DATA_DIR, "--output_path", str(raw)]
+    if baseline:
+        cmd += ["--baseline", "ar"]
+    seconds = run(cmd, folder / f"{target.stem}.log")
+    (result,) = json.loads(raw.read_text()).values()
+    values = result["results"][task]
+    record = {"variant": name, "task": task, "order": None if baseline else order, "limit": limit,
+              "command": shlex.join(cmd), "wall_s": round(seconds, 1), "nfe": result["config"].get("nfe"),
+              **{k.split(",")[0]: v for k, v in values.items() if k.startswith("acc")}}
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    raw.unlink()
+    raw.with_suffix(".md").unlink(missing_ok=True)
+    return record
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    return {"python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            **{p: md.version(p) for p in ("torch", "transformers", "peft", "lm_eval")}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--variants", default="mask,both,distill,suffix,anneal,shift")
+    p.add_argument("--tasks", default="arc_easy")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--orders", default="confidence,l2r")
+    args = p.parse_args()
+    names = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    tasks, orders = args.tasks.split(","), args.orders.split(",")
+    summary_path = RESULTS / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"variants": {}, "parent": {}}
+    summary.update(versions=versions(), recipe=RECIPE, data_dir=DATA_DIR, variant_overrides=VARIANTS)
+
+    def save():
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+
+    first = RUNS / names[0]
+    for task in tasks:  # the parent: same prompts, adapter off, causal attention
+        if task not in summary["parent"]:
+            train(names[0], VARIANTS[names[0]], args.steps)
+            summary["parent"][task] = score("parent", first, task, "confidence", args.limit, baseline=True)
+            save()
+    for name in names:
+        entry = summary["variants"].setdefault(name, {"scores": {}})
+        entry["train"] = train(name, VARIANTS[name], args.steps)
+        for task in tasks:
+            for order in orders:
+                entry["scores"][f"{task}/{order}"] = score(name, RUNS / name, task, order, args.limit)
+                save()
+        print(f"{name}: " + ", ".join(f"{k} {v['acc']:.3f}" for k, v in entry["scores"].items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
