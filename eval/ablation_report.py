@@ -1,0 +1,115 @@
+"""Table and plots of the lever ablation (eval/ablate.py), spliced into docs/results.md.
+
+    python eval/ablation_report.py          # reads eval/results/ablation/summary.json
+
+Writes docs/img/ablation_accuracy.png (dev accuracy against training tokens and wall time, the AR parent as
+a line), docs/img/ablation_val_loss.png (validation loss curves) and the markdown table between the
+`<!-- ablation:start -->` and `<!-- ablation:end -->` markers of docs/results.md. Needs matplotlib
+(`pip install 'lad[bench]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY = REPO / "eval" / "results" / "ablation" / "summary.json"
+RESULTS_MD = REPO / "docs" / "results.md"
+IMG = REPO / "docs" / "img"
+START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
+
+
+def table(summary: dict) -> str:
+    tasks = sorted({key.split("/")[0] for v in summary["variants"].values() for key in v["scores"]})
+    head = "| variant | overrides (on `noise.objective=mask`) | steps | tokens | wall min | val loss 0 → end | " + \
+        " | ".join(f"{t} acc conf / l2r | {t} acc_norm conf / l2r" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for task in tasks:
+        if task in summary["parent"]:
+            p = summary["parent"][task]
+            cells = " | ".join(f"{p['acc']:.3f} | {p['acc_norm']:.3f}" if t == task else "- | -" for t in tasks)
+            lines.append(f"| AR parent | adapter off, causal | - | - | - | - | {cells} |")
+    for name, entry in summary["variants"].items():
+        train = entry["train"]
+        val = train["val"]
+        overrides = ", ".join(summary["variant_overrides"].get(name, [])) or "-"
+        cells = []
+        for task in tasks:
+            got = {order: entry["scores"].get(f"{task}/{order}") for order in ("confidence", "l2r")}
+            for metric in ("acc", "acc_norm"):
+                cells.append(" / ".join(f"{got[o][metric]:.3f}" if got[o] else "-" for o in ("confidence", "l2r")))
+        lines.append(f"| {name} | {overrides.replace('{half}', str(train['steps'] // 2))} | {train['steps']} | "
+                     f"{train['tokens']:,} | {train['wall_s'] / 60:.0f} | {val[0]['val_loss']:.2f} → "
+                     f"{val[-1]['val_loss']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(summary: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    made = []
+    task = "arc_easy"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (key, label) in zip(axes, (("tokens", "training tokens"), ("wall_s", "training wall time (s, 2 CPU cores)"))):
+        for name, entry in summary["variants"].items():
+            for order, marker in (("confidence", "o"), ("l2r", "s")):
+                score = entry["scores"].get(f"{task}/{order}")
+                if score:
+                    ax.scatter(entry["train"][key], score["acc"], marker=marker, label=f"{name} ({order})")
+        if task in summary["parent"]:
+            ax.axhline(summary["parent"][task]["acc"], color="k", linestyle="--", label="AR parent")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{task} dev acc (first {next(iter(summary['parent'].values()))['limit']} docs)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("SmolLM2-135M → LAD: dev accuracy per lever at one training budget")
+    fig.tight_layout()
+    path = IMG / "ablation_accuracy.png"
+    fig.savefig(path, dpi=110)
+    made.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, entry in summary["variants"].items():
+        val = entry["train"]["val"]
+        ax.plot([v["step"] for v in val], [v["val_loss"] for v in val], marker="o", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (deterministic mask noise)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = IMG / "ablation_val_loss.png"
+    fig.savefig(path, dpi=110)
+    made.append(path)
+    return made
+
+
+def splice(markdown: str) -> None:
+    text = RESULTS_MD.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{RESULTS_MD}: no {START} ... {END} markers to write the table between")
+    before, rest = text.split(START, 1)
+    _, after = rest.split(END, 1)
+    RESULTS_MD.write_text(f"{before}{START}\n{markdown}\n{END}{after}", encoding="utf-8")
+
+
+def main() -> int:
+    if not SUMMARY.is_file():
+        raise SystemExit(f"{SUMMARY} not found: run eval/ablate.py first")
+    summary = json.loads(SUMMARY.read_text())
+    markdown = table(summary)
+    print(markdown)
+    for path in plots(summary):
+        print(f"wrote {path.relative_to(REPO)}")
+    splice(markdown)
+    print(f"updated {RESULTS_MD.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
