@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
                    mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
                    weights=args.weights, strategy=args.strategy)
+        if args.baseline == "ar" or args.compare:
+            from .run import check_parent
+
+            check_parent(lm.info, args.model)
         runs = {"ar" if args.baseline == "ar" else "lad": lm}
         if args.compare:
             parent = LadLM(denoiser=lm.denoiser, tokenizer=lm.tokenizer, info=lm.info, baseline="ar",

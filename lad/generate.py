@@ -259,6 +259,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: note: strategy {args.strategy!r} does not use {', '.join(unused)}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, tokenizer = load(args.model, device=device, weights=args.weights)
+    if args.ar:
+        from .run import check_parent
+
+        check_parent(denoiser.lad_info, args.model)
     view = None
     if args.show:
         stream = sys.stderr if args.json else sys.stdout

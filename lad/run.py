@@ -50,7 +50,8 @@ class LadInfo:
     shift: bool
     objective: str
     noise: dict
-    adapter: str = "lora"  # "lora" | "full"
+    adapter: str = "lora"  # "lora" | "full": how it was trained
+    merged: bool = False  # true: an exported folder, the weights (adapter merged in) are the folder's own
     chat_template: bool = True
     max_length: int = 512
     eos_padding: bool = False
@@ -253,10 +254,29 @@ def base_spec(run_dir: Path, info: LadInfo):
     return spec
 
 
-def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final"):
-    """Load a LAD run (base + adapter + lad.json) as a `Denoiser`; returns (denoiser, tokenizer, info).
+def check_parent(info: LadInfo, where) -> None:
+    """An exported folder has the adapter merged in: there is no AR parent left to switch back to."""
+    if info.merged:
+        raise RunDirError(f"{where} is an exported (merged) model: it holds no separate AR parent; "
+                          "use its run directory, or score the base model itself")
+
+
+def merged_spec(folder: Path, info: LadInfo):
+    """An exported folder loads from itself, in the precision the run computed in (no base, no adapter)."""
+    from .recipe import ModelSpec
+
+    base = info.base_model
+    return ModelSpec(name_or_path=str(folder), dtype=base.get("dtype", "auto"),
+                     attn_implementation=base.get("attn_implementation", "sdpa"))
+
+
+def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final",
+             base: dict | None = None):
+    """Load a LAD run (base + adapter + lad.json) or an exported folder (`lad export`: merged weights, no
+    adapter) as a `Denoiser`; returns (denoiser, tokenizer, info).
 
     weights: "final" (the run's top level), "best", or a checkpoint folder name / path.
+    base: ModelSpec fields to override when loading the weights (export reloads a QLoRA base unquantized).
     """
     from transformers import AutoTokenizer
 
@@ -268,17 +288,21 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
         raise RunDirError(f"{run_dir} is not a folder")
     info = LadInfo.load(run_dir)
     folder = run_dir if weights == "final" else run_dir / weights if (run_dir / weights).is_dir() else Path(weights)
+    if info.merged and weights != "final":
+        raise RunDirError(f"{run_dir} is an exported model: it holds one set of weights (weights='final')")
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = load_model(base_spec(run_dir, info), vocab_size=info.vocab_size)
+    spec = merged_spec(run_dir, info) if info.merged else base_spec(run_dir, info)
+    model = load_model(dataclasses.replace(spec, **(base or {})), vocab_size=info.vocab_size)
     if model.get_input_embeddings().weight.shape[0] < info.vocab_size:
         model.resize_token_embeddings(info.vocab_size, mean_resizing=False)
-    if info.adapter == "lora":
+    trained = None if info.merged else info.adapter  # merged: the folder's own weights, already loaded
+    if trained == "lora":
         from peft import PeftModel
 
         if not (folder / "adapter_config.json").is_file():
             raise RunDirError(f"{folder}: no adapter_config.json")
         model = PeftModel.from_pretrained(model, folder)
-    else:
+    elif trained is not None:
         load_trainable_weights(model, folder)
     denoiser = Denoiser(model, info.mask_token_id, info.shift).eval()
     if device is not None:
