@@ -453,8 +453,25 @@ def _train(recipe: Recipe) -> Path:
         dataclasses.replace(info, step=schedule.total_steps).save(out)
         metrics.close()
         log.info("saved %s (step %d)", out, schedule.total_steps)
+        if recipe.report.prompts or (recipe.report.score_examples and val_set):
+            report(accelerator.unwrap_model(denoiser), tokenizer, val_set, recipe, info.chat_template, out)
     accelerator.end_training()
     return out
+
+
+def report(denoiser, tokenizer, val_set: list[Example], recipe: Recipe, chat_template: bool, out: Path) -> None:
+    """A few answers next to the AR parent's and a small score for both (recipe `report:`), printed and kept
+    in the run directory as report.json."""
+    from lad.report import make_report
+
+    spec = recipe.report
+    denoiser.eval()
+    with torch.no_grad():
+        result = make_report(denoiser, tokenizer, spec.prompts, val_set[:spec.score_examples], strategy=spec.strategy,
+                             iters=spec.iters, max_new_tokens=spec.max_new_tokens, chat_template=chat_template,
+                             seed=recipe.seed)
+    result.save(out)
+    print(result.text(), flush=True)
 
 
 def train(recipe: Recipe) -> Path:

@@ -120,6 +120,24 @@ class OptimSpec:
 
 
 @dataclass
+class ReportSpec:
+    """What `lad/finetune.py` prints after training (lad/report.py); nothing when `prompts` is empty."""
+
+    prompts: list[str] = field(default_factory=list)  # answered by the new denoiser and by the AR parent
+    strategy: Literal["refine", "confidence", "threshold"] = "confidence"
+    iters: int = 16
+    max_new_tokens: int = 64
+    score_examples: int = 0  # validation answers scored by both models (NLL per token)
+
+    def validate(self) -> None:
+        for key in ("iters", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.score_examples < 0:
+            raise ValueError(f"score_examples: must be >= 0, got {self.score_examples}")
+
+
+@dataclass
 class Recipe:
     model: ModelSpec = field(default_factory=ModelSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -147,6 +165,7 @@ class Recipe:
     resume_from: str | None = None  # a checkpoint folder, or "latest" (newest valid one in output_dir)
     overwrite: bool = False  # allow an output_dir that already holds files
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
+    report: ReportSpec = field(default_factory=ReportSpec)  # answers next to the parent's after training
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):

@@ -129,3 +129,23 @@ def test_skip_bad_steps_skips_the_update_a_bounded_number_of_times(tmp_path, mon
     poison(monkeypatch, {2, 3})
     assert main([TINY, f"output_dir={tmp_path / 'twice'}", "max_steps=4", "skip_bad_steps=1", *FAST]) == 3
     assert "at step 3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the report after training
+
+
+def test_report_prints_answers_next_to_the_parent_and_scores_both(tmp_path, capsys):
+    out = train(tmp_path / "report", "max_steps=2", *FAST, 'report.prompts=["What is 2+2?", "Name a colour."]',
+                "report.iters=4", "report.max_new_tokens=8", "report.score_examples=4")
+    printed = capsys.readouterr().out
+    assert "> What is 2+2?" in printed and "> Name a colour." in printed and "AR parent" in printed
+    saved = json.loads((out / "report.json").read_text())
+    assert [a["prompt"] for a in saved["answers"]] == ["What is 2+2?", "Name a colour."]
+    assert saved["scored_examples"] == 4
+    assert saved["lad_nll_per_token"] > 0 and saved["ar_nll_per_token"] > 0
+    assert saved["lad_nll_per_token"] != saved["ar_nll_per_token"]  # two different models
+
+    from lad.generate import generate
+
+    again = generate(str(out), ["What is 2+2?"], strategy="confidence", iters=4, max_new_tokens=8, seed=0)
+    assert again[0].text == saved["answers"][0]["lad"]  # the report shows what the saved run generates
