@@ -12,6 +12,7 @@ markdown table of acc / acc_norm ± stderr per task (side by side with `--compar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -22,8 +23,30 @@ from .run import RunDirError
 USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager_for(include_path: str | None):
+    """lm-eval's TaskManager indexes thousands of task files (~8 s): build it once per include_path."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def check_model_dir(path: str) -> None:
+    """Before lm-eval indexes its tasks: is --model a LAD run (or an exported model) at all?"""
+    from .run import LadInfo
+
+    if not Path(path).is_dir():
+        raise RunDirError(f"{path} is not a folder")
+    LadInfo.load(path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a LAD run directory (or exported model folder)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
     p.add_argument("--iters", type=int, default=16, help="reveal steps for --score denoise / generation")
@@ -167,12 +190,12 @@ def save(results_by_name: dict[str, dict], table: str, output_path: str) -> Path
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from lm_eval.tasks import TaskManager
+        check_model_dir(args.model)
         from lm_eval.utils import make_table
 
         from .scoring.harness import LadLM
 
-        task_manager = TaskManager(include_path=args.include_path)
+        task_manager = task_manager_for(args.include_path)
         tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
         lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
                    mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,

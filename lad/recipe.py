@@ -39,6 +39,7 @@ class ModelSpec:
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     quantization: Literal["4bit", "8bit"] | None = None  # bitsandbytes (QLoRA); needs the `quant` extra
     trust_remote_code: bool = False  # never on unless a recipe asks
+    allow_pickle: bool = False  # load .bin/.pt (pickle) weights when a model has no safetensors
     cache_dir: str | None = None  # cache of dequantised GGUF models (default: ~/.cache/lad)
 
     def validate(self) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,58 @@ def merged_spec(folder: Path, info: LadInfo):
                      attn_implementation=base.get("attn_implementation", "sdpa"))
 
 
+# ---------------------------------------------------------------- does the run fit its base?
+
+
+def check_tokenizer_matches(info: LadInfo, tokenizer, run_dir: Path) -> None:
+    """lad.json must describe the tokenizer stored next to it (vocab size, the mask token and its id)."""
+    where = Path(run_dir) / "lad.json"
+    if len(tokenizer) != info.vocab_size:
+        raise RunDirError(f"{where}: vocab_size {info.vocab_size} does not match the run's tokenizer "
+                          f"({len(tokenizer)} tokens)")
+    if tokenizer.convert_tokens_to_ids(info.mask_token) != info.mask_token_id:
+        raise RunDirError(f"{where}: mask_token {info.mask_token!r} is not id {info.mask_token_id} in the run's "
+                          "tokenizer")
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch.Size\((\[[^\]]*\])\) "
+                            r"from checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)")
+
+
+def weights_fitting(load, folder: Path, spec):
+    """Run `load()`; weights shaped for another base become one RunDirError naming the first misfit."""
+    try:
+        return load()
+    except RuntimeError as err:
+        found = _SIZE_MISMATCH.search(str(err))
+        if found is None:
+            raise
+        name = found.group(1).replace(".default", "")
+        raise RunDirError(f"{folder}: the weights do not fit the base model {spec.name_or_path} ({name} is "
+                          f"{found.group(2)} in the run, {found.group(3)} in the base); lad.json's base_model "
+                          "must name the model the run was trained on") from None
+
+
+def check_adapter_covers(model, folder: Path, spec) -> None:
+    """Every LoRA weight of the adapter file is used and every LoRA layer of the model is loaded (a base
+    with more or fewer layers would otherwise load silently, part trained and part at init)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
+        saved = {k for k in fh.keys() if ".lora_" in k}
+    wanted = {k.replace(".default", "") for k, _ in model.named_parameters() if ".lora_" in k}
+    adapted = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    kinds = {re.sub(r"\.\d+\.", ".N.", name) for name in adapted}  # e.g. model.layers.N.self_attn.q_proj
+    bare = sorted(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                  and name not in adapted and re.sub(r"\.\d+\.", ".N.", name) in kinds)
+    stray, missing = sorted(saved - wanted), sorted(wanted - saved)
+    if stray or missing or bare:
+        what = (f"{stray[0]} has no place in it" if stray else f"it has {missing[0]}, which the adapter lacks"
+                if missing else f"it has {bare[0].removeprefix('base_model.model.')}, which the adapter lacks")
+        raise RunDirError(f"{folder}: the adapter does not fit the base model {spec.name_or_path} ({what}); "
+                          "lad.json's base_model must name the model the run was trained on")
+
+
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final",
              base: dict | None = None):
     """Load a LAD run (base + adapter + lad.json) or an exported folder (`lad export`: merged weights, no
@@ -290,7 +343,10 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
     folder = run_dir if weights == "final" else run_dir / weights if (run_dir / weights).is_dir() else Path(weights)
     if info.merged and weights != "final":
         raise RunDirError(f"{run_dir} is an exported model: it holds one set of weights (weights='final')")
+    if weights != "final" and not folder.is_dir():
+        raise RunDirError(f"weights {weights!r}: no such folder in {run_dir} or on disk")
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    check_tokenizer_matches(info, tokenizer, run_dir)
     spec = merged_spec(run_dir, info) if info.merged else base_spec(run_dir, info)
     model = load_model(dataclasses.replace(spec, **(base or {})), vocab_size=info.vocab_size)
     if model.get_input_embeddings().weight.shape[0] < info.vocab_size:
@@ -301,9 +357,12 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
 
         if not (folder / "adapter_config.json").is_file():
             raise RunDirError(f"{folder}: no adapter_config.json")
-        model = PeftModel.from_pretrained(model, folder)
+        if not (folder / "adapter_model.safetensors").is_file():  # never PEFT's pickle fallback (.bin)
+            raise RunDirError(f"{folder}: no adapter_model.safetensors")
+        model = weights_fitting(lambda: PeftModel.from_pretrained(model, folder), folder, spec)
+        check_adapter_covers(model, folder, spec)
     elif trained is not None:
-        load_trainable_weights(model, folder)
+        weights_fitting(lambda: load_trainable_weights(model, folder), folder, spec)
     denoiser = Denoiser(model, info.mask_token_id, info.shift).eval()
     if device is not None:
         denoiser.to(device)

@@ -22,11 +22,32 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..recipe import ModelSpec
 from .bidirectional import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
 from .byte_tokenizer import build_byte_tokenizer
-from .locate import locate_model
+from .locate import ModelNotFoundError, locate_model
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UnsafeWeightsError(ModelNotFoundError):
+    """A model whose weights exist only as pickle (.bin/.pt): unpickling can run code, so it is refused
+    unless the recipe sets `model.allow_pickle: true`."""
+
+
+def _refuse_pickle(spec: ModelSpec, folder: str, detail: str) -> UnsafeWeightsError:
+    return UnsafeWeightsError(f"{spec.name_or_path}: {detail}; pickle files can run code when loaded: convert "
+                              "them to safetensors, or set model.allow_pickle: true if you trust them")
+
+
+def check_safetensors(spec: ModelSpec, folder: str) -> None:
+    """A local folder must hold *.safetensors weights unless pickle is explicitly allowed."""
+    if spec.allow_pickle or not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickles and not any(n.endswith(".safetensors") for n in names):
+        raise _refuse_pickle(spec, folder, f"weights only as pickle ({', '.join(pickles[:3])})")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -143,11 +164,17 @@ def load_model(spec: ModelSpec, folder: str | None = None, vocab_size: int | Non
     check_model_type(config.model_type, spec.name_or_path)
     dtype = resolve_dtype(spec.dtype)
     kwargs = dict(revision=spec.revision, dtype=dtype, attn_implementation=spec.attn_implementation,
-                  trust_remote_code=spec.trust_remote_code)
+                  trust_remote_code=spec.trust_remote_code, use_safetensors=None if spec.allow_pickle else True)
     quant = quantization_config(spec, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    check_safetensors(spec, folder)
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except OSError as err:  # a hub repository without safetensors
+        if spec.allow_pickle or "safetensors" not in str(err):
+            raise
+        raise _refuse_pickle(spec, folder, "no safetensors weights found") from None
 
 
 def load_base(spec: ModelSpec, seed: int = 0):
