@@ -100,6 +100,8 @@ def check_fits(model, name: str) -> None:
     """fp16 overflows above 65504: refuse instead of writing inf weights."""
     for key, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if name != "fp16":
+                raise ExportError(f"the run's weights hold inf or NaN ({key}): nothing worth exporting")
             limit = torch.finfo(SAVE_DTYPES[name]).max
             raise ExportError(f"the weights do not fit {name}: {key} overflows (|w| > {limit:g}); "
                               "export with --dtype bf16 or fp32")
