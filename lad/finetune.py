@@ -2,7 +2,8 @@
 
 Read top to bottom, this is the whole recipe (torchtune style, no hidden Trainer):
 
-    recipe → base model + tokenizer → mask token → data → bidirectional + LoRA → Denoiser
+    recipe → [parent answers distilled sources, cached] → base model + tokenizer → mask token → data
+           → bidirectional + LoRA → Denoiser
            → for each step: batch → corruption → logits at supervised positions → weighted loss
              (+ KL toward the causal parent) → update (non-finite loss: skip or stop)
            → validation, checkpoints, best weights → run directory with lad.json
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch
 
 from lad.data import DataError, Example, batch_indices, collate, encode_rows, find_token, load_rows
+from lad.data.distilled import distill_sources
+from lad.distill import DistillError
 from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
 from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
 from lad.modeling.anneal import anneal_progress, annealed_mask
@@ -55,7 +58,7 @@ log = logging.getLogger("lad.finetune")
 
 VALIDATION_SEED = 20250101  # fixed, not the run's seed: validation noise is the same in every run
 USER_ERRORS = (RecipeError, DataError, ModelNotFoundError, UnsupportedArchitectureError, MaskTokenError,
-               RunDirError, ImportError)
+               RunDirError, DistillError, ImportError)
 
 
 def seed_for(*parts: int) -> int:
@@ -88,11 +91,13 @@ def encode_sources(sources, recipe: Recipe, tokenizer) -> list[Example]:
     return examples
 
 
-def load_data(recipe: Recipe, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Encode train and validation examples; hold out `val_fraction` of train when no validation is given."""
-    train = encode_sources(recipe.data.train, recipe, tokenizer)
-    if recipe.data.validation:
-        val = encode_sources(recipe.data.validation, recipe, tokenizer)
+def load_data(recipe: Recipe, tokenizer, sources=None) -> tuple[list[Example], list[Example]]:
+    """Encode train and validation examples; hold out `val_fraction` of train when no validation is given.
+    sources: (train, validation) to read instead of the recipe's (distilled sources resolved to their files)."""
+    train_sources, val_sources = sources or (recipe.data.train, recipe.data.validation)
+    train = encode_sources(train_sources, recipe, tokenizer)
+    if val_sources:
+        val = encode_sources(val_sources, recipe, tokenizer)
     elif recipe.data.val_fraction > 0:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
         n_val = min(max(1, int(len(train) * recipe.data.val_fraction)), recipe.data.val_max_examples)
@@ -281,9 +286,12 @@ def _train(recipe: Recipe) -> Path:
     if main:
         prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming, create=False)
 
+    # self-distilled sources: the parent answers their prompts once (cached) before the training model loads
+    with accelerator.main_process_first():
+        sources = tuple(distill_sources(recipe, part, run=main) for part in (recipe.data.train, recipe.data.validation))
     set_seed(recipe.seed)  # LoRA's random init and an added mask row draw from the global RNG
     model, tokenizer, mask = load_model(recipe)
-    train_set, val_set = load_data(recipe, tokenizer)
+    train_set, val_set = load_data(recipe, tokenizer, sources)
     check_not_in_data(mask, find_token(train_set + val_set, mask.id))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id

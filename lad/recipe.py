@@ -69,16 +69,45 @@ class LoraSpec:
 
 
 @dataclass
+class DistillSpec:
+    """The AR parent answers a source's prompts before training (lad/distill.py); answers cached, then read as
+    `instruction` rows. The source's `path` then names the prompts: `builtin` or a .txt/.jsonl file."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    sample: bool = False  # false: greedy
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    limit: int | None = None  # the first N prompts
+
+    def validate(self) -> None:
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: must be >= 1, got {self.limit}")
+        if self.sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {self.temperature}, "
+                             f"{self.top_p}")
+
+
+@dataclass
 class DataSource:
     path: str = ""  # local .jsonl/.json/.parquet/.txt, a `datasets` folder, or a hub dataset id
     format: Literal["instruction", "chat", "text"] = "instruction"
     fields: dict = field(default_factory=dict)  # rename fields, e.g. {instruction: question, output: answer}
     split: str = "train"
     max_rows: int | None = None
+    distill: DistillSpec | None = None  # the parent answers the prompts in `path` (builtin | .txt | .jsonl)
 
     def validate(self) -> None:
         if not self.path:
             raise ValueError("path: required")
+        if self.distill is not None and self.format != "instruction":
+            raise ValueError(f"format: a distilled source is an instruction set, got {self.format!r}")
+        if self.distill is not None and self.fields:
+            raise ValueError("fields: a distilled source writes instruction/input/output itself; remove fields")
 
 
 @dataclass
