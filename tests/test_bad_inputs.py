@@ -270,3 +270,18 @@ def test_safe_defaults(tmp_path):
     with pytest.raises(RecipeError, match="malformed YAML"):
         load_recipe(recipe)
     assert not (tmp_path / "owned").exists()
+
+
+def test_package_builds_no_shell_and_unpickles_nothing_unsafely():
+    """Source scan of lad/: no shell command lines, no yaml.load / pickle, torch.load only with weights_only."""
+    import re
+
+    found = []
+    for path in sorted((REPO / "lad").rglob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            code = line.split("#", 1)[0]
+            bad = re.search(r"shell\s*=\s*True|os\.system\(|os\.popen\(|yaml\.load\(|yaml\.unsafe_load|"
+                            r"pickle\.loads?\(|dill\.|(?<![\w.])eval\(|(?<![\w.])exec\(", code)
+            if bad or ("torch.load(" in code and "weights_only=True" not in code):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert found == []
