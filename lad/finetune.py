@@ -232,6 +232,30 @@ def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id:
     return stats
 
 
+def metric_lines(path: Path) -> list[str]:
+    """The complete lines of a metrics.jsonl; a last line cut short by a crash is dropped with a warning."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise RunDirError(f"{path}: line {i + 1} is not JSON (edited by hand?)") from None
+            log.warning("%s: dropping its last line, cut short (%r)", path, line[:40])
+            return lines[:-1]
+    return lines
+
+
+def gather_stats(accelerator, stats: LossStats) -> LossStats:
+    """A step's statistics summed over processes (each saw only its own rows), the same on every process."""
+    if accelerator.num_processes == 1:
+        return stats
+    names = [f.name for f in dataclasses.fields(LossStats)]
+    values = accelerator.reduce(torch.tensor([float(getattr(stats, n)) for n in names], dtype=torch.float64,
+                                             device=accelerator.device), "sum").tolist()
+    return LossStats(**{n: type(getattr(stats, n))(v) for n, v in zip(names, values)})
+
+
 class Schedule:
     """Which examples each optimizer step reads: a pure function of the step (for exact resume)."""
 
@@ -339,8 +363,9 @@ def _train(recipe: Recipe) -> Path:
         log.info("model: %s | trainable %s of %s parameters (%.2f%%) | mask %r (id %d%s) | shift=%s",
                  recipe.model.name_or_path or "scratch", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  mask.token, mask.id, ", added" if mask.added else "", recipe.shift)
-        log.info("data: %d train / %d validation examples; %d steps of %d examples (%d per epoch)",
-                 len(train_set), len(val_set), schedule.total_steps, schedule.per_step, schedule.steps_per_epoch)
+        log.info("data: %d train / %d validation examples; %d steps of %d examples (%d per epoch) on %d "
+                 "process(es)", len(train_set), len(val_set), schedule.total_steps, schedule.per_step,
+                 schedule.steps_per_epoch, world)
 
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     device = accelerator.device
@@ -349,8 +374,7 @@ def _train(recipe: Recipe) -> Path:
     if recipe.report_to:
         accelerator.init_trackers("lad", config={k: str(v) for k, v in recipe.to_dict().items()})
     if main and start_step and (out / "metrics.jsonl").is_file():  # drop lines logged after the checkpoint
-        lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = [line for line in metric_lines(out / "metrics.jsonl") if json.loads(line)["step"] <= start_step]
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
 
@@ -409,15 +433,14 @@ def _train(recipe: Recipe) -> Path:
                                               attention_mask=attention)
                 # sum over the step's rows / rows per step; × world because DDP averages over processes
                 accelerator.backward(loss_sum * world / schedule.per_step)
+            part.input_tokens = int(batch["attention_mask"].sum())
             stats.add(part)
-            tokens_seen += int(batch["attention_mask"].sum()) * world
         done = step + 1
+        stats = gather_stats(accelerator, stats)  # so a bad loss anywhere stops or skips on every process
+        tokens_seen += stats.input_tokens
         loss = stats.loss_sum / max(stats.examples, 1)
         norm = accelerator.clip_grad_norm_(denoiser.parameters(), recipe.optim.grad_clip or float("inf"))
-        # every process must take the same decision, so a bad loss or gradient anywhere counts everywhere
-        bad = accelerator.reduce(torch.tensor(float(not (math.isfinite(stats.loss_sum + stats.kl_sum)
-                                                          and math.isfinite(float(norm)))), device=device), "sum")
-        if float(bad):
+        if not (math.isfinite(stats.loss_sum + stats.kl_sum) and math.isfinite(float(norm))):
             skipped += 1
             what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(norm)}"
             if skipped > recipe.skip_bad_steps:
@@ -451,7 +474,8 @@ def _train(recipe: Recipe) -> Path:
                                 scheduler=scheduler, state={"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped},
                                 info=info, keep=recipe.keep_checkpoints)
     bar.close()
-    validate(schedule.total_steps)
+    if start_step < schedule.total_steps:  # (resumed from the final checkpoint: its validation is logged)
+        validate(schedule.total_steps)
     accelerator.wait_for_everyone()
     if main:
         final = accelerator.unwrap_model(denoiser).model

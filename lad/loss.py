@@ -28,6 +28,7 @@ class LossStats:
     masked_correct: int = 0
     kl_sum: float = 0.0  # weighted KL(parent || denoiser) summed over examples (distillation only)
     kl_tokens: int = 0  # positions the KL was computed at
+    input_tokens: int = 0  # tokens read (attention mask), for throughput
 
     def add(self, other: "LossStats") -> None:
         for key in self.__dataclass_fields__:
