@@ -2,7 +2,7 @@
 
     python eval/ablate.py --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
 
-Each variant trains recipes/smollm2_135m.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
+Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
 once with the same prompts. Results land in eval/results/ablation/ (small JSON files: the commands, wall times,
 validation losses and scores) and `summary.json` collects them. A variant (or score) whose result file exists is
@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "eval" / "results" / "ablation"
 RUNS = REPO / "runs" / "ablate"
-RECIPE = "recipes/smollm2_135m.yaml"
+RECIPE = "recipes/smollm2_135m_corpora.yaml"
 DATA_DIR = "../shared/data/eval"
 
 # the levers, each on top of the plain absorbing-mask objective
