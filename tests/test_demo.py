@@ -1,0 +1,343 @@
+"""`lad-demo`: step → coloured tokens, settings → sampler options, the streaming worker (Stop, errors), the CLI,
+and the page itself in a real headless browser (Debian's chromium driven by Playwright) on a tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lad import demo_view as view
+from lad.demo import DemoModel, Frame, import_gradio, main
+from lad.generate import ar_generate, generate, load
+from lad.sampling import Step
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+MASK, EOS = 262, 257  # the tiny run's mask token and the byte tokenizer's EOS
+SETTINGS = dict(strategy="refine", iterations=6, max_new_tokens=12, noise_start=0.5, no_noise=False,
+                retention="none", remask="default", temperature=0, seed=0, threshold=0.9, block_length=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from lad.finetune import main as finetune
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code = finetune([str(REPO / "recipes" / "tiny.yaml"), "max_steps=20", f"output_dir={out}", "eval_every=0",
+                     "save_every=0"])
+    assert code == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    denoiser, tokenizer = load(run_dir)
+    return DemoModel(denoiser, tokenizer, denoiser.lad_info.chat_template)
+
+
+def frames(model, prompt="What is 2+2?", pause=0.0, compare=False, **settings) -> list[Frame]:
+    return list(model.stream(prompt, {**SETTINGS, **settings}, pause, compare))
+
+
+# ---------------------------------------------------------------- demo_view: pure rendering and settings
+
+
+def test_segments_kinds_and_after_eos():
+    step = Step(2, [72, 105, MASK, EOS, 33], [False, False, True, False, False], [False, True, False, False, True],
+                [0.5] * 5, 3)
+    pieces = ["H", "i", "<mask>", "<|eos|>", "!"]
+    assert view.segments(step, pieces, {EOS}) == [
+        ("H", "kept", False), ("i", "changed", False), (view.MASK_GLYPH, "masked", False),
+        ("<|eos|>", "kept", True), ("!", "changed", True)]
+    html = view.segments_html(view.segments(step, pieces, {EOS}))
+    assert html.count('class="lad-tok lad-masked"') == 1 and html.count("lad-changed") == 2
+    assert html.count("lad-after-eos") == 2 and "&lt;|eos|&gt;" in html and "<|eos|>" not in html
+    assert view.STYLES["masked"] in html and view.STYLES["changed"] in html  # red and green inline
+
+
+def test_a_masked_slot_after_eos_stays_red_and_controls_are_visible():
+    step = Step(0, [EOS, MASK, 10, 7], [False, True, False, False], [True, False, True, True], [0.1] * 4, 1)
+    parts = view.segments(step, ["<|eos|>", "", "\n", "\x07"], {EOS})
+    assert [(p.kind, p.after_eos) for p in parts] == [("changed", True), ("masked", True), ("changed", True),
+                                                      ("changed", True)]
+    assert parts[2].text == "↵\n" and parts[3].text == "␇"  # a newline breaks the line; a bell is drawn
+
+
+def test_final_html_is_plain_and_escaped():
+    html = view.final_html("a <b>\nc\x00")
+    assert 'class="lad-final"' in html and "lad-tok" not in html and "&lt;b&gt;\nc␀" in html
+    assert "lad-empty" in view.final_html("")
+
+
+def test_settings_to_sampler_options():
+    options = view.sampler_options(**{**SETTINGS, "iterations": 16.0, "max_new_tokens": 32, "seed": 3})
+    assert options == {"iters": 16, "max_new_tokens": 32, "noise_start": 0.5, "retention": "none",
+                       "temperature": 0.0, "seed": 3, "threshold": 0.9}  # remask default, one block: left out
+    assert isinstance(options["iters"], int)
+    noiseless = view.sampler_options(**{**SETTINGS, "no_noise": True, "noise_start": 0.8, "remask": "confidence",
+                                        "block_length": 4, "delay_eos": True})
+    assert noiseless["noise_start"] == 0.0 and noiseless["remask"] == "confidence" and noiseless["block_length"] == 4
+    assert noiseless["delay_eos"] is True
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"iterations": 0}, "iterations must be between 1 and 1024, got 0"),
+    ({"iterations": 2.5}, "iterations must be a whole number"),
+    ({"max_new_tokens": None}, "max new tokens is empty"),
+    ({"noise_start": 1.5}, "noise start must be between 0 and 1"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"seed": -1}, "seed must be between 0 and"),
+    ({"block_length": 5}, "block length (5) must divide max new tokens (12)"),
+    ({"strategy": "beam"}, "unknown strategy 'beam'"),
+])
+def test_bad_settings_name_the_setting(change, message):
+    with pytest.raises(view.SettingsError, match=re.escape(message)):
+        view.sampler_options(**{**SETTINGS, **change})
+
+
+# ---------------------------------------------------------------- DemoModel.stream: what the page receives
+
+
+def test_stream_shows_masks_changes_then_the_answer(model):
+    out = frames(model)
+    (gen,) = generate(model.denoiser, "What is 2+2?", tokenizer=model.tokenizer, iters=6, max_new_tokens=12)
+    first, steps, last = out[0], out[1:-1], out[-1]
+    assert first.lad.count("lad-masked") == 12 and "lad-changed" not in first.lad  # the blank canvas, at once
+    assert len(steps) == gen.nfe and [f.status for f in steps] == [
+        f"LAD: step {i}/6 · {i} forwards" for i in range(1, gen.nfe + 1)]
+    assert "lad-masked" in steps[0].lad and "lad-changed" in steps[0].lad  # step 1: re-masked + predicted
+    assert "lad-masked" not in steps[-1].lad  # refine re-masks nothing at the end
+    assert last.lad == view.final_html(gen.text) and last.status.startswith(f"**LAD** (refine): {gen.nfe} forwards")
+
+
+def test_stream_with_the_ar_parent_and_both_timings(model):
+    out = frames(model, compare=True, max_new_tokens=8)
+    (ar,) = ar_generate(model.denoiser, model.tokenizer, ["What is 2+2?"], max_new_tokens=8)
+    assert out[-1].ar == view.final_html(ar.text)
+    assert re.fullmatch(r"\*\*LAD\*\* \(refine\): \d+ forwards, [\d.]+ s · \*\*AR parent\*\*: "
+                        rf"{ar.nfe} tokens, [\d.]+ s", out[-1].status)
+    assert any(f.status == "AR parent: 1 tokens" for f in out)  # the parent streams token by token too
+
+
+def test_pause_spaces_the_frames_but_not_the_timings(model):
+    started = time.monotonic()
+    out = frames(model, pause=0.15, iterations=3, max_new_tokens=4)
+    elapsed = time.monotonic() - started
+    steps = sum(f.status.startswith("LAD: step") for f in out)
+    assert elapsed >= 0.15 * steps * 0.9
+    seconds = float(re.search(r"forwards, ([\d.]+) s", out[-1].status).group(1))
+    assert seconds < elapsed - 0.1  # the model's own time, without the pauses
+
+
+@pytest.mark.parametrize("prompt, change, message", [
+    ("   ", {}, "type a prompt first"),
+    ("hi", {"iterations": -3}, "iterations must be between"),
+    ("hi", {"strategy": "confidence", "iterations": 1, "block_length": 4}, "must be at least the number of blocks"),
+])
+def test_errors_end_as_a_message_in_the_page(model, prompt, change, message):
+    out = frames(model, prompt, **change)
+    assert out[-1].status.startswith("**Error:** ") and message in out[-1].status
+    assert not model.lock.locked()
+
+
+def test_an_unexpected_failure_is_shown_and_the_next_run_works(model, monkeypatch):
+    import lad.demo
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(lad.demo, "get_strategy", lambda name: broken)
+    assert frames(model)[-1].status == "**Error:** RuntimeError: out of memory, say"
+    monkeypatch.undo()
+    assert frames(model)[-1].status.startswith("**LAD** (refine)")
+
+
+class StopAfterFirstStep(queue.Queue):
+    """The worker's queue, pressing Stop as soon as the first step arrives."""
+
+    def __init__(self, stop: threading.Event):
+        super().__init__()
+        self.stop = stop
+
+    def put(self, item, *args, **kwargs):
+        super().put(item, *args, **kwargs)
+        if item[0] == "lad":
+            self.stop.set()
+
+
+@pytest.mark.parametrize("strategy", ["refine", "ar"])
+def test_stop_aborts_the_sampler_after_its_current_step(model, strategy):
+    before = frames(model, strategy=strategy)[-1].lad
+    stop = threading.Event()
+    out = StopAfterFirstStep(stop)
+    options = view.sampler_options(**{**SETTINGS, "strategy": strategy, "iterations": 10})
+    model.work("What is 2+2?", strategy, options, True, out, stop)
+    kinds = [out.get_nowait()[0] for _ in range(out.qsize())]
+    assert kinds == ["lad", "stopped", "end"]  # no second step, no answer, no AR run
+    assert not model.lock.locked()
+    assert frames(model, strategy=strategy)[-1].lad == before  # `ar` restored the bidirectional denoiser
+
+
+def test_stop_interrupts_the_pause_and_ends_the_stream(model):
+    stop = threading.Event()
+    stream = model.stream("What is 2+2?", SETTINGS, 9.0, False, stop)
+    next(stream)  # the blank canvas
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    assert next(stream).status == "Stopped after step 1 (1 forwards)."
+    assert time.monotonic() - started < 5  # not the 9 s pause
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("lad-demo: error: ") and "is not a LAD run" in err
+    assert main(["--model", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+def test_missing_gradio_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
+    with pytest.raises(SystemExit, match=re.escape("pip install 'lad[demo]'")):
+        import_gradio()
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "pip install 'lad[demo]'" in capsys.readouterr().err
+
+
+def test_lad_demo_binds_loopback_by_default():
+    from lad.demo import parse_args
+
+    args = parse_args(["--model", "runs/x"])
+    assert args.host == "127.0.0.1" and args.port is None and not args.share
+
+
+# ---------------------------------------------------------------- the page in a real browser
+
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]
+
+RECORD = """() => {
+  const seen = window.__seen = {masked: 0, changed: 0, both: false, statuses: [], red: null, green: null};
+  const panel = document.querySelector('#lad-view'), status = document.querySelector('#lad-status');
+  new MutationObserver(() => {
+    const masked = panel.querySelectorAll('.lad-masked'), changed = panel.querySelectorAll('.lad-changed');
+    seen.masked = Math.max(seen.masked, masked.length);
+    seen.changed = Math.max(seen.changed, changed.length);
+    seen.both = seen.both || (masked.length > 0 && changed.length > 0);
+    if (masked.length) seen.red = getComputedStyle(masked[0]).backgroundColor;
+    if (changed.length) seen.green = getComputedStyle(changed[0]).backgroundColor;
+    const text = status.innerText.trim();
+    if (text && seen.statuses[seen.statuses.length - 1] !== text) seen.statuses.push(text);
+  }).observe(document.body, {childList: true, subtree: true, characterData: true});
+}"""
+
+
+def browser_or_skip():
+    """playwright.sync_api, or a skip naming what is missing (a failure under LAD_REQUIRE_BROWSER=1, as in CI)."""
+    missing = [name for name in ("gradio", "playwright") if importlib.util.find_spec(name) is None]
+    missing += [f"{CHROMIUM} (apt-get install chromium)"] if not os.path.exists(CHROMIUM) else []
+    if missing:
+        reason = "the browser test needs " + ", ".join(missing)
+        pytest.fail(reason) if os.environ.get("LAD_REQUIRE_BROWSER") else pytest.skip(reason)
+    from playwright import sync_api
+
+    return sync_api
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """A Gradio slider's number box: type the value, then leave the box so the slider takes it."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_page_in_a_real_browser(model, tmp_path):
+    """Type a prompt, Run: red masks and green changes stream in, then the answers and both timings; Stop
+    ends a slow run; an empty prompt shows an error. Screenshots go to test-artifacts/."""
+    playwright = browser_or_skip()
+    from lad.demo import serve
+    from lad.demo_app import build_app
+
+    prompt = "What is 2+2?"
+    (gen,) = generate(model.denoiser, prompt, tokenizer=model.tokenizer, iters=6, max_new_tokens=16)
+    (ar,) = ar_generate(model.denoiser, model.tokenizer, [prompt], max_new_tokens=16)
+    ARTIFACTS.mkdir(exist_ok=True)
+    app = build_app(model, title="LAD demo: tiny run")
+    port = free_port()
+    serve(app, port=port, block=False)
+    try:
+        with playwright.sync_playwright() as pw:
+            context = pw.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS,
+                viewport={"width": 1280, "height": 900})
+            page = context.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#lad-prompt textarea").fill(prompt)
+            set_number(page, "lad-iters", 6)
+            set_number(page, "lad-max-new", 16)
+            set_number(page, "lad-pause", 0.3)
+            page.locator("#lad-compare input").check()
+            page.evaluate(RECORD)
+            page.click("#lad-run")
+            page.wait_for_selector("#lad-view .lad-masked")
+            page.wait_for_selector("#lad-view .lad-changed")
+            page.screenshot(path=str(ARTIFACTS / "demo_streaming.png"), full_page=True)
+            page.wait_for_selector("#ar-view .lad-final, #ar-view .lad-empty")
+            seen = page.evaluate("window.__seen")
+            assert seen["both"] and seen["masked"] > 0 and seen["changed"] > 0
+            assert seen["red"] == "rgb(254, 202, 202)" and seen["green"] == "rgb(187, 247, 208)"
+            assert "LAD: step 1/6 · 1 forwards" in seen["statuses"]
+            assert f"LAD: step {gen.nfe}/6 · {gen.nfe} forwards" in seen["statuses"]  # streamed, step by step
+            if gen.text:
+                assert page.locator("#lad-view .lad-final").text_content() == view.plain(gen.text)
+            else:
+                assert page.locator("#lad-view .lad-empty").count() == 1
+            assert page.locator("#lad-view .lad-tok").count() == 0  # the answer is plain
+            assert page.locator("#ar-view .lad-final").text_content() == view.plain(ar.text)
+            status = page.inner_text("#lad-status")
+            assert re.fullmatch(rf"LAD \(refine\): {gen.nfe} forwards, [\d.]+ s · AR parent: {ar.nfe} tokens, "
+                                r"[\d.]+ s", status), status
+            page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+
+            set_number(page, "lad-iters", 40)  # a slow run: one step every 2 s
+            set_number(page, "lad-pause", 2)
+            page.click("#lad-run")
+            page.wait_for_function("document.querySelector('#lad-status').innerText.includes('LAD: step 1/40')")
+            page.click("#lad-stop")
+            page.wait_for_function("document.querySelector('#lad-status').innerText.startsWith('Stopped')")
+            page.wait_for_timeout(2500)
+            assert page.inner_text("#lad-status").startswith("Stopped")  # no later step overwrote it
+            assert page.locator("#lad-view .lad-final").count() == 0 and page.locator("#lad-view .lad-tok").count()
+
+            page.locator("#lad-prompt textarea").fill("")
+            page.click("#lad-run")
+            page.wait_for_function("document.querySelector('#lad-status').innerText.includes('type a prompt')")
+            assert page.inner_text("#lad-status") == "Error: type a prompt first"
+            context.close()
+    finally:
+        app.close()
+    assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
