@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; ours is the one that matters
     from .modeling.bidirectional import UnsupportedArchitectureError
     from .modeling.locate import ModelNotFoundError
 
