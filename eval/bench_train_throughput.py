@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from lad.finetune import main as finetune
-
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from eval.common import ROOT, command_line, environment, write_record  # noqa: E402
+from lad.finetune import main as finetune  # noqa: E402
 
 
 def measure(recipe: str, steps: int, skip: int, extra: list[str]) -> dict:
@@ -55,13 +53,9 @@ def main() -> None:
     for r in results:
         sps = f"{r['median_s_per_step']:.2f}" if r["median_s_per_step"] else "-"
         print(f"{r['recipe']:<32} {r['median_tokens_per_s']:>18,.0f} {sps:>8}")
-    record = {"results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.machine(), "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d"), "command": "python eval/bench_train_throughput.py "
-              + " ".join(f"--recipes {' '.join(args.recipes)} --steps {args.steps}".split())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    record = {"command": command_line("eval/bench_train_throughput.py", None), "results": results,
+              **environment("cpu")}
+    write_record(args.out, record)  # with this process's peak RSS (the last recipe's training included)
 
 
 if __name__ == "__main__":

