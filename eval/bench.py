@@ -25,7 +25,7 @@ from eval.common import RESULTS, ROOT, cell, splice_file  # noqa: E402
 
 # about 2 hours on 2 idle CPU cores: train ~12 min, sampling ~35, scoring ~45 (elbo-128), quality ~20
 FULL = {
-    "train": ["--recipe", "recipes/smollm2_135m.yaml", "--steps", "20", "--skip", "3", "--rss"],
+    "train": ["--recipe", "recipes/smollm2_135m_corpora.yaml", "--steps", "20", "--skip", "3", "--rss"],
     "sampling": ["--prompt-set", "builtin", "--prompts", "4", "--max-new-tokens", "128", "--iters", "64",
                  "--block-length", "32", "--batch-size", "1", "--repeats", "3", "--warmup", "1",
                  "--thresholds", "0.9", "0.7", "0.5"],
@@ -198,7 +198,7 @@ def section(records: dict, command: str, quick: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", metavar="RUN_DIR", help="a trained LAD run (default: untrained bidirectional "
-                        "SmolLM2-135M-Instruct; training always uses recipes/smollm2_135m.yaml)")
+                        "SmolLM2-135M-Instruct; training always uses recipes/smollm2_135m_corpora.yaml)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole pipeline")
     parser.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="a subset")
     parser.add_argument("--results-md", help="the file whose bench section to rewrite (default: docs/results.md; "

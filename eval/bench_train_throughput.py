@@ -42,7 +42,7 @@ def measure(recipe: str, steps: int, skip: int, extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=["recipes/tiny.yaml", "recipes/smollm2_135m.yaml"])
+    parser.add_argument("--recipes", nargs="+", default=["recipes/tiny.yaml", "recipes/smollm2_135m_corpora.yaml"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the median")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "train_throughput.json"))

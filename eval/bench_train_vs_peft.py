@@ -18,7 +18,7 @@ slow spell on a shared machine hits all alike; the first `--skip` rounds are war
 Reported: median real (non-padding) tokens/s per step of each arm and the ratios of the medians. With `--rss`
 each of lad and peft also runs alone in a child process (`--only ARM`) that records its own peak RSS.
 
-    python eval/bench_train_vs_peft.py                                  # recipes/smollm2_135m.yaml
+    python eval/bench_train_vs_peft.py                                  # recipes/smollm2_135m_corpora.yaml
     python eval/bench_train_vs_peft.py --recipe recipes/tiny.yaml --steps 6 --skip 2
 """
 
@@ -178,7 +178,7 @@ def child_rss(args, arm: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/smollm2_135m.yaml")
+    parser.add_argument("--recipe", default="recipes/smollm2_135m_corpora.yaml")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per arm (default: 20)")
     parser.add_argument("--skip", type=int, default=3, help="warm-up rounds left out (default: 3)")
     parser.add_argument("--only", choices=["lad", "peft"], help="run one arm alone (used for --rss)")

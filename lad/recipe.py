@@ -80,6 +80,7 @@ class DistillSpec:
     top_p: float = 0.95
     seed: int = 0
     limit: int | None = None  # the first N prompts
+    keep_cut: bool = False  # also train on answers cut at max_new_tokens (they would teach EOS mid-sentence)
 
     def validate(self) -> None:
         for key in ("max_new_tokens", "batch_size"):

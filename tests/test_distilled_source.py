@@ -25,7 +25,7 @@ def setup(tmp_path, monkeypatch):
     prompts.write_text("".join(f"Say the number {i}.\n" for i in range(12)), encoding="utf-8")
     overrides = ["model.init=pretrained", "model.config={}", f"model.name_or_path={tmp_path / 'scratch' / 'base'}",
                  f"data.train.0.path={prompts}", "data.train.0.distill.max_new_tokens=6",
-                 "data.train.0.distill.limit=10", "data.val_fraction=0.2", "batch_size=4", "max_steps=2", *FAST]
+                 "data.train.0.distill.limit=10", "data.train.0.distill.keep_cut=true", "data.val_fraction=0.2", "batch_size=4", "max_steps=2", *FAST]
     return tmp_path, overrides
 
 
@@ -58,3 +58,15 @@ def test_distilled_sources_are_checked_before_anything_loads(setup, capsys):
     assert main([TINY, f"output_dir={tmp_path / 'd'}", *overrides, "data.train.0.distill.max_new_tokens=0"]) == 2
     assert "max_new_tokens: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_answers_cut_at_max_new_tokens_are_left_out_unless_kept(tmp_path):
+    from lad.data.distilled import finished_rows
+
+    answers = tmp_path / "a.jsonl"
+    rows = [{"instruction": f"q{i}", "input": "", "output": "x", "finish": "eos" if i % 2 else "length"}
+            for i in range(6)]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = finished_rows(answers)
+    assert [json.loads(line)["instruction"] for line in kept.read_text().splitlines()] == ["q1", "q3", "q5"]
+    assert finished_rows(answers) == kept and answers.read_text().count("\n") == 6  # the answers stay whole
