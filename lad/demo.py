@@ -97,6 +97,10 @@ class DemoModel:
         try:
             if not (prompt or "").strip():
                 raise view.SettingsError("type a prompt first")
+            info = getattr(self.denoiser, "lad_info", None)
+            if (compare or settings.get("strategy") == "ar") and getattr(info, "merged", False):
+                raise view.SettingsError("this is an exported (merged) model: it holds no separate AR parent; "
+                                         "open its run directory to compare with the parent")
             options = view.sampler_options(**settings)
             pause = view.pause_seconds(pause)
         except view.SettingsError as err:

@@ -150,6 +150,15 @@ def test_errors_end_as_a_message_in_the_page(model, prompt, change, message):
     assert not model.lock.locked()
 
 
+def test_an_exported_model_has_no_parent_to_compare_with(model, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setattr(model.denoiser, "lad_info", dataclasses.replace(model.denoiser.lad_info, merged=True))
+    for out in (frames(model, compare=True), frames(model, strategy="ar")):
+        assert out[-1].status.startswith("**Error:** ") and "exported (merged) model" in out[-1].status
+    assert frames(model)[-1].status.startswith("**LAD** (refine)")  # the denoiser itself still runs
+
+
 def test_an_unexpected_failure_is_shown_and_the_next_run_works(model, monkeypatch):
     import lad.demo
 
