@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from . import demo_view as view
 from .sampling import Step, get_strategy
 from .sampling.common import eos_token_ids
+from .run import RunDirError, check_parent
 from .sampling.render import decode_pieces
 
 PROG = "lad-demo"
@@ -98,9 +99,11 @@ class DemoModel:
             if not (prompt or "").strip():
                 raise view.SettingsError("type a prompt first")
             info = getattr(self.denoiser, "lad_info", None)
-            if (compare or settings.get("strategy") == "ar") and getattr(info, "merged", False):
-                raise view.SettingsError("this is an exported (merged) model: it holds no separate AR parent; "
-                                         "open its run directory to compare with the parent")
+            if (compare or settings.get("strategy") == "ar") and info is not None:
+                try:
+                    check_parent(info, "this model")
+                except RunDirError as err:
+                    raise view.SettingsError(str(err)) from None
             options = view.sampler_options(**settings)
             pause = view.pause_seconds(pause)
         except view.SettingsError as err:

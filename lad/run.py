@@ -260,6 +260,9 @@ def check_parent(info: LadInfo, where) -> None:
     if info.merged:
         raise RunDirError(f"{where} is an exported (merged) model: it holds no separate AR parent; "
                           "use its run directory, or score the base model itself")
+    if info.adapter == "full":
+        raise RunDirError(f"{where} trained every weight (lora.enabled: false): there is no adapter to switch off, "
+                          "so no AR parent; score the base model itself")
 
 
 def merged_spec(folder: Path, info: LadInfo):

@@ -3,6 +3,7 @@ folder bidirectionally, the model card, and refused cases that write nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -303,3 +304,13 @@ def test_refuses_an_unknown_dtype_and_a_full_disk(runs, tmp_path, capsys, monkey
     line = refused(capsys, [str(runs["noshift"]), "--out", str(tmp_path / "o"), "--dtype", "fp32"])
     assert "GB are free at" in line and "the model needs" in line
     assert siblings(tmp_path / "o") == []
+
+
+def test_a_full_finetune_has_no_parent_either():
+    from lad.run import LadInfo, RunDirError, check_parent
+
+    info = LadInfo(base_model={}, mask_token="<m>", mask_token_id=1, mask_token_added=False, vocab_size=10,
+                   shift=False, objective="mask", noise={}, adapter="full")
+    with pytest.raises(RunDirError, match="no adapter to switch off"):
+        check_parent(info, "runs/full")
+    check_parent(dataclasses.replace(info, adapter="lora"), "runs/lora")  # a LoRA run has its parent
