@@ -9,7 +9,9 @@ byte tokenizer's bos/eos/pad ids. Models come back in eval mode (no dropout), fp
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +96,27 @@ def with_lora(model, seed=0):
             if "lora_A" in name or "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     return peft.eval()
+
+
+# ---------------------------------------------------------------- tiny training runs (recipes/tiny.yaml, in-process)
+
+TINY_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+FAST = ["eval_every=0", "save_every=0"]  # no validation or checkpoints between steps
+
+
+def train_tiny(out: Path, *overrides: str) -> Path:
+    """Train recipes/tiny.yaml into `out` with `key=value` overrides; fails the test unless it exits 0."""
+    from lad.finetune import main
+
+    assert main([TINY_RECIPE, f"output_dir={out}", *overrides]) == 0
+    return out
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_adapter(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))

@@ -10,29 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lad.finetune as finetune
+from conftest import FAST, read_adapter as adapter, read_metrics as metrics, train_tiny as train
 from lad.finetune import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny.yaml")
-FAST = ["eval_every=0", "save_every=0"]
 LEVERS = ["distill_weight=1.0", "noise.suffix_share=0.5", "anneal_steps=6"]
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-
-
-def train(out: Path, *overrides: str) -> Path:
-    assert main([TINY, f"output_dir={out}", *overrides]) == 0
-    return out
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 def test_levers_train_and_the_kl_to_the_parent_falls(tmp_path):

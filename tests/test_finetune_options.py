@@ -8,27 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lad.finetune import main
+from conftest import FAST, read_adapter as adapter, read_metrics as metrics, train_tiny as train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny.yaml")
-FAST = ["eval_every=0", "save_every=0"]
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-
-
-def train(out: Path, *overrides: str) -> Path:
-    assert main([TINY, f"output_dir={out}", *overrides]) == 0
-    return out
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter_model.safetensors"))
 
 
 def test_grad_accum_equals_a_bigger_batch(tmp_path):
