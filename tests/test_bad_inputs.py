@@ -9,7 +9,6 @@ created, no run touched. docs/reliability.md lists the same cases.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
