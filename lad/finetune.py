@@ -213,7 +213,7 @@ def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_w
 
 @torch.no_grad()
 def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id: int, eos_id: int, device,
-             special_ids: set[int] = frozenset()) -> LossStats:
+             special_ids: set[int] = frozenset(), parent=None) -> LossStats:
     """Validation loss and accuracy under deterministic noise: level and seed fixed per example index."""
     denoiser.eval()
     levels = validation_levels(len(val), recipe.noise.t_min)
@@ -226,7 +226,7 @@ def evaluate(denoiser, val: list[Example], recipe: Recipe, mask_id: int, pad_id:
         corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, mask_id, gens,
                              replace_pool=pool)
         _, part = forward_loss(denoiser, batch, corruption, mask_id, device, distill_weight=recipe.distill_weight,
-                               parent=getattr(denoiser, "module", denoiser).parent_logits_at)
+                               parent=parent)
         stats.add(part)
     denoiser.train()
     return stats
@@ -385,11 +385,14 @@ def _train(recipe: Recipe) -> Path:
         if recipe.report_to:
             accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
+    def progress() -> dict:  # what a checkpoint's state.json carries besides the step, for an exact resume
+        return {"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped}
+
     def validate(step: int) -> None:
         nonlocal best_val
         if not val_set:
             return
-        stats = evaluate(denoiser, val_set, recipe, mask.id, pad_id, eos_id, device, special_ids)
+        stats = evaluate(denoiser, val_set, recipe, mask.id, pad_id, eos_id, device, special_ids, parent)
         summary = stats.summary("val_")
         record({"step": step, **summary})
         log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in summary.items()))
@@ -471,8 +474,7 @@ def _train(recipe: Recipe) -> Path:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(out, done, model=accelerator.unwrap_model(denoiser).model, optimizer=optimizer,
-                                scheduler=scheduler, state={"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped},
-                                info=info, keep=recipe.keep_checkpoints)
+                                scheduler=scheduler, state=progress(), info=info, keep=recipe.keep_checkpoints)
     bar.close()
     if start_step < schedule.total_steps:  # (resumed from the final checkpoint: its validation is logged)
         validate(schedule.total_steps)
@@ -480,7 +482,7 @@ def _train(recipe: Recipe) -> Path:
     if main:
         final = accelerator.unwrap_model(denoiser).model
         save_checkpoint(out, schedule.total_steps, model=final, optimizer=optimizer, scheduler=scheduler,
-                        state={"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped}, info=info, keep=recipe.keep_checkpoints)
+                        state=progress(), info=info, keep=recipe.keep_checkpoints)
         save_weights(final, out)
         dataclasses.replace(info, step=schedule.total_steps).save(out)
         metrics.close()
