@@ -38,6 +38,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def previous_positions(positions: Tensor, who: str) -> Tensor:
+    """Bool [B, L]: the positions one to the left of `positions`, whose hidden states predict them (the AR rule)."""
+    if positions[:, 0].any():
+        raise ValueError(f"{who} the first position cannot be predicted (nothing precedes it)")
+    source = torch.zeros_like(positions)
+    source[:, :-1] = positions[:, 1:]
+    return source
+
+
 @dataclass
 class PrefixCache:
     """Keys and values of a canvas's first `length` columns, computed with those columns alone.
@@ -175,13 +184,7 @@ class Denoiser(nn.Module):
 
     def _source(self, positions: Tensor) -> Tensor:
         """Bool [B, L]: the positions whose hidden states predict `positions` (one to the left with shift)."""
-        if not self.shift:
-            return positions
-        if positions[:, 0].any():
-            raise ValueError("with shift=True the first position cannot be predicted (nothing precedes it)")
-        source = torch.zeros_like(positions)
-        source[:, :-1] = positions[:, 1:]
-        return source
+        return previous_positions(positions, "with shift=True") if self.shift else positions
 
     logits = forward
 
@@ -198,11 +201,7 @@ class Denoiser(nn.Module):
         """The AR parent's distribution for the tokens at `positions` (bool [B, L]) given the tokens before them:
         [N, V] read from position i-1 of a causal, adapter-free forward, in the order of `forward(positions=)`.
         The mask token is excluded as in `head` (it is never a prediction). A training target: no gradient."""
-        positions = positions.bool()
-        if positions[:, 0].any():
-            raise ValueError("the parent cannot predict the first position (nothing precedes it)")
-        source = torch.zeros_like(positions)
-        source[:, :-1] = positions[:, 1:]
+        source = previous_positions(positions.bool(), "the parent:")
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         with self.as_parent() as parent:
