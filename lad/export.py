@@ -245,8 +245,12 @@ def settings_table(info: LadInfo, base_name: str, recipe: dict) -> list[str]:
     rows = [("base model", f"`{base_name}`"), ("mask token", f"`{info.mask_token}` (id {info.mask_token_id}{added})"),
             ("shift", f"`{str(info.shift).lower()}`: token i is predicted at position {'i-1' if info.shift else 'i'}"),
             ("objective", f"`{info.objective}`"), ("training", training_summary(info, recipe)),
-            ("saved precision", precision), ("chat template", "yes" if info.chat_template else "no")]
+            ("saved precision", precision), ("prompts", PROMPT_STYLE[info.chat_template])]
     return ["| setting | value |", "|---|---|", *(f"| {name} | {cell(value)} |" for name, value in rows)]
+
+
+PROMPT_STYLE = {True: "chat template", False: "plain text (no chat template)",
+                "raw": "continued as given (trained on plain text)"}
 
 
 def model_card(run_dir: Path, info: LadInfo, title: str) -> str:

@@ -75,7 +75,8 @@ def encode_sources(sources, recipe: Recipe, tokenizer) -> list[Example]:
     for source in sources:
         text_field = source.fields.get("text", "text")
         try:
-            rows = load_rows(source.path, split=source.split, text_field=text_field, max_rows=source.max_rows)
+            rows = load_rows(source.path, split=source.split, text_field=text_field, max_rows=source.max_rows,
+                             separator=source.separator)
             encoded, stats = encode_rows(rows, tokenizer, fmt=source.format, fields=source.fields or None,
                                          max_length=recipe.data.max_length, truncation=recipe.data.truncation,
                                          chat_template=recipe.data.chat_template,
@@ -107,6 +108,15 @@ def load_data(recipe: Recipe, tokenizer, sources=None) -> tuple[list[Example], l
     else:
         val = []
     return train, val[: recipe.data.val_max_examples]
+
+
+def prompt_style(recipe: Recipe, tokenizer) -> bool | str:
+    """How inference renders a prompt, recorded in lad.json: "raw" when every training source is plain text (the
+    model learnt to continue text, so "Once upon a time" is continued as it is), else whether the chat template
+    was used."""
+    if all(source.format == "text" for source in recipe.data.train):
+        return "raw"
+    return bool(getattr(tokenizer, "chat_template", None)) and recipe.data.chat_template is not False
 
 
 def replacement_pool(examples: list[Example], special_ids: set[int]) -> torch.Tensor:
@@ -342,7 +352,7 @@ def _train(recipe: Recipe) -> Path:
     info = LadInfo(base_model=base_ref, mask_token=mask.token, mask_token_id=mask.id, mask_token_added=mask.added,
                    vocab_size=len(tokenizer), shift=recipe.shift, objective=recipe.noise.objective,
                    noise=dataclasses.asdict(recipe.noise), adapter="lora" if recipe.lora.enabled else "full",
-                   chat_template=bool(getattr(tokenizer, "chat_template", None)) and recipe.data.chat_template is not False,
+                   chat_template=prompt_style(recipe, tokenizer),
                    max_length=recipe.data.max_length, eos_padding=recipe.eos_padding)
     optimizer = build_optimizer(recipe, denoiser)
     scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
@@ -488,21 +498,24 @@ def _train(recipe: Recipe) -> Path:
         metrics.close()
         log.info("saved %s (step %d)", out, schedule.total_steps)
         if recipe.report.prompts or (recipe.report.score_examples and val_set):
-            report(accelerator.unwrap_model(denoiser), tokenizer, val_set, recipe, info.chat_template, out)
+            report(accelerator.unwrap_model(denoiser), tokenizer, val_set, recipe, info, out)
     accelerator.end_training()
     return out
 
 
-def report(denoiser, tokenizer, val_set: list[Example], recipe: Recipe, chat_template: bool, out: Path) -> None:
+def report(denoiser, tokenizer, val_set: list[Example], recipe: Recipe, info: LadInfo, out: Path) -> None:
     """A few answers next to the AR parent's and a small score for both (recipe `report:`), printed and kept
-    in the run directory as report.json."""
+    in the run directory as report.json. A full fine-tune (the from-scratch recipes) has no adapter to switch
+    off, so no parent: its answers come alone."""
     from lad.report import make_report
 
     spec = recipe.report
     denoiser.eval()
     with torch.no_grad():
         result = make_report(denoiser, tokenizer, spec.prompts, val_set[:spec.score_examples], strategy=spec.strategy,
-                             iters=spec.iters, max_new_tokens=spec.max_new_tokens, chat_template=chat_template,
+                             iters=spec.iters, max_new_tokens=spec.max_new_tokens, chat_template=info.chat_template,
+                             parent=info.adapter == "lora" and not info.merged,
+                             block_length=spec.block_length,
                              seed=recipe.seed)
     result.save(out)
     print(result.text(), flush=True)

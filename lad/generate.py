@@ -51,9 +51,10 @@ def load(model: str | os.PathLike, *, device: str | torch.device | None = None, 
     return denoiser, tokenizer
 
 
-def _chat_template(denoiser, options: dict) -> bool:
+def _chat_template(denoiser, options: dict) -> bool | str:
     if options.get("chat_template") is not None:
-        return bool(options.pop("chat_template"))
+        value = options.pop("chat_template")
+        return value if value == "raw" else bool(value)
     options.pop("chat_template", None)
     info = getattr(denoiser, "lad_info", None)
     return info.chat_template if info is not None else True

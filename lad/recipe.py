@@ -100,6 +100,7 @@ class DataSource:
     fields: dict = field(default_factory=dict)  # rename fields, e.g. {instruction: question, output: answer}
     split: str = "train"
     max_rows: int | None = None
+    separator: str | None = None  # format text: split each text into documents on this (e.g. "<|endoftext|>")
     distill: DistillSpec | None = None  # the parent answers the prompts in `path` (builtin | .txt | .jsonl)
 
     def validate(self) -> None:
@@ -109,6 +110,9 @@ class DataSource:
             raise ValueError(f"format: a distilled source is an instruction set, got {self.format!r}")
         if self.distill is not None and self.fields:
             raise ValueError("fields: a distilled source writes instruction/input/output itself; remove fields")
+        if self.separator is not None and (self.format != "text" or not self.separator):
+            raise ValueError(f"separator: splits plain text into documents; needs format: text and a non-empty "
+                             f"string (format is {self.format!r})")
 
 
 @dataclass
@@ -158,12 +162,16 @@ class ReportSpec:
     strategy: Literal["refine", "confidence", "threshold"] = "confidence"
     iters: int = 16
     max_new_tokens: int = 64
+    block_length: int | None = None  # confidence: semi-autoregressive blocks of this many tokens
     score_examples: int = 0  # validation answers scored by both models (NLL per token)
 
     def validate(self) -> None:
         for key in ("iters", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.block_length is not None and (self.strategy != "confidence" or self.block_length < 1):
+            raise ValueError(f"block_length: needs strategy confidence and a value >= 1, got {self.block_length} "
+                             f"with {self.strategy}")
         if self.score_examples < 0:
             raise ValueError(f"score_examples: must be >= 0, got {self.score_examples}")
 

@@ -19,23 +19,27 @@ from pathlib import Path
 class Report:
     strategy: str
     iters: int
-    answers: list[dict]  # {prompt, lad, ar, lad_seconds, ar_seconds}
+    answers: list[dict]  # {prompt, lad, ar, lad_seconds, ar_seconds}; ar None without a parent
     scored_examples: int
     lad_nll_per_token: float | None
     ar_nll_per_token: float | None
 
     def text(self, width: int = 100) -> str:
-        lines = [f"== after training: {self.strategy}, {self.iters} iterations, next to the AR parent =="]
+        parent = any(row["ar"] is not None for row in self.answers) or self.ar_nll_per_token is not None
+        lines = [f"== after training: {self.strategy}, {self.iters} iterations"
+                 + (", next to the AR parent ==" if parent else " ==")]
         for row in self.answers:
             lines.append(f"\n> {row['prompt']}")
             for name, seconds in (("lad", row["lad_seconds"]), ("ar", row["ar_seconds"])):
+                if row[name] is None:
+                    continue
                 body = textwrap.fill(" ".join(row[name].split()) or "(empty)", width, initial_indent="    ",
                                      subsequent_indent="    ")
                 lines.append(f"  {name} ({seconds:.1f} s):\n{body}")
         if self.scored_examples:
+            ar = f" | AR parent {self.ar_nll_per_token:.3f}" if self.ar_nll_per_token is not None else ""
             lines.append(f"\nanswer NLL per token on {self.scored_examples} validation examples (lower is better): "
-                         f"LAD {self.lad_nll_per_token:.3f} (denoise, {self.iters} iters) | "
-                         f"AR parent {self.ar_nll_per_token:.3f}")
+                         f"LAD {self.lad_nll_per_token:.3f} (denoise, {self.iters} iters){ar}")
         return "\n".join(lines)
 
     def save(self, folder: Path) -> Path:
@@ -50,25 +54,27 @@ def nll_per_token(scores: list[tuple[float, bool]], requests) -> float:
 
 
 def make_report(denoiser, tokenizer, prompts: list[str], examples, *, strategy: str = "confidence", iters: int = 16,
-                max_new_tokens: int = 64, chat_template: bool = True, seed: int = 0) -> Report:
+                max_new_tokens: int = 64, chat_template: bool | str = True, seed: int = 0,
+                parent: bool = True, block_length: int | None = None) -> Report:
     """Answer `prompts` with the denoiser and with the AR parent (greedy), and score `examples` (prompt_ids,
-    answer_ids) under both."""
+    answer_ids) under both. `parent=False` (a from-scratch base, a full fine-tune) leaves the AR side out."""
     from .generate import ar_generate, generate
     from .scoring.ar import score_ar
     from .scoring.denoise import score_denoise
 
     answers = []
     if prompts:
+        blocks = {"block_length": block_length} if block_length else {}
         lad = generate(denoiser, prompts, strategy=strategy, tokenizer=tokenizer, iters=iters,
-                       max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template)
-        ar = ar_generate(denoiser, tokenizer, prompts, chat_template=chat_template, max_new_tokens=max_new_tokens,
-                         seed=seed)
-        answers = [{"prompt": p, "lad": a.text, "ar": b.text, "lad_seconds": a.seconds, "ar_seconds": b.seconds}
-                   for p, a, b in zip(prompts, lad, ar)]
+                       max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template, **blocks)
+        ar = (ar_generate(denoiser, tokenizer, prompts, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                          seed=seed) if parent else [None] * len(prompts))
+        answers = [{"prompt": p, "lad": a.text, "ar": b.text if b else None, "lad_seconds": a.seconds,
+                    "ar_seconds": b.seconds if b else None} for p, a, b in zip(prompts, lad, ar)]
     requests = [(e.prompt_ids, e.answer_ids) for e in examples if e.prompt_ids and e.answer_ids]
     lad_nll = ar_nll = None
     if requests:
         lad_nll = nll_per_token(score_denoise(denoiser, requests, iters=iters), requests)
-        ar_nll = nll_per_token(score_ar(denoiser, requests), requests)
+        ar_nll = nll_per_token(score_ar(denoiser, requests), requests) if parent else None
     return Report(strategy=strategy, iters=iters, answers=answers, scored_examples=len(requests),
                   lad_nll_per_token=lad_nll, ar_nll_per_token=ar_nll)

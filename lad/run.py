@@ -53,7 +53,7 @@ class LadInfo:
     noise: dict
     adapter: str = "lora"  # "lora" | "full": how it was trained
     merged: bool = False  # true: an exported folder, the weights (adapter merged in) are the folder's own
-    chat_template: bool = True
+    chat_template: bool | str = True  # "raw": trained on plain text only, prompts are continued as given
     max_length: int = 512
     eos_padding: bool = False
     step: int = 0

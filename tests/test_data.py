@@ -298,6 +298,36 @@ def test_parquet_txt_and_max_rows(tmp_path):
     assert load_rows(path, max_rows=3) == (rows * 3)[:3]
 
 
+def test_separator_splits_text_into_documents(tok, tmp_path):
+    """TinyStories' text files join stories with <|endoftext|>: one row per story, packed with EOS between
+    them instead of the literal string; max_rows counts stories; each row keeps the line it starts on."""
+    path = tmp_path / "stories.txt"
+    path.write_text("First story.\nStill first.\n<|endoftext|>\nSecond.\n<|endoftext|>\n\n<|endoftext|>Third.\n")
+    rows = load_rows(str(path), separator="<|endoftext|>")
+    assert [r["text"] for r in rows] == ["First story.\nStill first.", "Second.", "Third."]
+    assert [rows.where(i) for i in range(3)] == [f"{path}:1", f"{path}:4", f"{path}:7"]
+    assert [r["text"] for r in load_rows(str(path), separator="<|endoftext|>", max_rows=2)] == [
+        "First story.\nStill first.", "Second."]
+    examples, _ = encode_rows(rows, tok, fmt="text", max_length=1000)
+    ids = examples[0].answer_ids
+    assert ids.count(tok.eos_token_id) == 2 and b"endoftext" not in bytes(i for i in ids if i < 256)
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"text": "a<|endoftext|>b"}) + "\n" + json.dumps({"text": 3}) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl:2: field 'text' must be a string"):
+        load_rows(str(jsonl), separator="<|endoftext|>")
+
+
+def test_separator_needs_text_format():
+    from lad.recipe import RecipeError, from_dict
+
+    base = {"model": {"name_or_path": "m"}, "max_steps": 1,
+            "data": {"train": [{"path": "a.txt", "separator": "<|endoftext|>"}]}}
+    with pytest.raises(RecipeError, match="separator"):
+        from_dict(base, check_files=False)
+    base["data"]["train"][0]["format"] = "text"
+    assert from_dict(base, check_files=False).data.train[0].separator == "<|endoftext|>"
+
+
 def test_datasets_folders(tmp_path, monkeypatch):
     import datasets
 

@@ -35,12 +35,15 @@ class Rows(list):
 
 
 def load_rows(
-    path: str, *, split: str = "train", text_field: str = "text", max_rows: int | None = None
+    path: str, *, split: str = "train", text_field: str = "text", max_rows: int | None = None,
+    separator: str | None = None,
 ) -> Rows:
     """Rows from a `.jsonl`/`.json`/`.parquet`/`.txt` file, a local `datasets` folder or a hub id.
 
     Hub ids are `owner/name` with an optional `:config` (e.g. "openai/gsm8k:main"). A `.txt` file is one row
-    `{text_field: whole file}`. `max_rows` keeps only the first rows (for quick runs).
+    `{text_field: whole file}`. `separator` splits each row's text into documents (TinyStories' text files join
+    stories with "<|endoftext|>"), so that packing puts EOS between them. `max_rows` keeps only the first rows
+    (documents, with a separator), for quick runs.
     """
     path = os.fspath(path)
     if max_rows is not None and max_rows < 1:
@@ -53,9 +56,34 @@ def load_rows(
         rows = _read_hub(path, split, max_rows)
     else:
         raise DataError(f"{path}: file not found")
+    if separator:
+        rows = split_documents(rows, text_field, separator)
+        rows = Rows(rows[:max_rows], source=rows.source, lines=rows.lines) if max_rows is not None else rows
     if not rows:
         raise DataError(f"{path} has no rows")
     return rows
+
+
+def split_documents(rows: Rows, field: str, separator: str) -> Rows:
+    """One row per non-blank document of each row's `field` split on `separator` (other fields are dropped).
+
+    A document's line is where it starts in its row's text (plus the row's own line), so errors still point into
+    the file."""
+    out, lines = [], []
+    for index, row in enumerate(rows):
+        text = row.get(field)
+        if not isinstance(text, str):
+            raise DataError(f"{rows.where(index)}: field {field!r} must be a string to split on a separator, "
+                            f"got {type(text).__name__}")
+        first = rows.lines[index] if rows.lines is not None and index < len(rows.lines) else 1
+        offset = 0
+        for piece in text.split(separator):
+            if piece.strip():
+                leading = len(piece) - len(piece.lstrip())
+                out.append({field: piece.strip()})
+                lines.append(first + text.count("\n", 0, offset + leading))
+            offset += len(piece) + len(separator)
+    return Rows(out, source=rows.source, lines=lines)
 
 
 def _read_file(path: str, text_field: str, max_rows: int | None) -> Rows:

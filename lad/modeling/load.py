@@ -112,7 +112,13 @@ def load_tokenizer(spec: ModelSpec, folder: str | None = None):
         ref = folder or model_folder(spec)
     else:
         location = locate_model(ref)
-        ref = str(dequantised_gguf_folder(spec, location.path)) if location.kind == "gguf" else location.path
+        ref = location.path
+        if location.kind == "gguf":  # a tokenizer alone (a scratch model's): read it from the file, no dequantising
+            cached = _gguf_cache_dir(spec, location.path)
+            if not (cached / "config.json").is_file():
+                folder, name = os.path.split(os.path.abspath(location.path))
+                return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            ref = str(cached)
     return AutoTokenizer.from_pretrained(ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
 
