@@ -17,12 +17,13 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from eval.common import run_logged  # noqa: E402
+
 RESULTS = REPO / "eval" / "results" / "ablation"
 RUNS = REPO / "runs" / "ablate"
 RECIPE = "recipes/smollm2_135m_corpora.yaml"
@@ -41,18 +42,6 @@ VARIANTS = {
 }
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run a command with its output in `log`; returns wall seconds, raises on failure."""
-    started = time.perf_counter()
-    with log.open("w", encoding="utf-8") as fh:
-        fh.write("$ " + shlex.join(cmd) + "\n")
-        fh.flush()
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-    if code:
-        raise SystemExit(f"failed ({code}): {shlex.join(cmd)}; see {log}")
-    return time.perf_counter() - started
-
-
 def train(name: str, overrides: list[str], steps: int) -> dict:
     folder = RESULTS / name
     done = folder / "train.json"
@@ -63,7 +52,7 @@ def train(name: str, overrides: list[str], steps: int) -> dict:
     cmd = ["lad-finetune", RECIPE, f"max_steps={steps}", "noise.objective=mask", f"eval_every={steps // 2}",
            "save_every=0", f"output_dir={out}", "overwrite=true",
            *[o.format(half=steps // 2) for o in overrides]]
-    seconds = run(cmd, folder / "train.log")
+    seconds = run_logged(cmd, folder / "train.log")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     record = {"variant": name, "command": shlex.join(cmd), "wall_s": round(seconds, 1), "steps": steps,
               "tokens": max(m.get("tokens", 0) for m in metrics),
@@ -86,7 +75,7 @@ def score(name: str, model: Path, task: str, order: str, limit: int, baseline: b
            "--order", order, "--data-dir", DATA_DIR, "--output_path", str(raw)]
     if baseline:
         cmd += ["--baseline", "ar"]
-    seconds = run(cmd, folder / f"{target.stem}.log")
+    seconds = run_logged(cmd, folder / f"{target.stem}.log")
     (result,) = json.loads(raw.read_text()).values()
     values = result["results"][task]
     record = {"variant": name, "task": task, "order": None if baseline else order, "limit": limit,

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from eval.common import splice_file  # noqa: E402
+
 SUMMARY = REPO / "eval" / "results" / "ablation" / "summary.json"
 RESULTS_MD = REPO / "docs" / "results.md"
 IMG = REPO / "docs" / "img"
@@ -89,15 +92,6 @@ def plots(summary: dict) -> list[Path]:
     return made
 
 
-def splice(markdown: str) -> None:
-    text = RESULTS_MD.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{RESULTS_MD}: no {START} ... {END} markers to write the table between")
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    RESULTS_MD.write_text(f"{before}{START}\n{markdown}\n{END}{after}", encoding="utf-8")
-
-
 def main() -> int:
     if not SUMMARY.is_file():
         raise SystemExit(f"{SUMMARY} not found: run eval/ablate.py first")
@@ -106,7 +100,7 @@ def main() -> int:
     print(markdown)
     for path in plots(summary):
         print(f"wrote {path.relative_to(REPO)}")
-    splice(markdown)
+    splice_file(RESULTS_MD, markdown, START, END)
     print(f"updated {RESULTS_MD.relative_to(REPO)}")
     return 0
 

@@ -233,7 +233,23 @@ def splice(text: str, body: str, start: str = BENCH_START, end: str = BENCH_END)
     return f"{before}{start}\n{body.strip()}\n{end}{after}"
 
 
-def splice_file(path: str | Path, body: str) -> None:
+def splice_file(path: str | Path, body: str, start: str = BENCH_START, end: str = BENCH_END) -> None:
     path = Path(path)
     text = path.read_bytes().decode("utf-8")  # bytes: no newline translation, so the rest stays identical
-    path.write_bytes(splice(text, body).encode("utf-8"))
+    path.write_bytes(splice(text, body, start, end).encode("utf-8"))
+
+
+def run_logged(cmd: list[str], log: Path, cwd: Path = ROOT) -> float:
+    """Run a command with its output in `log`; returns wall seconds, exits naming the log on failure."""
+    import shlex
+    import subprocess
+
+    started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as fh:
+        fh.write("$ " + shlex.join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+    if code:
+        raise SystemExit(f"failed ({code}): {shlex.join(cmd)}; see {log}")
+    return time.perf_counter() - started
