@@ -4,7 +4,9 @@
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
-once with the same prompts. Results land in eval/results/ablation/ (small JSON files: the commands, wall times,
+once with the same prompts. Each variant's answers to the first 32 built-in prompts are then judged by the AR
+parent's perplexity and distinct-2 (`--quality N`, eval/gen_quality.py), so that a lever cannot buy likelihood
+with worse generation unnoticed. Results land in eval/results/ablation/ (small JSON files: the commands, wall times,
 validation losses and scores) and `summary.json` collects them. A variant (or score) whose result file exists is
 skipped, so an interrupted sweep continues where it stopped and later sessions add variants without rerunning.
 `python eval/ablation_report.py` turns the summary into the table and plot of docs/results.md.
@@ -87,6 +89,29 @@ def score(name: str, model: Path, task: str, order: str, limit: int, baseline: b
     return record
 
 
+def quality(name: str, model: Path, prompts: int = 32) -> dict:
+    """The levers must not buy likelihood with worse generation: answers to the first `prompts` built-in
+    prompts (confidence sampler, 16 iterations, 64 new tokens, greedy) judged by the AR parent's perplexity
+    and distinct-2 (eval/gen_quality.py), with the parent's own answers as the reference."""
+    folder = RESULTS / name
+    target = folder / "gen_quality.json"
+    if not target.is_file():
+        raw = folder / ".gen_quality.raw.json"
+        cmd = [sys.executable, "eval/gen_quality.py", "--model", str(model), "--prompts", str(prompts),
+               "--strategies", "confidence", "--iters", "16", "--max-new-tokens", "64", "--out", str(raw),
+               "--plot", ""]
+        seconds = run_logged(cmd, folder / "gen_quality.log")
+        full = json.loads(raw.read_text())
+        keep = ("parent_ppl", "distinct_1", "distinct_2", "mean_answer_tokens", "empty_answers", "s_per_prompt")
+        record = {"variant": name, "command": shlex.join(cmd).replace(sys.executable, "python"),
+                  "wall_s": round(seconds, 1), "prompts": prompts,
+                  "lad": {k: full["sweep"]["confidence"][0][k] for k in keep}, "ar": {k: full["ar"][k] for k in keep},
+                  "lad_texts": full["sweep"]["confidence"][0]["texts"][:4]}
+        target.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        raw.unlink()
+    return json.loads(target.read_text())
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -101,6 +126,8 @@ def main() -> int:
     p.add_argument("--tasks", default="arc_easy")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--orders", default="confidence,l2r")
+    p.add_argument("--quality", type=int, default=32, metavar="N",
+                   help="judge each variant's answers to N built-in prompts by the parent's perplexity (0: off)")
     args = p.parse_args()
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
@@ -128,6 +155,10 @@ def main() -> int:
             for order in orders:
                 entry["scores"][f"{task}/{order}"] = score(name, RUNS / name, task, order, args.limit)
                 save()
+        if args.quality:
+            entry["quality"] = quality(name, RUNS / name, args.quality)
+            summary["parent_quality"] = entry["quality"]["ar"]  # the same prompts and settings every time
+            save()
         print(f"{name}: " + ", ".join(f"{k} {v['acc']:.3f}" for k, v in entry["scores"].items()), flush=True)
     return 0
 

@@ -24,16 +24,25 @@ IMG = REPO / "docs" / "img"
 START, END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
+def quality_cells(q: dict | None) -> str:
+    """Parent perplexity and distinct-2 of the answers to the fixed prompt set (eval/ablate.py `quality`)."""
+    if not q or q.get("parent_ppl") is None:
+        return "- | -"
+    return f"{q['parent_ppl']:.2f} | {q['distinct_2']:.3f}"
+
+
 def table(summary: dict) -> str:
     tasks = sorted({key.split("/")[0] for v in summary["variants"].values() for key in v["scores"]})
     head = "| variant | overrides (on `noise.objective=mask`) | steps | tokens | wall min | val loss 0 → end | " + \
-        " | ".join(f"{t} acc conf / l2r | {t} acc_norm conf / l2r" for t in tasks) + " |"
+        " | ".join(f"{t} acc conf / l2r | {t} acc_norm conf / l2r" for t in tasks) + \
+        " | answers: parent ppl | distinct-2 |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for task in tasks:
         if task in summary["parent"]:
             p = summary["parent"][task]
             cells = " | ".join(f"{p['acc']:.3f} | {p['acc_norm']:.3f}" if t == task else "- | -" for t in tasks)
-            lines.append(f"| AR parent | adapter off, causal | - | - | - | - | {cells} |")
+            lines.append(f"| AR parent | adapter off, causal | - | - | - | - | {cells} | "
+                         f"{quality_cells(summary.get('parent_quality'))} |")
     for name, entry in summary["variants"].items():
         train = entry["train"]
         val = train["val"]
@@ -45,7 +54,8 @@ def table(summary: dict) -> str:
                 cells.append(" / ".join(f"{got[o][metric]:.3f}" if got[o] else "-" for o in ("confidence", "l2r")))
         lines.append(f"| {name} | {overrides.replace('{half}', str(train['steps'] // 2))} | {train['steps']} | "
                      f"{train['tokens']:,} | {train['wall_s'] / 60:.0f} | {val[0]['val_loss']:.2f} → "
-                     f"{val[-1]['val_loss']:.2f} | " + " | ".join(cells) + " |")
+                     f"{val[-1]['val_loss']:.2f} | " + " | ".join(cells) + " | "
+                     f"{quality_cells((entry.get('quality') or {}).get('lad'))} |")
     return "\n".join(lines)
 
 
