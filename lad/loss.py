@@ -74,9 +74,41 @@ def distill_positions(noisy_ids: Tensor, answer_mask: Tensor, mask_id: int, stru
     return masked & (visible_after == 0)
 
 
-def kl_to_parent(logits: Tensor, parent_logits: Tensor, weights: Tensor) -> Tensor:
-    """Sum of weight·KL(parent || denoiser) over N positions ([N, V] each, fp32)."""
-    log_q = F.log_softmax(logits.float(), -1)
-    log_p = F.log_softmax(parent_logits.float(), -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (kl * weights.to(kl.dtype)).sum()
+KL_CHUNK = 256  # positions per chunk: a [256, V] fp32 block at a time instead of several [N, V] copies
+
+
+def kl_to_parent(logits: Tensor, parent_logits: Tensor, weights: Tensor, chunk: int = KL_CHUNK) -> Tensor:
+    """Sum of weight·KL(parent || denoiser) over N positions ([N, V] each; computed in fp32).
+
+    Computed `chunk` positions at a time with a hand-written backward, d/dq = w·(softmax(q) - p): autograd's
+    version keeps log-softmaxes, exponentials and products of [N, V] for the backward, several copies of the
+    logits (at N≈1000 and SmolLM2's 49k vocabulary, about 1 GB); this keeps none."""
+    return _ChunkedParentKL.apply(logits, parent_logits.detach(), weights.detach(), chunk)
+
+
+class _ChunkedParentKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, parent_logits, weights, chunk):
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least
+        total = torch.zeros((), dtype=dtype, device=logits.device)
+        for start in range(0, logits.shape[0], chunk):
+            end = start + chunk
+            log_q = F.log_softmax(logits[start:end].to(dtype), -1)
+            log_p = F.log_softmax(parent_logits[start:end].to(dtype), -1)
+            p = log_p.exp()
+            terms = torch.where(p > 0, p * (log_p - log_q), 0.0)  # 0·log 0 = 0 (the masked-out mask token)
+            total += (terms.sum(-1) * weights[start:end].to(dtype)).sum()
+        ctx.save_for_backward(logits, parent_logits, weights)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, parent_logits, weights = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            q = F.softmax(logits[start:end].to(ctx.dtype), -1)
+            p = F.softmax(parent_logits[start:end].to(ctx.dtype), -1)
+            out[start:end] = ((q - p) * (weights[start:end].to(ctx.dtype) * grad)[:, None]).to(out.dtype)
+        return out, None, None, None
