@@ -33,7 +33,7 @@ START, END = "<!-- scratch:start -->", "<!-- scratch:end -->"
 PROMPTS = ["Once upon a time", "One day, a little girl named Lily", "Tom had a big red ball."]
 # per tokenizer: answer length, and the sampler settings (one token per iteration, LLaDA's default)
 SAMPLING = {"bpe": dict(max_new_tokens=96, iters=96, block_length=32),
-            "bytes": dict(max_new_tokens=256, iters=256, block_length=64)}
+            "bytes": dict(max_new_tokens=192, iters=192, block_length=64)}
 
 
 def train(args) -> dict:
