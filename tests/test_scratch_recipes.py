@@ -69,11 +69,12 @@ def lad_generate(run: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_recipes_are_what_the_issue_asks():
-    for name, tokenizer, length in (("scratch_tinystories.yaml", "pkg://", 256), ("scratch_bytes.yaml", "bytes", 512)):
+    shapes = {"scratch_tinystories.yaml": ("pkg://", (4, 512, 16)), "scratch_bytes.yaml": ("bytes", (4, 256, 8))}
+    for name, (tokenizer, shape) in shapes.items():
         recipe = load_recipe(REPO / "recipes" / name)
-        config = recipe.model.config
+        config, length = recipe.model.config, 256
         assert recipe.model.init == "scratch" and not recipe.lora.enabled and recipe.noise.objective == "mask"
-        assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == (4, 512, 16)
+        assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == shape
         assert config["max_position_embeddings"] == recipe.data.max_length == length
         assert recipe.model.tokenizer.startswith(tokenizer)
         assert recipe.data.train[0].path == "roneneldan/TinyStories" and recipe.data.train[0].format == "text"
