@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from eval.common import run_logged  # noqa: E402
+from eval.common import run_logged, score_task  # noqa: E402
 
 RESULTS = REPO / "eval" / "results" / "ablation"
 RUNS = REPO / "runs" / "ablate"
@@ -66,27 +66,7 @@ def train(name: str, overrides: list[str], steps: int) -> dict:
 
 
 def score(name: str, model: Path, task: str, order: str, limit: int, baseline: bool = False) -> dict:
-    folder = RESULTS / name
-    target = folder / f"{task}_{'ar' if baseline else order}.json"
-    if target.is_file():
-        return json.loads(target.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    raw = folder / f".{target.stem}.raw.json"
-    raw.unlink(missing_ok=True)
-    cmd = ["lad-eval", "--model", str(model), "--tasks", task, "--limit", str(limit), "--iters", "16",
-           "--order", order, "--data-dir", DATA_DIR, "--output_path", str(raw)]
-    if baseline:
-        cmd += ["--baseline", "ar"]
-    seconds = run_logged(cmd, folder / f"{target.stem}.log")
-    (result,) = json.loads(raw.read_text()).values()
-    values = result["results"][task]
-    record = {"variant": name, "task": task, "order": None if baseline else order, "limit": limit,
-              "command": shlex.join(cmd), "wall_s": round(seconds, 1), "nfe": result["config"].get("nfe"),
-              **{k.split(",")[0]: v for k, v in values.items() if k.startswith("acc")}}
-    target.write_text(json.dumps(record, indent=2) + "\n")
-    raw.unlink()
-    raw.with_suffix(".md").unlink(missing_ok=True)
-    return record
+    return score_task(RESULTS / name, name, model, task, order, limit, baseline=baseline, data_dir=DATA_DIR)
 
 
 def quality(name: str, model: Path, prompts: int = 32) -> dict:

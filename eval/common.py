@@ -253,3 +253,35 @@ def run_logged(cmd: list[str], log: Path, cwd: Path = ROOT) -> float:
     if code:
         raise SystemExit(f"failed ({code}): {shlex.join(cmd)}; see {log}")
     return time.perf_counter() - started
+
+
+def score_task(folder: Path, label: str, model: Path, task: str, order: str, limit: int, *, baseline: bool = False,
+               weights: str = "final", data_dir: str = "../shared/data/eval", stem: str | None = None) -> dict:
+    """Score `model` on one dev task with `lad-eval --iters 16` (or the AR parent with `baseline`), keeping a
+    small record (command, wall time, NFE, acc and acc_norm with stderr) in folder/<stem>.json. An existing
+    record is returned as is, so a sweep that stopped continues where it was."""
+    import shlex
+
+    stem = stem or f"{task}_{'ar' if baseline else order}"
+    target = folder / f"{stem}.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = folder / f".{stem}.raw.json"
+    raw.unlink(missing_ok=True)
+    cmd = ["lad-eval", "--model", str(model), "--tasks", task, "--limit", str(limit), "--iters", "16",
+           "--order", order, "--data-dir", data_dir, "--output_path", str(raw)]
+    if weights != "final":
+        cmd += ["--weights", weights]
+    if baseline:
+        cmd += ["--baseline", "ar"]
+    seconds = run_logged(cmd, folder / f"{stem}.log")
+    (result,) = json.loads(raw.read_text()).values()
+    values = result["results"][task]
+    record = {"variant": label, "task": task, "order": None if baseline else order, "limit": limit,
+              "command": shlex.join(cmd), "wall_s": round(seconds, 1), "nfe": result["config"].get("nfe"),
+              **{k.split(",")[0]: v for k, v in values.items() if k.startswith("acc")}}
+    target.write_text(json.dumps(record, indent=2) + "\n")
+    raw.unlink()
+    raw.with_suffix(".md").unlink(missing_ok=True)
+    return record

@@ -326,6 +326,17 @@ def check_adapter_covers(model, folder: Path, spec) -> None:
                           "lad.json's base_model must name the model the run was trained on")
 
 
+def enclosing_run(folder: Path) -> tuple[Path, str]:
+    """(run, weights) for a `best/` or checkpoint folder, which hold weights and lad.json but not the tokenizer;
+    (folder, "final") for anything else."""
+    if (folder / "tokenizer_config.json").is_file() or not (folder / "lad.json").is_file():
+        return folder, "final"
+    for root in (folder.parent, folder.parent.parent):
+        if (root / "tokenizer_config.json").is_file() and (root / "recipe.yaml").is_file():
+            return root, str(folder.resolve())
+    return folder, "final"
+
+
 def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final",
              base: dict | None = None):
     """Load a LAD run (base + adapter + lad.json) or an exported folder (`lad export`: merged weights, no
@@ -342,8 +353,11 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a folder")
-    info = LadInfo.load(run_dir)
+    if weights == "final":  # pointed straight at runs/x/best or runs/x/checkpoints/step-N: load it from its run
+        run_dir, weights = enclosing_run(run_dir)
     folder = run_dir if weights == "final" else run_dir / weights if (run_dir / weights).is_dir() else Path(weights)
+    # a checkpoint's own lad.json, so that a run still training (no top-level lad.json yet) can be scored
+    info = LadInfo.load(folder if folder != run_dir and (folder / "lad.json").is_file() else run_dir)
     if info.merged and weights != "final":
         raise RunDirError(f"{run_dir} is an exported model: it holds one set of weights (weights='final')")
     if weights != "final" and not folder.is_dir():

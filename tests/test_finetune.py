@@ -220,6 +220,32 @@ def test_resume_from_latest_replays_exactly(run_a, tmp_path):
     assert all(torch.equal(a_best[k], b_best[k]) for k in a_best)
 
 
+def test_checkpoint_or_best_folder_loads_as_a_model(run_a, tmp_path):
+    """`lad-eval --model runs/x/checkpoints/step-N` (or runs/x/best) means those weights of run x, also while
+    x is still training and has no top-level lad.json yet."""
+    from lad.run import RunDirError, load_run
+
+    ids = torch.tensor([[5, 17, 33, 250, 9]])
+    attention = torch.ones_like(ids)
+    with torch.no_grad():
+        step20 = load_run(run_a, weights="checkpoints/step-000020")[0](ids, attention)
+        direct, _, info = load_run(run_a / "checkpoints" / "step-000020")
+        assert torch.equal(direct(ids, attention), step20)
+        assert info.step == 20
+        best, _, best_info = load_run(run_a / "best")
+        assert best_info.step in (20, STEPS)
+        assert torch.equal(best(ids, attention), load_run(run_a, weights="best")[0](ids, attention))
+    training = tmp_path / "still_training"
+    shutil.copytree(run_a, training)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "lad.json", "README.md"):
+        (training / name).unlink(missing_ok=True)
+    with torch.no_grad():
+        again = load_run(training / "checkpoints" / "step-000020")[0](ids, attention)
+    assert torch.equal(again, step20)
+    with pytest.raises(RunDirError, match="not a LAD run"):
+        load_run(training)  # the run itself has no final weights yet
+
+
 def test_readme_command_without_cpu_flag(tmp_path):
     out = tmp_path / "C"
     result = run([script("accelerate"), "launch", "lad/finetune.py", TINY, "max_steps=20", f"output_dir={out}"])
