@@ -64,3 +64,33 @@ def test_splice_refuses_without_one_pair_of_markers(text, tmp_path):
     with pytest.raises(ValueError):
         splice_file(path, "x")
     assert path.read_text() == text
+
+
+def test_conversion_clock_rebuilds_training_time_from_logged_throughput():
+    from eval.conversion import elapsed
+
+    metrics = [{"step": 0, "val_loss": 9.0},  # validation lines carry no throughput
+               {"step": 1, "tokens": 100, "tokens_per_s": 50.0},  # 2 s
+               {"step": 2, "tokens": 400, "tokens_per_s": 100.0},  # +3 s
+               {"step": 2, "val_loss": 5.0},
+               {"step": 3, "tokens": 500, "tokens_per_s": 20.0}]  # +5 s
+    assert elapsed(metrics) == {1: pytest.approx(2.0), 2: pytest.approx(5.0), 3: pytest.approx(10.0)}
+
+
+def test_conversion_table_puts_each_task_next_to_the_parent():
+    from eval.conversion import table
+
+    def rec(acc, norm, **kw):
+        return {"acc": acc, "acc_stderr": 0.03, "acc_norm": norm, "limit": 200, **kw}
+
+    summary = {"train": {"steps": 240, "tokens": 300_000, "train_s": 3600.0},
+               "parent": {"arc_easy": rec(0.5, 0.37), "mmlu": rec(0.3, None)},
+               "final": {"arc_easy/l2r": rec(0.45, 0.30, task="arc_easy", order="l2r"),
+                         "mmlu/l2r": rec(0.32, None, task="mmlu", order="l2r")},
+               "curve": {"60": rec(0.40, 0.25, task="arc_easy", order="l2r", step=60, tokens=75_000, train_s=900.0)}}
+    text = table(summary)
+    assert "| arc_easy | 200 | 0.500 ± 0.030 | 0.450 (-0.050) | 0.370 | 0.300 |" in text
+    assert "| mmlu | 200 | 0.300 ± 0.030 | 0.320 (+0.020) | - | - |" in text
+    assert "240 steps, 300,000 training tokens, 60 training minutes" in text
+    # the curve ends with the final weights, at the run's full budget
+    assert "| 60 | 75,000 | 15 | 0.400 | 0.250 |" in text and "| 240 | 300,000 | 60 | 0.450 | 0.300 |" in text
