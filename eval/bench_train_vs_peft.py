@@ -52,7 +52,7 @@ def build(recipe, arm: str):
     torch.manual_seed(recipe.seed)
     model = add_trainable(model, recipe, mask)
     if arm == "lad":
-        model = Denoiser(model, mask.id, recipe.shift)
+        model = Denoiser(model, mask.id, recipe.shift, recipe.attention)
     model.train()
     return model, build_optimizer(recipe, model), tokenizer, mask, examples
 

@@ -43,7 +43,8 @@ from lad.data.distilled import distill_sources
 from lad.distill import DistillError
 from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
 from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
-from lad.modeling.anneal import anneal_progress, annealed_mask
+from lad.modeling.anneal import anneal_progress, annealed_allowed
+from lad.modeling.prompt_causal import additive, answer_start_from, prompt_causal_allowed
 from lad.modeling.bidirectional import UnsupportedArchitectureError
 from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 from lad.modeling.load import load_base
@@ -202,7 +203,8 @@ def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_w
     noisy = corruption.noisy_ids.to(device)
     position_ids = batch["position_ids"].to(device)
     attention = batch["attention_mask"].to(device) if attention_mask is None else attention_mask.to(device)
-    logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids)
+    answer_start = answer_start_from(batch["answer_mask"]).to(device)
+    logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids, answer_start=answer_start)
     targets = batch["input_ids"].to(device)[positions]
     weights = corruption.weights.to(device)[positions]
     loss_sum = weighted_cross_entropy(logits, targets, weights)
@@ -347,13 +349,13 @@ def _train(recipe: Recipe) -> Path:
             commit_folder(tmp, out / "base")
         base_ref.update(name_or_path="./base", init="pretrained", config={}, tokenizer=None)
     model = add_trainable(model, recipe, mask)
-    denoiser = Denoiser(model, mask.id, recipe.shift)
+    denoiser = Denoiser(model, mask.id, recipe.shift, recipe.attention)
     trainable, total = count_parameters(denoiser)
     info = LadInfo(base_model=base_ref, mask_token=mask.token, mask_token_id=mask.id, mask_token_added=mask.added,
                    vocab_size=len(tokenizer), shift=recipe.shift, objective=recipe.noise.objective,
                    noise=dataclasses.asdict(recipe.noise), adapter="lora" if recipe.lora.enabled else "full",
                    chat_template=prompt_style(recipe, tokenizer),
-                   max_length=recipe.data.max_length, eos_padding=recipe.eos_padding)
+                   max_length=recipe.data.max_length, eos_padding=recipe.eos_padding, attention=recipe.attention)
     optimizer = build_optimizer(recipe, denoiser)
     scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
 
@@ -435,9 +437,12 @@ def _train(recipe: Recipe) -> Path:
                                  replace_pool=pool)
             attention = None
             if step < recipe.anneal_steps:  # causal → bidirectional: a random share of later tokens visible
-                attention = annealed_mask(batch["attention_mask"], anneal_progress(step, recipe.anneal_steps),
-                                          [torch.Generator().manual_seed(seed_for(recipe.seed, step, j, 2))
-                                           for j in rows], weight_dtype)
+                allowed = annealed_allowed(batch["attention_mask"], anneal_progress(step, recipe.anneal_steps),
+                                           [torch.Generator().manual_seed(seed_for(recipe.seed, step, j, 2))
+                                            for j in rows])
+                if recipe.attention == "prompt_causal":  # the prompt stays causal while the answer anneals
+                    allowed &= prompt_causal_allowed(batch["attention_mask"], answer_start_from(batch["answer_mask"]))
+                attention = additive(allowed, weight_dtype)
             torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
             sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
             with sync, accelerator.autocast():

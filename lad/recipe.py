@@ -185,6 +185,9 @@ class Recipe:
     optim: OptimSpec = field(default_factory=OptimSpec)
     mask_token: str = "auto"  # auto: a spare reserved special token, else add <|mask|>; or name one
     shift: bool = False  # false: token i predicted at position i (LAD); true: at i-1 (Dream/DiffuLLaMA)
+    # bidirectional: every token sees every token; prompt_causal: the prompt is read causally as the parent read
+    # it and never sees the answer, the answer sees everything (lad/modeling/prompt_causal.py)
+    attention: Literal["bidirectional", "prompt_causal"] = "bidirectional"
     eos_padding: bool = False  # pad answers with EOS inside the loss (LLaDA); off: it teaches EOS floods
     distill_weight: float = 0.0  # + weight·KL(causal parent || denoiser) where the parent is a valid target
     anneal_steps: int = 0  # causal → bidirectional attention over the first N steps (DiffuLLaMA); 0: switch at once
@@ -228,6 +231,9 @@ class Recipe:
             raise ValueError("distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
         if self.anneal_steps and self.model.attn_implementation == "flash_attention_2":
             raise ValueError("anneal_steps: annealing builds 4-D attention masks, which flash_attention_2 cannot "
+                             "take; use attn_implementation: sdpa")
+        if self.attention == "prompt_causal" and self.model.attn_implementation == "flash_attention_2":
+            raise ValueError("attention: prompt_causal builds 4-D attention masks, which flash_attention_2 cannot "
                              "take; use attn_implementation: sdpa")
 
     def to_dict(self) -> dict:

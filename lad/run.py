@@ -56,6 +56,7 @@ class LadInfo:
     chat_template: bool | str = True  # "raw": trained on plain text only, prompts are continued as given
     max_length: int = 512
     eos_padding: bool = False
+    attention: str = "bidirectional"  # "prompt_causal": the prompt is read causally (lad/modeling/prompt_causal.py)
     step: int = 0
     lad_version: str = __version__
     format: int = LAD_FORMAT
@@ -380,7 +381,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
         check_adapter_covers(model, folder, spec)
     elif trained is not None:
         weights_fitting(lambda: load_trainable_weights(model, folder), folder, spec)
-    denoiser = Denoiser(model, info.mask_token_id, info.shift).eval()
+    denoiser = Denoiser(model, info.mask_token_id, info.shift, info.attention).eval()
     if device is not None:
         denoiser.to(device)
     return denoiser, tokenizer, info

@@ -189,7 +189,7 @@ class PrefixBlind(torch.nn.Module):
         self.mask_id, self.shift, self.calls = den.mask_id, den.shift, 0
         self.causal_lm = den.causal_lm  # for eos_token_ids
 
-    def forward(self, ids, attention_mask, positions):
+    def forward(self, ids, attention_mask, positions, **_):
         self.calls += 1
         return reference(self.den, ids, attention_mask, positions, self.k)
 

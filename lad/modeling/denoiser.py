@@ -16,9 +16,10 @@ in DDP and gradients flow through `forward`. `as_parent()` runs the same weights
 Prefix K/V cache (sampling only; docs/sampling.md): `prefix_cache(prompt_ids, prompt_mask)` runs the prompt
 alone once and keeps its keys and values; `forward(..., cache=...)` then runs only the columns after the cached
 prefix against them. The prefix does not see the rest of the canvas, so this equals a full forward whose mask
-forbids the prefix's rows from attending to later columns, and only approximates the bidirectional forward.
-With `shift=True` the last prompt token is left out of the cache and recomputed with the canvas, because the
-prediction for the first answer slot is read from it.
+forbids the prefix's rows from attending to later columns: it only approximates the bidirectional forward, and
+it is exact for prompt-causal attention (`attention="prompt_causal"`, whose prompt never sees the canvas).
+With `shift=True` the prediction for the first answer slot is read from the last prompt token: a bidirectional
+model recomputes that column with the canvas, a prompt-causal one keeps its hidden state in the cache.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .bidirectional import causal_attention, make_bidirectional
+from .prompt_causal import ATTENTION_MODES, prompt_causal_mask
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -60,6 +62,7 @@ class PrefixCache:
     kv: object
     ids: Tensor
     attention_mask: Tensor
+    last_hidden: Tensor | None = None  # [B, H] of the last cached column (prompt-causal + shift: it predicts slot 0)
 
     @property
     def length(self) -> int:
@@ -77,11 +80,14 @@ def _cache_keyword(decoder: nn.Module) -> str:
 
 
 class Denoiser(nn.Module):
-    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False):
+    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, attention: str = "bidirectional"):
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.model = model  # a transformers CausalLM, or a PeftModel around one
         self.mask_id = int(mask_id)
         self.shift = bool(shift)
+        self.attention = attention  # "prompt_causal": see lad/modeling/prompt_causal.py
         make_bidirectional(model)
 
     # -- the parts of the wrapped model we call directly
@@ -94,10 +100,28 @@ class Denoiser(nn.Module):
     def config(self):
         return self.causal_lm.config
 
+    @property
+    def prompt_causal(self) -> bool:
+        return self.attention == "prompt_causal"
+
+    def attention_for(self, input_ids: Tensor, attention_mask: Tensor | None, answer_start: Tensor | None):
+        """The mask the decoder gets: the 2-D padding mask (transformers' bidirectional path), or with prompt-causal
+        attention the 4-D mask built from `answer_start` (required then: without it the prompt would be read
+        bidirectionally, which is not what the model was trained on)."""
+        if not self.prompt_causal or (attention_mask is not None and attention_mask.dim() == 4):
+            return attention_mask
+        if answer_start is None:
+            raise ValueError("this model reads its prompt causally (attention: prompt_causal): "
+                             "pass answer_start, the first answer column of each row")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return prompt_causal_mask(attention_mask, answer_start, self.causal_lm.get_input_embeddings().weight.dtype)
+
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      position_ids: Tensor | None = None) -> Tensor:
-        if attention_mask is not None and position_ids is None:
+                      position_ids: Tensor | None = None, answer_start: Tensor | None = None) -> Tensor:
+        if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
+        attention_mask = self.attention_for(input_ids, attention_mask, answer_start)
         out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -112,21 +136,25 @@ class Denoiser(nn.Module):
     def prefix_cache(self, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PrefixCache:
         """Run the (left-padded) prompts alone and keep their keys and values for `forward(..., cache=...)`.
 
-        Attention among the prompt tokens is bidirectional, padding masked, position ids from the mask: what a
-        full forward computes for them when they cannot see the columns that follow. With `shift=True` the last
-        column is left out (it is recomputed with the canvas: the first answer slot is predicted from it).
+        Attention among the prompt tokens is bidirectional (causal with prompt-causal attention), padding masked,
+        position ids from the mask: what a full forward computes for them when they cannot see the columns that
+        follow. With `shift=True` the first answer slot is predicted from the last prompt column: a bidirectional
+        model leaves that column out (it is recomputed with the canvas, which it sees); a prompt-causal one keeps
+        it and its hidden state, which the canvas cannot change. With prompt-causal attention the cache is exact.
         """
         from transformers import DynamicCache
 
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
-        length = max(prompt_ids.shape[1] - (1 if self.shift else 0), 0)
+        exact = self.prompt_causal
+        length = max(prompt_ids.shape[1] - (1 if self.shift and not exact else 0), 0)
         ids, mask = prompt_ids[:, :length], prompt_mask[:, :length]
         if not length:
             return PrefixCache(None, ids, mask)
         kv = DynamicCache(config=self.config)
-        self._decode(ids, mask, position_ids_from_mask(mask), kv)
-        return PrefixCache(kv, ids, mask)
+        with causal_attention(self.model, True) if exact else nullcontext():
+            hidden = self._decode(ids, mask, position_ids_from_mask(mask), kv)
+        return PrefixCache(kv, ids, mask, hidden[:, -1] if exact and self.shift else None)
 
     def _cached_hidden(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
                        cache: PrefixCache) -> Tensor:
@@ -156,7 +184,8 @@ class Denoiser(nn.Module):
         return logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), torch.finfo(logits.dtype).min)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: PrefixCache | None = None) -> Tensor:
+                position_ids: Tensor | None = None, cache: PrefixCache | None = None,
+                answer_start: Tensor | None = None) -> Tensor:
         """Logits for token i at index i.
 
         positions: optional bool [B, L]; then only those tokens are predicted and the result is [N, V] in
@@ -164,17 +193,22 @@ class Denoiser(nn.Module):
         cache: a `prefix_cache` of the canvas's first columns; then only the columns after it are run (the
         prefix does not see them), `positions` is required and must not ask for a token predicted from inside
         the prefix. The result has the same shape and order as without the cache.
+        answer_start: LongTensor [B], each row's first answer column; required with prompt-causal attention and
+        ignored otherwise (callers pass it always: they know where the prompt ends, the model decides).
         """
         if cache is not None and cache.length:
             if positions is None:
                 raise ValueError("a cached forward needs `positions` (the tokens to predict)")
             source = self._source(positions.bool())
-            if source[:, :cache.length].any():
-                raise ValueError(f"positions predicted from the cached prefix (its first {cache.length} columns) "
+            first = cache.length - (cache.last_hidden is not None)  # first column whose hidden state we have
+            if source[:, :first].any():
+                raise ValueError(f"positions predicted from the cached prefix (its first {first} columns) "
                                  "cannot be computed by a cached forward")
             hidden = self._cached_hidden(input_ids, attention_mask, position_ids, cache)
-            return self.head(hidden[source[:, cache.length:]])
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+            if cache.last_hidden is not None:
+                hidden = torch.cat([cache.last_hidden[:, None].to(hidden.dtype), hidden], dim=1)
+            return self.head(hidden[source[:, first:]])
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, answer_start)
         if positions is None:
             logits = self.head(hidden)
             if self.shift:

@@ -77,6 +77,11 @@ class Canvas:
         return self.ids[:, self.prompt_width:]
 
     @property
+    def answer_start(self) -> Tensor:
+        """[B] the first answer column of every row (P): where prompt-causal attention stops being causal."""
+        return torch.full((self.ids.shape[0],), self.prompt_width, dtype=torch.long, device=self.ids.device)
+
+    @property
     def positions(self) -> Tensor:
         """Bool [B, P + N]: the answer slots (what the denoiser is asked to predict)."""
         pos = torch.zeros_like(self.ids, dtype=torch.bool)
@@ -123,11 +128,10 @@ def answer_logits(denoiser, canvas: Canvas, cache=None) -> Tensor:
     """[B, N, V] float logits for the answer slots (the shift, if any, is the Denoiser's business).
 
     cache: a `prompt_cache(denoiser, canvas)`; then only the answer slots are run, against the prompt's cached
-    keys and values (the prompt does not see the canvas: an approximation of the full forward)."""
-    if cache is None:
-        flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions)
-    else:
-        flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions, cache=cache)
+    keys and values (the prompt does not see the canvas: exact with prompt-causal attention, an approximation of the
+    full bidirectional forward otherwise)."""
+    flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions, cache=cache,
+                    answer_start=canvas.answer_start)
     return flat.view(canvas.ids.shape[0], -1, flat.shape[-1]).float()
 
 

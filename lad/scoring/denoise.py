@@ -71,12 +71,14 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "confiden
         logp = torch.zeros(rows, dtype=torch.float64, device=device)
         greedy = torch.ones(rows, dtype=torch.bool, device=device)
         column = torch.arange(width, device=device).expand(rows, width)
+        answer_start = torch.tensor([width - length for length in lengths], device=device)
 
         for step in range(max(len(s) for s in schedules)):
             live = torch.tensor([r for r in range(rows) if step < len(schedules[r])], device=device)
             quota = torch.tensor([schedules[r][step] for r in live.tolist()], device=device)
             slots = masked[live]
-            log_probs = denoiser(canvas[live], attention[live], positions=slots).float().log_softmax(-1)  # [N, V]
+            log_probs = denoiser(canvas[live], attention[live], positions=slots,
+                                 answer_start=answer_start[live]).float().log_softmax(-1)  # [N, V]
             count(stats, rows=len(live))
             truth = target[live]
             true_lp = torch.zeros(slots.shape, dtype=torch.float32, device=device)

@@ -89,7 +89,9 @@ def score_elbo(denoiser, requests, *, mc_samples: int = 128, seed: int = 0, batc
         masked = torch.zeros_like(target, dtype=torch.bool)
         for row, (i, mask, _) in enumerate(units):
             masked[row, width - lengths[i]:] = mask.to(device)
-        log_probs = denoiser(target.masked_fill(masked, mask_id), attention, positions=masked).float()
+        answer_start = torch.tensor([width - lengths[i] for i, _, _ in units], device=device)
+        log_probs = denoiser(target.masked_fill(masked, mask_id), attention, positions=masked,
+                             answer_start=answer_start).float()
         log_probs = log_probs.log_softmax(-1)
         count(stats, rows=len(units))
         true_lp = torch.zeros(masked.shape, dtype=torch.float32, device=device)

@@ -36,7 +36,8 @@ def score_single_tokens(denoiser, requests, *, causal: bool = False, batch_size:
                                        device=device)
             positions = torch.zeros_like(ids, dtype=torch.bool)
             positions[:, -1] = True
-            logits = denoiser(ids, attention, positions=positions)
+            logits = denoiser(ids, attention, positions=positions,
+                              answer_start=torch.full((len(chunk),), ids.shape[1] - 1, device=device))
         log_probs = logits.float().log_softmax(-1)
         count(stats, rows=len(chunk))
         for row, context in enumerate(chunk):
