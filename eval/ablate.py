@@ -39,6 +39,9 @@ VARIANTS = {
     "both": ["noise.suffix_share=0.5", "distill_weight=1.0"],
     "anneal": ["noise.suffix_share=0.5", "distill_weight=1.0", "anneal_steps={half}"],
     "shift": ["noise.suffix_share=0.5", "distill_weight=1.0", "shift=true"],
+    # the prompt read causally (docs/model.md): on the `shift` row, and on the plain objective with the shift
+    "prompt_causal": ["noise.suffix_share=0.5", "distill_weight=1.0", "shift=true", "attention=prompt_causal"],
+    "prompt_causal_mask": ["shift=true", "attention=prompt_causal"],
     "mixed": ["noise.objective=mixed"],
     "structural": ["noise.objective=structural"],
 }

@@ -164,9 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--block-length", type=int, help="confidence, threshold: left-to-right blocks of this many slots")
     how.add_argument("--threshold", type=float, help="threshold: commit slots with confidence >= this")
     how.add_argument("--delay-eos", action="store_const", const=True, help="confidence, threshold: commit EOS last")
-    how.add_argument("--prefix-cache", action="store_const", const=True,
+    how.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                      help="refine, confidence, threshold: compute the prompt's K/V once and run only the answer slots "
-                          "(faster; approximate: the prompt does not see the canvas)")
+                          "(faster; approximate for a bidirectional run, exact for a prompt-causal one, where it is "
+                          "on unless --no-prefix-cache)")
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")

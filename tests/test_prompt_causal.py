@@ -181,3 +181,20 @@ def test_the_recipe_refuses_flash_attention(tmp_path):
     code = main([TINY_RECIPE, f"output_dir={tmp_path / 'x'}", "attention=prompt_causal",
                  "model.attn_implementation=flash_attention_2"])
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["refine", "confidence", "threshold"])
+def test_samplers_cache_the_prompt_by_default_when_exact(name):
+    from lad.sampling import STRATEGIES
+
+    tokenizer = build_byte_tokenizer()
+    fn = STRATEGIES[name]
+    options = dict(max_new_tokens=6, iters=4, seed=1, chat_template="raw")
+    for shift in (False, True):
+        den = denoiser(shift)
+        default = fn(den, tokenizer, ["hi", "Reverse the words."], **options)
+        uncached = fn(den, tokenizer, ["hi", "Reverse the words."], prefix_cache=False, **options)
+        assert [g.prefix_forwards for g in default] == [1, 1] and [g.prefix_forwards for g in uncached] == [0, 0]
+        assert [g.token_ids for g in default] == [g.token_ids for g in uncached]
+    bidirectional = Denoiser(make_tiny_model("llama"), MASK_ID).eval()
+    assert [g.prefix_forwards for g in fn(bidirectional, tokenizer, ["hi"], **options)] == [0]  # approximate: opt-in

@@ -13,7 +13,8 @@ and reports every iteration as a `Step` (to `on_step` as it happens, and in `Gen
 
 `prefix_cache=True` (refine, confidence, threshold) runs the prompt alone once (`prompt_cache`) and then every
 iteration only the answer slots against its cached keys and values (`answer_logits(..., cache)`): faster, an
-approximation (the prompt no longer sees the canvas; docs/sampling.md). That prompt pass is not counted in `nfe`;
+approximation for a bidirectional model (the prompt no longer sees the canvas; docs/sampling.md), exact for a
+prompt-causal one. The default (None) is on exactly when it is exact. That prompt pass is not counted in `nfe`;
 `Generation.prefix_forwards` reports it.
 """
 
@@ -115,6 +116,14 @@ def build_canvas(tokenizer, prompts: list[str], max_new_tokens: int, mask_id: in
         attention[row, width - len(r):] = 1
     ids[:, width:] = mask_id
     return Canvas(ids.to(device), attention.to(device), width, list(prompts))
+
+
+def use_prefix_cache(denoiser, prefix_cache: bool | None) -> bool:
+    """The sampler's `prefix_cache` option: as given, or when None (the default) on exactly when the cache is exact,
+    i.e. for a model whose prompt never sees the answer (attention: prompt_causal)."""
+    if prefix_cache is not None:
+        return bool(prefix_cache)
+    return getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
 
 
 def prompt_cache(denoiser, canvas: Canvas):

@@ -28,7 +28,7 @@ import time
 import torch
 
 from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
-                     sample_tokens)
+                     sample_tokens, use_prefix_cache)
 
 SCHEDULES = ("linear", "exponential")
 REMASK = ("random", "confidence")
@@ -61,11 +61,11 @@ def _check(iters: int, noise_start: float, schedule: str, remask: str, retention
 def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, noise_start: float = 0.5,
            schedule: str = "linear", remask: str = "random", retention: str = "none", early_stop: int = 2,
-           prefix_cache: bool = False, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+           prefix_cache: bool | None = None, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     _check(iters, noise_start, schedule, remask, retention)
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = prompt_cache(denoiser, canvas) if prefix_cache else None  # the prompt's K/V, computed once
+    cache = prompt_cache(denoiser, canvas) if use_prefix_cache(denoiser, prefix_cache) else None  # the prompt's K/V, computed once
     mask_id, rows, n = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens
     generators = row_generators(rows, seed, canvas.ids.device)
     kept = torch.zeros(rows, n, dtype=torch.bool, device=canvas.ids.device)  # never re-masked again

@@ -26,14 +26,14 @@ import time
 import torch
 
 from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
-                     sample_tokens)
+                     sample_tokens, use_prefix_cache)
 from .confidence import blocks_of
 
 
 @torch.no_grad()
 def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
-              block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool = False,
+              block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool | None = None,
               chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     tau = threshold
     block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
@@ -41,7 +41,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = prompt_cache(denoiser, canvas) if prefix_cache else None  # the prompt's K/V, computed once
+    cache = prompt_cache(denoiser, canvas) if use_prefix_cache(denoiser, prefix_cache) else None  # the prompt's K/V, computed once
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
     eos_ids = eos_token_ids(tokenizer, denoiser)
