@@ -4,9 +4,9 @@
     python eval/conversion.py --run runs/smollm2_135m_hour              # score it (resumable)
     python eval/conversion.py --report                                  # table + plot → docs/results.md
 
-Every kept checkpoint is scored on the curve task (ARC-Easy, first order given) for dev accuracy against
-training tokens and training time; then the final weights on every dev task in each order, next to the AR
-parent on the same prompts (`--baseline ar`). Records are small JSON files in eval/results/conversion/; one
+The final weights are scored on every dev task in each order, next to the AR parent on the same prompts
+(`--baseline ar`); then every kept checkpoint on the curve task (ARC-Easy, first order given) for dev accuracy
+against training tokens and training time. Records are small JSON files in eval/results/conversion/; one
 whose file exists is not rerun, so a scoring pass that stopped continues where it was.
 """
 
@@ -64,16 +64,6 @@ def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit:
         summary.setdefault("parent", {})[task] = score_task(RESULTS / "parent", "parent", run, task, "confidence",
                                                             limit, baseline=True)
         save()
-    points = summary.setdefault("curve", {})
-    for folder in sorted((run / "checkpoints").glob("step-*")):
-        step = int(folder.name[5:])
-        if step == train["steps"]:
-            continue  # the final weights, scored below
-        record = score_task(RESULTS / "curve", f"step {step}", run, curve, orders[0], limit,
-                            weights=f"checkpoints/{folder.name}", stem=f"{folder.name}_{curve}_{orders[0]}")
-        tokens, seconds = train["clock"][str(step)]
-        points[str(step)] = {**record, "step": step, "tokens": tokens, "train_s": seconds}
-        save()
     final = summary.setdefault("final", {})
     for task in tasks:
         for order in orders:
@@ -81,6 +71,16 @@ def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit:
             save()
             print(f"{task}/{order}: {final[f'{task}/{order}']['acc']:.3f} "
                   f"(parent {summary['parent'][task]['acc']:.3f})", flush=True)
+    points = summary.setdefault("curve", {})
+    for folder in sorted((run / "checkpoints").glob("step-*")):
+        step = int(folder.name[5:])
+        if step == train["steps"]:
+            continue  # the final weights, scored above
+        record = score_task(RESULTS / "curve", f"step {step}", run, curve, orders[0], limit,
+                            weights=f"checkpoints/{folder.name}", stem=f"{folder.name}_{curve}_{orders[0]}")
+        tokens, seconds = train["clock"][str(step)]
+        points[str(step)] = {**record, "step": step, "tokens": tokens, "train_s": seconds}
+        save()
     return summary
 
 
@@ -130,7 +130,8 @@ def plot(summary: dict, ablation: dict | None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, scale, label in ((axes[0], "tokens", 1e3, "training tokens (thousands)"),
                                   (axes[1], "train_s", 60, "training time (minutes, 2 CPU cores)")):
-        ax.plot([p[key] / scale for p in curve], [p["acc"] for p in curve], "o-", label="hour run (shift + levers)")
+        ax.plot([p[key] / scale for p in curve], [p["acc"] for p in curve], "o-",
+                label="hour run (prompt-causal, shift, levers)")
         if ablation:  # the 80-step variants: one point each at the same budget
             for name, entry in ablation.get("variants", {}).items():
                 score = entry.get("scores", {}).get(f"{task}/{order}")
