@@ -98,6 +98,16 @@ def with_lora(model, seed=0):
     return peft.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and several stall badly on a busy machine
+    (modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- tiny training runs (recipes/tiny.yaml, in-process)
 
 TINY_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")

@@ -25,13 +25,7 @@ DIFFUSION = ("refine", "confidence", "threshold")
 PROMPTS = ["hi", "Reverse the words.\ncold ship", "a"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and several stall badly on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def denoiser(shift=False, lora=False, attn="sdpa", seed=0) -> Denoiser:
