@@ -44,12 +44,12 @@ from lad.distill import DistillError
 from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
 from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
 from lad.modeling.anneal import anneal_progress, annealed_allowed
-from lad.modeling.prompt_causal import additive, answer_start_from, prompt_causal_allowed
 from lad.modeling.bidirectional import UnsupportedArchitectureError
 from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 from lad.modeling.load import load_base
 from lad.modeling.locate import ModelNotFoundError
 from lad.modeling.mask_token import MaskToken, MaskTokenError, check_not_in_data, resolve_mask_token
+from lad.modeling.prompt_causal import additive, answer_start_from, prompt_causal_allowed
 from lad.noise import corrupt, sample_levels, validation_levels
 from lad.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from lad.run import (LadInfo, RunDirError, commit_folder, latest_checkpoint, load_checkpoint_state,
@@ -135,6 +135,7 @@ def make_batch(examples: list[Example], recipe: Recipe, pad_id: int, eos_id: int
         batch["attention_mask"][pad] = 1
         batch["answer_mask"] |= pad
         batch["position_ids"] = position_ids_from_mask(batch["attention_mask"])
+    batch["answer_start"] = answer_start_from(batch["answer_mask"])  # where prompt-causal attention stops
     return batch
 
 
@@ -203,8 +204,8 @@ def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_w
     noisy = corruption.noisy_ids.to(device)
     position_ids = batch["position_ids"].to(device)
     attention = batch["attention_mask"].to(device) if attention_mask is None else attention_mask.to(device)
-    answer_start = answer_start_from(batch["answer_mask"]).to(device)
-    logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids, answer_start=answer_start)
+    logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids,
+                      answer_start=batch["answer_start"].to(device))
     targets = batch["input_ids"].to(device)[positions]
     weights = corruption.weights.to(device)[positions]
     loss_sum = weighted_cross_entropy(logits, targets, weights)
@@ -441,7 +442,7 @@ def _train(recipe: Recipe) -> Path:
                                            [torch.Generator().manual_seed(seed_for(recipe.seed, step, j, 2))
                                             for j in rows])
                 if recipe.attention == "prompt_causal":  # the prompt stays causal while the answer anneals
-                    allowed &= prompt_causal_allowed(batch["attention_mask"], answer_start_from(batch["answer_mask"]))
+                    allowed &= prompt_causal_allowed(batch["attention_mask"], batch["answer_start"])
                 attention = additive(allowed, weight_dtype)
             torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
             sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)

@@ -118,19 +118,20 @@ def build_canvas(tokenizer, prompts: list[str], max_new_tokens: int, mask_id: in
     return Canvas(ids.to(device), attention.to(device), width, list(prompts))
 
 
-def use_prefix_cache(denoiser, prefix_cache: bool | None) -> bool:
-    """The sampler's `prefix_cache` option: as given, or when None (the default) on exactly when the cache is exact,
-    i.e. for a model whose prompt never sees the answer (attention: prompt_causal)."""
-    if prefix_cache is not None:
-        return bool(prefix_cache)
-    return getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
-
-
 def prompt_cache(denoiser, canvas: Canvas):
     """The prompt's keys and values, computed with the prompt alone (`Denoiser.prefix_cache`), for
     `answer_logits(denoiser, canvas, cache)`."""
     width = canvas.prompt_width
     return denoiser.prefix_cache(canvas.ids[:, :width], canvas.attention_mask[:, :width])
+
+
+def sampler_cache(denoiser, canvas: Canvas, prefix_cache: bool | None):
+    """The samplers' `prefix_cache` option: the prompt's cache (`prompt_cache`) or None. As given, or when None
+    (the default) on exactly when the cache is exact, i.e. for a model whose prompt never sees the answer
+    (attention: prompt_causal)."""
+    if prefix_cache is None:
+        prefix_cache = getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
+    return prompt_cache(denoiser, canvas) if prefix_cache else None
 
 
 def answer_logits(denoiser, canvas: Canvas, cache=None) -> Tensor:

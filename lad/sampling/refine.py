@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
-                     sample_tokens, use_prefix_cache)
+from .common import (answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens,
+                     sampler_cache)
 
 SCHEDULES = ("linear", "exponential")
 REMASK = ("random", "confidence")
@@ -65,7 +65,7 @@ def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
     _check(iters, noise_start, schedule, remask, retention)
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = prompt_cache(denoiser, canvas) if use_prefix_cache(denoiser, prefix_cache) else None  # the prompt's K/V, computed once
+    cache = sampler_cache(denoiser, canvas, prefix_cache)  # the prompt's K/V, computed once (or None)
     mask_id, rows, n = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens
     generators = row_generators(rows, seed, canvas.ids.device)
     kept = torch.zeros(rows, n, dtype=torch.bool, device=canvas.ids.device)  # never re-masked again

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from .common import (answer_logits, eos_token_ids, finish, prepare, prompt_cache, record_step, row_generators,
-                     sample_tokens, use_prefix_cache)
+from .common import (answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens,
+                     sampler_cache)
 from .confidence import blocks_of
 
 
@@ -41,7 +41,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = prompt_cache(denoiser, canvas) if use_prefix_cache(denoiser, prefix_cache) else None  # the prompt's K/V, computed once
+    cache = sampler_cache(denoiser, canvas, prefix_cache)  # the prompt's K/V, computed once (or None)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
     eos_ids = eos_token_ids(tokenizer, denoiser)
