@@ -1,6 +1,8 @@
 """Ablations of the levers that keep what the AR parent knows (issue 11), at one fixed training budget.
 
     python eval/ablate.py --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
+    python eval/ablate.py --variants prompt_causal,prompt_causal_mask          # the prompt read causally
+    python eval/ablate.py --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
@@ -31,6 +33,9 @@ RUNS = REPO / "runs" / "ablate"
 RECIPE = "recipes/smollm2_135m_corpora.yaml"
 DATA_DIR = "../shared/data/eval"
 
+# the built-in prompts answered by the AR parent (the hour run's settings, so its cached answers are reused)
+DISTILLED = "{path: builtin, distill: {max_new_tokens: 128, limit: null}}"
+
 # the levers, each on top of the plain absorbing-mask objective
 VARIANTS = {
     "mask": [],
@@ -44,6 +49,12 @@ VARIANTS = {
     "prompt_causal_mask": ["shift=true", "attention=prompt_causal"],
     "mixed": ["noise.objective=mixed"],
     "structural": ["noise.objective=structural"],
+    # issue 5's rows, on `prompt_causal_mask`: LoRA rank and targets, and the data source (the parent's own
+    # answers to the built-in prompts, distilled once and cached, instead of or besides the shared corpora)
+    "rank4": ["shift=true", "attention=prompt_causal", "lora.r=4", "lora.alpha=8"],
+    "attn_only": ["shift=true", "attention=prompt_causal", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    "distilled": ["shift=true", "attention=prompt_causal", f"data.train=[{DISTILLED}]"],
+    "corpora_distilled": ["shift=true", "attention=prompt_causal", f"data.train.2={DISTILLED}"],
 }
 
 
@@ -56,7 +67,7 @@ def train(name: str, overrides: list[str], steps: int) -> dict:
     out = RUNS / name
     cmd = ["lad-finetune", RECIPE, f"max_steps={steps}", "noise.objective=mask", f"eval_every={steps // 2}",
            "save_every=0", f"output_dir={out}", "overwrite=true",
-           *[o.format(half=steps // 2) for o in overrides]]
+           *[o.replace("{half}", str(steps // 2)) for o in overrides]]
     seconds = run_logged(cmd, folder / "train.log")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     record = {"variant": name, "command": shlex.join(cmd), "wall_s": round(seconds, 1), "steps": steps,

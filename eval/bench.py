@@ -3,12 +3,15 @@
     python -m eval.bench                         # real measurement on SmolLM2-135M (untrained bidirectional)
     python -m eval.bench --model runs/NAME       # the same on a trained run
     python -m eval.bench --quick                 # tiny sizes, seconds to minutes: proves the pipeline works
+    python -m eval.bench --only quality --model runs/NAME   # one part; the section keeps the others' records
+    python -m eval.bench --report                # run nothing: rebuild the section from the saved records
 
 Each benchmark runs in its own process (`python -m eval.NAME`, so its peak RSS is its own) and writes its JSON
 record under eval/results/ (eval/results/quick/ with --quick). The section between `<!-- bench:start -->` and
 `<!-- bench:end -->` of docs/results.md is then rebuilt from those records: machine, versions, date, command,
 medians, the ratios against issue 5's targets and whether each is met. Everything outside the markers is left
 byte for byte. --quick touches the docs only when --results-md is given. Run it on an otherwise idle machine.
+Parts not run this time are reported from the records they left, so the suite can be spread over sessions.
 """
 
 from __future__ import annotations
@@ -66,6 +69,16 @@ def run_all(names: list[str], settings: dict, out_dir: Path, model: str | None, 
     return records
 
 
+def saved_records(out_dir: Path, skip: dict) -> dict:
+    """Records an earlier run left (the section covers every part measured so far, so the 2-hour suite can be
+    run one part at a time); each part's paragraph names its own command and the header its dates."""
+    found = {}
+    for name, file in OUTPUTS.items():
+        if name not in skip and (out_dir / file).is_file():
+            found[name] = json.loads((out_dir / file).read_text(encoding="utf-8"))
+    return found
+
+
 def rel(path: Path) -> str:
     """A path as the recorded command should show it: relative to the repository (the children's cwd)."""
     try:
@@ -118,16 +131,18 @@ def section(records: dict, command: str, quick: bool) -> str:
     """The markdown between the bench markers."""
     any_record = next(iter(records.values()))
     v, m = any_record["versions"], any_record["machine"]
+    dates = sorted({r["date"][:10] for r in records.values()})
     lmeval = records.get("scoring", {}).get("versions", {}).get("lm_eval", "-")
     lines = []
     if quick:
         lines += ["**Quick smoke run (`--quick`): tiny sizes; these numbers prove the pipeline runs and mean "
                   "nothing about speed or quality.**", ""]
-    lines += [f"Measured {any_record['date']} on {m['platform']} ({m['cpus']} CPUs, {m['memory_gib']} GiB, "
+    lines += [f"Measured {' and '.join(dates)} on {m['platform']} ({m['cpus']} CPUs, {m['memory_gib']} GiB, "
               f"{m['threads']} torch threads{', GPU ' + m['gpu'] if m['gpu'] else ''}); LAD {v['lad']}, torch "
               f"{v['torch']}, transformers {v['transformers']}, peft {v['peft']}, lm-eval {lmeval}, Python "
-              f"{v['python']}. Command: `{command}`. Records: `eval/results/{'quick/' if quick else ''}`"
-              f"{{{', '.join(OUTPUTS[n] for n in records)}}}.", ""]
+              f"{v['python']}. Last command: `{command}`; each part names its own below (`--only NAME` reruns one "
+              f"part, `--report` rebuilds this section from the records). Records: "
+              f"`eval/results/{'quick/' if quick else ''}{{{', '.join(OUTPUTS[n] for n in records)}}}`.", ""]
     rows, _ = targets(records)
     lines += ["| target (issue 5) | measured (medians, one interleaved run) | target | verdict |", "|---|---|---|---|",
               *rows, ""]
@@ -204,11 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-md", help="the file whose bench section to rewrite (default: docs/results.md; "
                         "with --quick: none unless given)")
     parser.add_argument("--no-docs", action="store_true", help="write the records only")
+    parser.add_argument("--report", action="store_true", help="run nothing: rebuild the section from the records "
+                        "already in eval/results/")
     args = parser.parse_args(argv)
     out_dir = RESULTS / "quick" if args.quick else RESULTS
     plot = out_dir / "gen_quality.png" if args.quick else ROOT / "docs" / "img" / "gen_quality.png"
     command = "python -m eval.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    records = run_all(args.only, QUICK if args.quick else FULL, out_dir, args.model, plot)
+    records = {} if args.report else run_all(args.only, QUICK if args.quick else FULL, out_dir, args.model, plot)
+    records = {**saved_records(out_dir, skip=records), **records}
+    if not records:
+        parser.error(f"no benchmark records in {out_dir} to report; run the benchmarks first")
+    records = {name: records[name] for name in SCRIPTS if name in records}  # the section's fixed order
     body = section(records, command.strip(), args.quick)
     print("\n" + body)
     target = args.results_md or (None if args.quick else str(ROOT / "docs" / "results.md"))

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="local task data, one folder per task (default: ../shared/data/eval)")
     parser.add_argument("--limit", type=int, default=50, help="documents per task (default: 50)")
     parser.add_argument("--iters", type=int, default=16, help="denoise: reveal iterations (default: 16)")
-    parser.add_argument("--order", choices=["confidence", "l2r"], default="confidence", help="denoise reveal order")
+    parser.add_argument("--order", choices=["confidence", "l2r"], default="l2r", help="denoise reveal order (lad-eval's default)")
     parser.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (all modes)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all three")

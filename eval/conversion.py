@@ -1,6 +1,6 @@
 """The real conversion (issues 5 and 11): one longer SmolLM2-135M run scored against its AR parent.
 
-    accelerate launch lad/finetune.py recipes/smollm2_135m_hour.yaml    # distil the parent once, then 240 steps
+    accelerate launch lad/finetune.py recipes/smollm2_135m_hour.yaml    # distil the parent once, then 160 steps
     python eval/conversion.py --run runs/smollm2_135m_hour              # score it (resumable)
     python eval/conversion.py --report                                  # table + plot → docs/results.md
 
@@ -24,6 +24,7 @@ from eval.common import score_task, splice_file  # noqa: E402
 RESULTS = REPO / "eval" / "results" / "conversion"
 DOC = REPO / "docs" / "results.md"
 PLOT = REPO / "docs" / "img" / "conversion_curve.png"
+STEP0 = REPO / "eval" / "results" / "prompt_causal"  # the untrained prompt-causal model, scored once
 START, END = "<!-- conversion:start -->", "<!-- conversion:end -->"
 TASKS = "arc_easy,arc_challenge,hellaswag,mmlu"
 
@@ -50,6 +51,28 @@ def read_train(run: Path) -> dict:
             "clock": {str(s): [tokens[s], round(clock[s], 1)] for s in clock}}
 
 
+def untrained_point(train: dict, task: str, order: str, limit: int) -> dict | None:
+    """Step 0 of the curve: LoRA starts at zero, so the untrained model is the parent under the run's attention
+    and shift, whatever its data. That model was scored once (docs/results.md, "Reading the prompt causally");
+    its record is reused when the run's attention, shift, task, order and document count are the ones scored."""
+    import yaml
+
+    recipe = yaml.safe_load(train["recipe"])
+    if not (recipe.get("shift") and recipe.get("attention") == "prompt_causal"):
+        return None
+    path = STEP0 / f"step0_shift_pc_{order}.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    metrics, config = raw["results"].get(task), raw["config"]
+    if not metrics or config["limit"] != limit or config["order"] != order or config["iters"] != 16:
+        return None
+    return {"variant": "step 0 (untrained)", "task": task, "order": order, "limit": limit,
+            "source": str(path.relative_to(REPO)), "acc": metrics["acc,none"], "acc_stderr": metrics["acc_stderr,none"],
+            "acc_norm": metrics["acc_norm,none"], "acc_norm_stderr": metrics["acc_norm_stderr,none"],
+            "step": 0, "tokens": 0, "train_s": 0.0}
+
+
 def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit: int) -> dict:
     summary_path = RESULTS / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -72,6 +95,9 @@ def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit:
             print(f"{task}/{order}: {final[f'{task}/{order}']['acc']:.3f} "
                   f"(parent {summary['parent'][task]['acc']:.3f})", flush=True)
     points = summary.setdefault("curve", {})
+    start = untrained_point(train, curve, orders[0], limit)
+    if start:
+        points["0"] = start
     for folder in sorted((run / "checkpoints").glob("step-*")):
         step = int(folder.name[5:])
         if step == train["steps"]:
@@ -138,7 +164,9 @@ def plot(summary: dict, ablation: dict | None) -> None:
                 if score:
                     x = entry["train"]["tokens"] / scale if key == "tokens" else entry["train"]["wall_s"] / scale
                     ax.plot([x], [score["acc"]], "x", label=f"80 steps: {name}")
-        ax.axhline(summary["parent"][task]["acc"], color="k", ls="--", label="AR parent")
+        parent = summary["parent"][task]
+        ax.axhline(parent["acc"], color="k", ls="--", label="AR parent (band: ± its stderr)")
+        ax.axhspan(parent["acc"] - parent["acc_stderr"], parent["acc"] + parent["acc_stderr"], color="k", alpha=0.08)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{task} acc ({order}, {curve[0]['limit']} docs)")

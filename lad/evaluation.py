@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
     p.add_argument("--iters", type=int, default=16, help="reveal steps for --score denoise / generation")
     p.add_argument("--score", choices=["denoise", "elbo"], default="denoise")
-    p.add_argument("--order", choices=["confidence", "l2r"], default="confidence",
-                   help="denoise: reveal most-confident first, or left to right")
+    p.add_argument("--order", choices=["confidence", "l2r"], default="l2r",
+                   help="denoise: reveal left to right (default; scored best in docs/results.md) or most-confident first")
     p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice")
     p.add_argument("--strategy", default="confidence", help="sampler for generative tasks")
     p.add_argument("--baseline", choices=["none", "ar"], default="none",

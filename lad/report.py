@@ -2,7 +2,7 @@
 
 The score is the negative log-likelihood per token of held-out answers (the validation set), on the same tokens
 and the same prompts for both models: the parent by its own left-to-right chain rule (`score_ar`), the denoiser
-by any-order denoising (`score_denoise`, most-confident first, `iters` reveal steps; exact when iters >= answer
+by denoising (`score_denoise`, left to right as lad-eval scores, `iters` reveal steps; exact when iters >= answer
 length, otherwise several tokens are revealed per step). Lower is better. It says at a glance how much of the
 parent's fit to this data the conversion kept, before any benchmark is run.
 """

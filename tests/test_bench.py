@@ -94,3 +94,52 @@ def test_conversion_table_puts_each_task_next_to_the_parent():
     assert "240 steps, 300,000 training tokens, 60 training minutes" in text
     # the curve ends with the final weights, at the run's full budget
     assert "| 60 | 75,000 | 15 | 0.400 | 0.250 |" in text and "| 240 | 300,000 | 60 | 0.450 | 0.300 |" in text
+
+
+def quality_record(date: str) -> dict:
+    row = {"parent_ppl": 3.5, "distinct_2": 0.4, "s_per_prompt": 1.25}
+    return {"date": date, "command": "python -m eval.gen_quality --iters 8 16", "model": "runs/x",
+            "versions": {"lad": "0", "torch": "2", "transformers": "5", "peft": "0", "python": "3"},
+            "machine": {"platform": "Linux", "cpus": 2, "memory_gib": 24, "threads": 2, "gpu": None},
+            "settings": {"prompts": 16, "max_new_tokens": 64, "iters": [8, 16]}, "prompt_source": "builtin",
+            "ar": {"parent_ppl": 1.9, "distinct_2": 0.7, "s_per_prompt": 0.5},
+            "sweep": {"confidence": [row, {**row, "parent_ppl": 2.5}]}}
+
+
+def test_bench_report_reads_the_parts_an_earlier_run_left(tmp_path):
+    """`--only PART` and `--report` build the section from every saved record: the suite can be spread over
+    sessions, and a part rerun now replaces its saved record."""
+    import json
+
+    from eval.bench import OUTPUTS, saved_records, section
+
+    (tmp_path / OUTPUTS["quality"]).write_text(json.dumps(quality_record("2026-12-04T10:00:00")))
+    assert saved_records(tmp_path, skip={}) == {"quality": quality_record("2026-12-04T10:00:00")}
+    assert saved_records(tmp_path, skip={"quality": {}}) == {}  # rerun this time: the new record wins
+    text = section(saved_records(tmp_path, skip={}), "python -m eval.bench --report", quick=False)
+    assert text.startswith("Measured 2026-12-04 on Linux")
+    assert "| confidence (ppl / distinct-2 / s per prompt) | 3.5 / 0.40 / 1.25 | 2.5 / 0.40 / 1.25 |" in text
+    assert "`eval/results/{gen_quality.json}`" in text
+
+
+def test_conversion_curve_starts_from_the_untrained_record_only_when_it_is_the_same_model(tmp_path, monkeypatch):
+    """LoRA starts at zero, so the untrained prompt-causal + shift model is step 0 of any such run; a run with
+    another attention, or a record for another document count, gets no step-0 point."""
+    import json
+
+    import eval.conversion as conversion
+
+    monkeypatch.setattr(conversion, "STEP0", tmp_path)
+    monkeypatch.setattr(conversion, "REPO", tmp_path)
+    (tmp_path / "step0_shift_pc_l2r.json").write_text(json.dumps(
+        {"results": {"arc_easy": {"acc,none": 0.44, "acc_stderr,none": 0.035, "acc_norm,none": 0.305,
+                                  "acc_norm_stderr,none": 0.033}},
+         "config": {"limit": 200, "order": "l2r", "iters": 16}}))
+    train = {"recipe": "shift: true\nattention: prompt_causal\n"}
+    point = conversion.untrained_point(train, "arc_easy", "l2r", 200)
+    assert point["step"] == 0 and point["tokens"] == 0 and point["acc"] == 0.44 and point["acc_norm"] == 0.305
+    assert conversion.untrained_point(train, "arc_easy", "l2r", 100) is None  # another document count
+    assert conversion.untrained_point(train, "arc_easy", "confidence", 200) is None  # no record for that order
+    assert conversion.untrained_point(train, "hellaswag", "l2r", 200) is None
+    assert conversion.untrained_point({"recipe": "shift: true\nattention: bidirectional\n"}, "arc_easy", "l2r",
+                                      200) is None

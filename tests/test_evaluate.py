@@ -51,7 +51,7 @@ def test_compare_runs_both_models_and_writes_results(run_dir, data_dir, tmp_path
                      "--iters", "4", "--compare", "--output_path", str(out), "--log_samples"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| task | metric | lad (denoise, confidence order, 4 iters) | ar (AR parent) | Δ |" in printed and "| arc_easy | acc_norm |" in printed
+    assert "| task | metric | lad (denoise, l2r order, 4 iters) | ar (AR parent) | Δ |" in printed and "| arc_easy | acc_norm |" in printed
     data = results(out)
     assert set(data) == {"lad", "ar"}
     lad, ar = data["lad"]["config"], data["ar"]["config"]

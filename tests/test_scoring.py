@@ -127,7 +127,7 @@ def test_denoise_one_token_per_iteration_by_hand(den, iters):
     c, g3, canvas, masked = reveal_most_confident(den, canvas, target, masked, 1)
     assert masked == [] and canvas == target
     stats = {}
-    [(value, greedy)] = score_denoise(den, [(CTX, CONT3)], iters=iters, stats=stats)
+    [(value, greedy)] = score_denoise(den, [(CTX, CONT3)], iters=iters, stats=stats, order="confidence")
     assert value == pytest.approx(a + b + c, abs=ATOL)
     assert greedy is (g1 and g2 and g3)
     assert stats["nfe"] == 3
@@ -140,13 +140,13 @@ def test_denoise_fewer_iterations_than_tokens_by_hand(den):
     lp = slot_log_probs(den, CTX + [MASK_ID] * 3, [P, P + 1, P + 2])
     expected = sum(float(lp[j, CONT3[j]]) for j in range(3))
     stats = {}
-    [(value, greedy)] = score_denoise(den, [(CTX, CONT3)], iters=1, stats=stats)
+    [(value, greedy)] = score_denoise(den, [(CTX, CONT3)], iters=1, stats=stats, order="confidence")
     assert value == pytest.approx(expected, abs=ATOL) and stats["nfe"] == 1
     assert greedy is all(int(lp[j].argmax()) == CONT3[j] for j in range(3))
     # iters=2: LLaDA's split [2, 1]
     a, _, canvas, masked = reveal_most_confident(den, CTX + [MASK_ID] * 3, target, [P, P + 1, P + 2], 2)
     b, _, canvas, masked = reveal_most_confident(den, canvas, target, masked, 1)
-    [(value, _)] = score_denoise(den, [(CTX, CONT3)], iters=2)
+    [(value, _)] = score_denoise(den, [(CTX, CONT3)], iters=2, order="confidence")
     assert value == pytest.approx(a + b, abs=ATOL)
 
 
@@ -159,6 +159,7 @@ def test_denoise_left_to_right_by_hand(den):
     c, g3, canvas, masked = reveal_leftmost(den, canvas, target, masked, 1)
     [(value, greedy)] = score_denoise(den, [(CTX, CONT3)], iters=8, order="l2r")
     assert value == pytest.approx(a + b + c, abs=ATOL) and greedy is (g1 and g2 and g3)
+    assert score_denoise(den, [(CTX, CONT3)], iters=8) == [(value, greedy)]  # left to right is the default
     # the order matters: most-confident-first gives another value on this random model
     [(confident, _)] = score_denoise(den, [(CTX, CONT3)], iters=8, order="confidence")
     assert abs(confident - value) > 1e-4
@@ -171,7 +172,7 @@ def test_denoise_with_shift_by_hand(den_shift):
     a, _, canvas, masked = reveal_most_confident(den_shift, canvas, target, masked, 1)
     b, _, canvas, masked = reveal_most_confident(den_shift, canvas, target, masked, 1)
     c, _, canvas, masked = reveal_most_confident(den_shift, canvas, target, masked, 1)
-    [(value, _)] = score_denoise(den_shift, [(CTX, CONT3)], iters=3)
+    [(value, _)] = score_denoise(den_shift, [(CTX, CONT3)], iters=3, order="confidence")
     assert value == pytest.approx(a + b + c, abs=ATOL)
     # single token, both modes, and batched with other lengths (left padding) under shift
     lp = slot_log_probs(den_shift, CTX + [MASK_ID], [P])[0]
@@ -179,7 +180,7 @@ def test_denoise_with_shift_by_hand(den_shift):
     for scorer in (score_denoise, score_elbo):
         out = scorer(den_shift, requests, batch_size=3)
         assert out[0][0] == pytest.approx(float(lp[ord("e")]), abs=ATOL)
-    assert score_denoise(den_shift, requests, iters=3)[2][0] == pytest.approx(value, abs=ATOL)
+    assert score_denoise(den_shift, requests, iters=3, order="confidence")[2][0] == pytest.approx(value, abs=ATOL)
     with pytest.raises(ValueError, match="context is empty"):
         score_denoise(den_shift, [([], CONT3)])
 

@@ -41,7 +41,7 @@ def num_transfer_tokens(length: int, steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "confidence", batch_size: int = 16,
+def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", batch_size: int = 16,
                   progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order.
 

@@ -27,7 +27,7 @@ from ..run import load_run
 @register_model("lad")
 class LadLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, *, denoiser=None, tokenizer=None, info=None,
-                 baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "confidence",
+                 baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "l2r",
                  mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
                  weights: str = "final", strategy: str = "confidence", max_length: int | None = None, **_ignored):
         super().__init__()
