@@ -68,20 +68,47 @@ def plots(summary: dict) -> list[Path]:
     IMG.mkdir(parents=True, exist_ok=True)
     made = []
     task = "arc_easy"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (key, label) in zip(axes, (("tokens", "training tokens"), ("wall_s", "training wall time (s, 2 CPU cores)"))):
-        for name, entry in summary["variants"].items():
-            for order, marker in (("confidence", "o"), ("l2r", "s")):
-                score = entry["scores"].get(f"{task}/{order}")
-                if score:
-                    ax.scatter(entry["train"][key], score["acc"], marker=marker, label=f"{name} ({order})")
-        if task in summary["parent"]:
-            ax.axhline(summary["parent"][task]["acc"], color="k", linestyle="--", label="AR parent")
-        ax.set_xlabel(label)
+    names = list(summary["variants"])
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    orders = (("confidence", "o", "most-confident first"), ("l2r", "s", "left to right"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    # left: each variant's two orders side by side (every variant trains on the same tokens)
+    ax = axes[0]
+    for row, name in enumerate(names):
+        for order, marker, label in orders:
+            score = summary["variants"][name]["scores"].get(f"{task}/{order}")
+            if score:
+                ax.errorbar(score["acc"], row, xerr=score.get("acc_stderr"), fmt=marker, color=colors[name],
+                            mfc="white" if order == "confidence" else colors[name], capsize=2)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    tokens = {entry["train"]["tokens"] for entry in summary["variants"].values()}
+    ax.set_xlabel(f"{task} dev acc (○ most-confident first, ■ left to right; bars: stderr)")
+    ax.set_title(f"every variant: {', '.join(f'{t:,}' for t in sorted(tokens))} training tokens", fontsize=9)
+    # right: the same scores against training wall time
+    ax = axes[1]
+    for name in names:
+        entry = summary["variants"][name]
+        for order, marker, label in orders:
+            score = entry["scores"].get(f"{task}/{order}")
+            if score:
+                ax.plot(entry["train"]["wall_s"] / 60, score["acc"], marker, color=colors[name], markersize=8,
+                        mfc="white" if order == "confidence" else colors[name],
+                        label=name if order == "l2r" else None)
+    ax.set_xlabel("training wall time (minutes, 2 CPU cores)")
+    ax.set_ylabel(f"{task} dev acc")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if task in summary["parent"]:
+        parent = summary["parent"][task]
+        for ax in axes:
+            draw = ax.axvline if ax is axes[0] else ax.axhline
+            draw(parent["acc"], color="k", linestyle="--", label=None)
+        axes[0].text(parent["acc"], len(names) - 0.4, " AR parent", fontsize=8)
+        axes[1].text(axes[1].get_xlim()[0], parent["acc"], " AR parent", fontsize=8, va="bottom")
+    for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{task} dev acc (first {next(iter(summary['parent'].values()))['limit']} docs)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("SmolLM2-135M → LAD: dev accuracy per lever at one training budget")
+    limit = next(iter(summary["parent"].values()))["limit"]
+    fig.suptitle(f"SmolLM2-135M → LAD: {task} dev accuracy (first {limit} docs) per lever at one training budget")
     fig.tight_layout()
     path = IMG / "ablation_accuracy.png"
     fig.savefig(path, dpi=110)
