@@ -150,11 +150,15 @@ def section(records: dict, command: str, quick: bool) -> str:
         rec = records["train"]
         lines += [f"**Training** (`{rec['command']}`): {rec['recipe']}, {rec['settings']['steps']} measured steps per "
                   f"arm after {rec['settings']['skip']} warm-up rounds, round robin. Real (non-padding) tokens per "
-                  "second; peak RSS of each arm alone in its own process.", "",
+                  "second; peak RSS of each arm alone in its own process, during its training steps (the loading's own peak "
+                  "apart).", "",
                   "| arm | tokens/s (median) | s/step | real/padded tokens | peak RSS alone |", "|---|---|---|---|---|"]
         alone = rec["results"].get("rss_alone", {})
         for arm, r in rec["results"]["arms"].items():
             rss = f"{alone[arm]['peak_rss_mb']:,.0f} MB" if arm in alone else "-"
+            if arm in alone:  # records made before the peak was reset after loading hold the whole process's
+                load = alone[arm].get("load_peak_rss_mb")
+                rss += f" (loading: {load:,.0f} MB)" if load else " (whole process: loading included)"
             lines.append(f"| {arm} | {r['median_tokens_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
                          f"{r['real_per_padded_token']:.2f} | {rss} |")
         lines += ["", "`lad`: finetune.py's step on its length-grouped batches; `peft`: `model(input_ids, attention_mask, "

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (FALLBACK_PROMPTS, ROOT, SMOLLM2, answer_quality, cell, command_line, environment,  # noqa: E402,F401
-                         load_denoiser, peak_rss_mb, prompt_set, quiet, rss_mb, write_record)
+                         load_denoiser, peak_rss_mb, reset_peak_rss, prompt_set, quiet, rss_mb, write_record)
 
 PROMPTS = FALLBACK_PROMPTS  # the 8 prompts every earlier sampling record used
 DIFFUSION = ("refine", "confidence", "threshold")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     started = time.perf_counter()
     denoiser, tokenizer, chat_template, description = load_denoiser(args.model, args.device)
-    loaded_rss = rss_mb()
+    loaded_rss, load_peak = rss_mb(), reset_peak_rss()  # peak_rss_mb from here: the work, not the loading
     print(f"model: {description} | device {args.device} | {torch.get_num_threads()} threads | "
           f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
     if args.prompt_set == "builtin":
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line("eval/bench_sampling.py", argv),
         "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "prompts": prompts, "results": results, "batches": records,
-        "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(),
+        "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak,
         **environment(args.device),
     }
     write_record(args.out, record)

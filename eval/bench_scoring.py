@@ -31,7 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import command_line, environment, load_denoiser, peak_rss_mb, rss_mb, write_record  # noqa: E402
+from eval.common import (command_line, environment, load_denoiser, peak_rss_mb, reset_peak_rss, rss_mb,  # noqa: E402
+                         write_record)
 
 MODES = ("ar", "denoise", "elbo")
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     denoiser, tokenizer, info, description = load_model(args.model, args.device)
-    loaded_rss = rss_mb()
+    loaded_rss, load_peak = rss_mb(), reset_peak_rss()  # peak_rss_mb from here: the work, not the loading
     print(f"model: {description} | device {args.device} | {torch.get_num_threads()} threads | "
           f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
     warm_up(denoiser, args.device)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": command_line("eval/bench_scoring.py", argv),
         "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": results, "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(),
+        "results": results, "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak,
         **environment(args.device, lm_eval=lm_eval.__version__, datasets=datasets.__version__),
     }
     write_record(args.out, record)

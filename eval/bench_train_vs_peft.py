@@ -16,7 +16,9 @@ slow spell on a shared machine hits all alike; the first `--skip` rounds are war
                LM-head-only-where-needed effect, peft_same / peft the padding effect
 
 Reported: median real (non-padding) tokens/s per step of each arm and the ratios of the medians. With `--rss`
-each of lad and peft also runs alone in a child process (`--only ARM`) that records its own peak RSS.
+each of lad and peft also runs alone in a child process (`--only ARM`) that records its own peak RSS during the
+training steps (the peak is reset after loading: the load's own peak, which is the same for both arms, is kept
+apart as load_peak_rss_mb).
 
     python eval/bench_train_vs_peft.py                                  # recipes/smollm2_135m_corpora.yaml
     python eval/bench_train_vs_peft.py --recipe recipes/tiny.yaml --steps 6 --skip 2
@@ -35,8 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import (ROOT, command_line, environment, median, peak_rss_mb, quiet, rss_mb,  # noqa: E402
-                         write_record)
+from eval.common import (ROOT, command_line, environment, median, peak_rss_mb, quiet, reset_peak_rss,  # noqa: E402
+                         rss_mb, write_record)
 
 ARMS = ("lad", "peft", "peft_same")
 
@@ -132,7 +134,7 @@ def run(recipe, arms: list[str], rounds: int, skip: int) -> dict:
            "eos": tokenizer.eos_token_id, "mask": mask.id, "special": set(tokenizer.all_special_ids) | {mask.id},
            "device": next(next(iter(models.values()))[0].parameters()).device}
     order = orders(recipe, examples)
-    loaded = rss_mb()
+    loaded, load_peak = rss_mb(), reset_peak_rss()  # from here the peak is the training steps
     steps = {arm: [] for arm in arms}
     for step in range(rounds):
         for k in range(len(arms)):
@@ -152,7 +154,7 @@ def run(recipe, arms: list[str], rounds: int, skip: int) -> dict:
             f"{a} {steps[a][-1]['tokens'] / steps[a][-1]['seconds']:,.0f} tok/s" for a in arms if step >= skip)
             + (" (warm-up)" if step < skip else ""), flush=True)
     return {"arms": {arm: summarise(s) for arm, s in steps.items()}, "steps": steps, "examples": len(examples),
-            "rss_after_load_mb": loaded}
+            "rss_after_load_mb": loaded, "load_peak_rss_mb": load_peak, "train_peak_rss_mb": peak_rss_mb()}
 
 
 def summarise(steps: list[dict]) -> dict:
@@ -172,7 +174,8 @@ def child_rss(args, arm: str) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"{arm} alone failed ({done.returncode}):\n{done.stderr[-2000:]}")
         record = json.loads(out.read_text())
-    return {"peak_rss_mb": record["peak_rss_mb"], "rss_after_load_mb": record["rss_after_load_mb"],
+    return {"peak_rss_mb": record["results"]["train_peak_rss_mb"], "load_peak_rss_mb": record["results"]["load_peak_rss_mb"],
+            "rss_after_load_mb": record["rss_after_load_mb"],
             "steps": args.rss_steps, "median_tokens_per_s": record["results"]["arms"][arm]["median_tokens_per_s"]}
 
 

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (ROOT, answer_quality, cell, command_line, environment, load_denoiser, peak_rss_mb,  # noqa: E402
-                         prompt_set, quiet, rss_mb, write_record)
+                         reset_peak_rss, prompt_set, quiet, rss_mb, write_record)
 
 
 def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict) -> dict:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     started = time.perf_counter()
     denoiser, tokenizer, chat_template, description = load_denoiser(args.model, args.device)
-    loaded = rss_mb()
+    loaded, load_peak = rss_mb(), reset_peak_rss()  # peak_rss_mb from here: the work, not the loading
     print(f"model: {description} | loaded in {time.perf_counter() - started:.1f} s", flush=True)
     prompts, source = prompt_set(args.prompts)
     base = dict(max_new_tokens=args.max_new_tokens, seed=0, chat_template=chat_template)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": command_line("eval/gen_quality.py", argv), "model": description,
               "model_short": f"run {args.model}" if args.model else "SmolLM2-135M-Instruct, bidirectional, no adapter",
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")}, "prompt_source": source,
-              "prompts": prompts, "ar": ar, "sweep": sweep, "rss_after_load_mb": loaded, "peak_rss_mb": peak_rss_mb(),
+              "prompts": prompts, "ar": ar, "sweep": sweep, "rss_after_load_mb": loaded, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak,
               **environment(args.device)}
     write_record(args.out, record)
     if args.plot:

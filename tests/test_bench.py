@@ -143,3 +143,17 @@ def test_conversion_curve_starts_from_the_untrained_record_only_when_it_is_the_s
     assert conversion.untrained_point(train, "hellaswag", "l2r", 200) is None
     assert conversion.untrained_point({"recipe": "shift: true\nattention: bidirectional\n"}, "arc_easy", "l2r",
                                       200) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_reset_peak_rss_separates_the_loading_peak_from_the_work():
+    """The benchmarks report the peak of the work after loading: a 200 MB buffer freed before the reset counts in
+    the returned (loading) peak, not in the peak measured afterwards."""
+    from eval.common import peak_rss_mb, reset_peak_rss
+
+    buffer = torch.ones(50_000_000)  # 200 MB, touched
+    held = peak_rss_mb()
+    del buffer
+    before = reset_peak_rss()
+    assert before >= held
+    assert peak_rss_mb() < before - 150
