@@ -13,5 +13,6 @@ export LAD_CACHE="$target/.lad-cache"
 first=$(sed -n '/^## Quickstart/,/^```$/{/^```bash/,/^```$/p}' README.md | sed -n 2p)
 echo "first command: $first"
 start=$(date +%s)
+echo "started at $(date +%T) (the run's log lines carry the same clock: the phases are read from them)"
 bash -c "$first"
 echo "QUICKSTART_SECONDS=$(( $(date +%s) - start ))"
