@@ -87,6 +87,13 @@ def rel(path: Path) -> str:
         return str(path)
 
 
+def peak_rss(record: dict) -> str:
+    """The work's peak RSS; records made before the peak was reset after loading hold the whole process's."""
+    load = record.get("load_peak_rss_mb")
+    return (f"{record['peak_rss_mb']:,.0f} MB" + (f" (loading: {load:,.0f} MB)" if load is not None
+                                                  else " (whole process: loading included)"))
+
+
 def verdict(met: bool | None) -> str:
     return "**met**" if met else ("not met" if met is not None else "not measured")
 
@@ -112,7 +119,7 @@ def targets(records: dict) -> tuple[list[str], dict]:
             b = rows_t[best]
             rows.append(f"| generation wall-clock vs HF `generate` + KV cache, "
                         f"{records['sampling']['settings']['max_new_tokens']} new tokens | {best}: "
-                        f"{b['latency_vs_ar']:.2f}× faster at {cell(b.get('ppl_vs_ar'), '.3g')}× AR's parent "
+                        f"{b['latency_vs_ar']:.2f}× AR's speed at {cell(b.get('ppl_vs_ar'), '.3g')}× AR's parent "
                         f"perplexity | ≥ 2× at ≤ 1.2× | {verdict(met['sampling'])} |")
     if "scoring" in records:
         res = records["scoring"]["results"]
@@ -155,10 +162,7 @@ def section(records: dict, command: str, quick: bool) -> str:
                   "| arm | tokens/s (median) | s/step | real/padded tokens | peak RSS alone |", "|---|---|---|---|---|"]
         alone = rec["results"].get("rss_alone", {})
         for arm, r in rec["results"]["arms"].items():
-            rss = f"{alone[arm]['peak_rss_mb']:,.0f} MB" if arm in alone else "-"
-            if arm in alone:  # records made before the peak was reset after loading hold the whole process's
-                load = alone[arm].get("load_peak_rss_mb")
-                rss += f" (loading: {load:,.0f} MB)" if load else " (whole process: loading included)"
+            rss = peak_rss(alone[arm]) if arm in alone else "-"
             lines.append(f"| {arm} | {r['median_tokens_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
                          f"{r['real_per_padded_token']:.2f} | {rss} |")
         lines += ["", "`lad`: finetune.py's step on its length-grouped batches; `peft`: `model(input_ids, attention_mask, "
@@ -169,7 +173,7 @@ def section(records: dict, command: str, quick: bool) -> str:
         lines += [f"**Generation** (`{rec['command']}`): {rec['model']}; {s['prompts']} prompts, batch "
                   f"{s['batch_size']}, {s['max_new_tokens']} new tokens, iters {s['iters']}, greedy, median of "
                   f"{s['repeats']} round-robin repeats; answers scored by the AR parent's perplexity. Peak RSS "
-                  f"{rec['peak_rss_mb']:,.0f} MB.", "",
+                  f"{peak_rss(rec)}.", "",
                   "| method | s/prompt | latency vs AR | NFE | answer tokens | parent ppl | ppl vs AR | distinct-1 | "
                   "distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in rec["results"].items():
@@ -183,7 +187,7 @@ def section(records: dict, command: str, quick: bool) -> str:
         rec = records["scoring"]
         s = rec["settings"]
         lines += [f"**Scoring** (`{rec['command']}`): {rec['model']}; {', '.join(s['tasks'])}, first {s['limit']} "
-                  f"documents, stock zero-shot prompts. Peak RSS {rec['peak_rss_mb']:,.0f} MB.", "",
+                  f"documents, stock zero-shot prompts. Peak RSS {peak_rss(rec)}.", "",
                   "| mode | acc | acc_norm | docs/s | NFE/doc | vs AR | vs elbo | same answer as elbo |",
                   "|---|---|---|---|---|---|---|---|"]
         task = s["tasks"][0]
