@@ -70,16 +70,16 @@ def plots(summary: dict) -> list[Path]:
     task = "arc_easy"
     names = list(summary["variants"])
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    orders = (("confidence", "o", "most-confident first"), ("l2r", "s", "left to right"))
+    orders = (("confidence", "o", False), ("l2r", "s", True))  # order, marker, filled
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
     # left: each variant's two orders side by side (every variant trains on the same tokens)
     ax = axes[0]
     for row, name in enumerate(names):
-        for order, marker, label in orders:
+        for order, marker, filled in orders:
             score = summary["variants"][name]["scores"].get(f"{task}/{order}")
             if score:
                 ax.errorbar(score["acc"], row, xerr=score.get("acc_stderr"), fmt=marker, color=colors[name],
-                            mfc="white" if order == "confidence" else colors[name], capsize=2)
+                            mfc=colors[name] if filled else "white", capsize=2)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     tokens = {entry["train"]["tokens"] for entry in summary["variants"].values()}
@@ -89,20 +89,18 @@ def plots(summary: dict) -> list[Path]:
     ax = axes[1]
     for name in names:
         entry = summary["variants"][name]
-        for order, marker, label in orders:
+        for order, marker, filled in orders:
             score = entry["scores"].get(f"{task}/{order}")
             if score:
                 ax.plot(entry["train"]["wall_s"] / 60, score["acc"], marker, color=colors[name], markersize=8,
-                        mfc="white" if order == "confidence" else colors[name],
-                        label=name if order == "l2r" else None)
+                        mfc=colors[name] if filled else "white", label=name if filled else None)
     ax.set_xlabel("training wall time (minutes, 2 CPU cores)")
     ax.set_ylabel(f"{task} dev acc")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if task in summary["parent"]:
         parent = summary["parent"][task]
-        for ax in axes:
-            draw = ax.axvline if ax is axes[0] else ax.axhline
-            draw(parent["acc"], color="k", linestyle="--", label=None)
+        axes[0].axvline(parent["acc"], color="k", linestyle="--")
+        axes[1].axhline(parent["acc"], color="k", linestyle="--")
         axes[0].text(parent["acc"], len(names) - 0.4, " AR parent", fontsize=8)
         axes[1].text(axes[1].get_xlim()[0], parent["acc"], " AR parent", fontsize=8, va="bottom")
     for ax in axes:

@@ -17,8 +17,7 @@ slow spell on a shared machine hits all alike; the first `--skip` rounds are war
 
 Reported: median real (non-padding) tokens/s per step of each arm and the ratios of the medians. With `--rss`
 each of lad and peft also runs alone in a child process (`--only ARM`) that records its own peak RSS during the
-training steps (the peak is reset after loading: the load's own peak, which is the same for both arms, is kept
-apart as load_peak_rss_mb).
+training steps (the peak is reset after loading; the loading's own peak is kept apart as load_peak_rss_mb).
 
     python eval/bench_train_vs_peft.py                                  # recipes/smollm2_135m_corpora.yaml
     python eval/bench_train_vs_peft.py --recipe recipes/tiny.yaml --steps 6 --skip 2
@@ -154,7 +153,7 @@ def run(recipe, arms: list[str], rounds: int, skip: int) -> dict:
             f"{a} {steps[a][-1]['tokens'] / steps[a][-1]['seconds']:,.0f} tok/s" for a in arms if step >= skip)
             + (" (warm-up)" if step < skip else ""), flush=True)
     return {"arms": {arm: summarise(s) for arm, s in steps.items()}, "steps": steps, "examples": len(examples),
-            "rss_after_load_mb": loaded, "load_peak_rss_mb": load_peak, "train_peak_rss_mb": peak_rss_mb()}
+            "rss_after_load_mb": loaded, "load_peak_rss_mb": load_peak}
 
 
 def summarise(steps: list[dict]) -> dict:
@@ -174,7 +173,7 @@ def child_rss(args, arm: str) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"{arm} alone failed ({done.returncode}):\n{done.stderr[-2000:]}")
         record = json.loads(out.read_text())
-    return {"peak_rss_mb": record["results"]["train_peak_rss_mb"], "load_peak_rss_mb": record["results"]["load_peak_rss_mb"],
+    return {"peak_rss_mb": record["peak_rss_mb"], "load_peak_rss_mb": record["results"]["load_peak_rss_mb"],
             "rss_after_load_mb": record["rss_after_load_mb"],
             "steps": args.rss_steps, "median_tokens_per_s": record["results"]["arms"][arm]["median_tokens_per_s"]}
 
@@ -226,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lad / peft {r['lad_vs_peft']:.2f}× (target ≥ 1.3×: {'met' if results['target']['met'] else 'NOT met'}); "
               f"same batches {r['lad_vs_peft_same_batches']:.2f}× (LM head only where needed, corruption included); "
               f"padding alone {r['padding_effect_peft_same_vs_peft']:.2f}×")
-    print(f"peak RSS of this process {peak_rss_mb():,.0f} MB" + ("" if args.only else " (both models)"))
+    print(f"peak RSS of the training steps {peak_rss_mb():,.0f} MB (loading: {results['load_peak_rss_mb']:,.0f} MB)"
+          + ("" if args.only else " (both models)"))
     record = {"command": command_line("eval/bench_train_vs_peft.py", argv), "recipe": args.recipe,
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results,
               "rss_after_load_mb": results["rss_after_load_mb"], **environment("cpu")}

@@ -96,7 +96,15 @@ def median(values) -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """Peak resident memory of this process so far. Linux: the process's own high-water mark (VmHWM), because
+    ru_maxrss starts a child at its parent's peak (the kernel carries it over at exec), which made a benchmark's
+    children all report their parent's peak. Elsewhere ru_maxrss (macOS reports it in bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -266,6 +274,11 @@ def run_logged(cmd: list[str], log: Path, cwd: Path = ROOT) -> float:
     return time.perf_counter() - started
 
 
+def acc_fields(values: dict) -> dict:
+    """acc, acc_stderr, acc_norm, … from one task's lm-eval results (whose keys read `acc,none`)."""
+    return {k.split(",")[0]: v for k, v in values.items() if k.startswith("acc")}
+
+
 def score_task(folder: Path, label: str, model: Path, task: str, order: str, limit: int, *, baseline: bool = False,
                weights: str = "final", data_dir: str = "../shared/data/eval", stem: str | None = None) -> dict:
     """Score `model` on one dev task with `lad-eval --iters 16` (or the AR parent with `baseline`), keeping a
@@ -288,10 +301,9 @@ def score_task(folder: Path, label: str, model: Path, task: str, order: str, lim
         cmd += ["--baseline", "ar"]
     seconds = run_logged(cmd, folder / f"{stem}.log")
     (result,) = json.loads(raw.read_text()).values()
-    values = result["results"][task]
     record = {"variant": label, "task": task, "order": None if baseline else order, "limit": limit,
               "command": shlex.join(cmd), "wall_s": round(seconds, 1), "nfe": result["config"].get("nfe"),
-              **{k.split(",")[0]: v for k, v in values.items() if k.startswith("acc")}}
+              **acc_fields(result["results"][task])}
     target.write_text(json.dumps(record, indent=2) + "\n")
     raw.unlink()
     raw.with_suffix(".md").unlink(missing_ok=True)

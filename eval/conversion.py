@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from eval.common import score_task, splice_file  # noqa: E402
+from eval.common import acc_fields, score_task, splice_file  # noqa: E402
 
 RESULTS = REPO / "eval" / "results" / "conversion"
 DOC = REPO / "docs" / "results.md"
@@ -68,9 +68,7 @@ def untrained_point(train: dict, task: str, order: str, limit: int) -> dict | No
     if not metrics or config["limit"] != limit or config["order"] != order or config["iters"] != 16:
         return None
     return {"variant": "step 0 (untrained)", "task": task, "order": order, "limit": limit,
-            "source": str(path.relative_to(REPO)), "acc": metrics["acc,none"], "acc_stderr": metrics["acc_stderr,none"],
-            "acc_norm": metrics["acc_norm,none"], "acc_norm_stderr": metrics["acc_norm_stderr,none"],
-            "step": 0, "tokens": 0, "train_s": 0.0}
+            "source": str(path.relative_to(REPO)), **acc_fields(metrics), "step": 0, "tokens": 0, "train_s": 0.0}
 
 
 def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit: int) -> dict:
