@@ -259,6 +259,15 @@ def metric_lines(path: Path) -> list[str]:
     return lines
 
 
+def gpu_memory(device) -> dict:
+    """Peak CUDA memory since the start (allocated by tensors, reserved by the caching allocator), in MiB, for
+    the metrics line: what a user sizes the next GPU by. Nothing on other devices."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"gpu_peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20),
+            "gpu_peak_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20)}
+
+
 def gather_stats(accelerator, stats: LossStats) -> LossStats:
     """A step's statistics summed over processes (each saw only its own rows), the same on every process."""
     if accelerator.num_processes == 1:
@@ -377,8 +386,8 @@ def _train(recipe: Recipe) -> Path:
                  recipe.model.name_or_path or "scratch", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  mask.token, mask.id, ", added" if mask.added else "", recipe.shift)
         log.info("data: %d train / %d validation examples; %d steps of %d examples (%d per epoch) on %d "
-                 "process(es)", len(train_set), len(val_set), schedule.total_steps, schedule.per_step,
-                 schedule.steps_per_epoch, world)
+                 "process(es) (%s)", len(train_set), len(val_set), schedule.total_steps, schedule.per_step,
+                 schedule.steps_per_epoch, world, accelerator.distributed_type.value)
 
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     device = accelerator.device
@@ -483,7 +492,8 @@ def _train(recipe: Recipe) -> Path:
             t_last, tok_last = now, tokens_seen
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            record({"step": done, **stats.summary(), "lr": lr, "tokens": tokens_seen, "tokens_per_s": tps})
+            record({"step": done, **stats.summary(), "lr": lr, "tokens": tokens_seen, "tokens_per_s": tps,
+                    **gpu_memory(device)})
         if recipe.eval_every and done % recipe.eval_every == 0 and done < schedule.total_steps:
             validate(done)
         if recipe.save_every and done % recipe.save_every == 0 and done < schedule.total_steps:
