@@ -22,6 +22,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,23 +59,31 @@ VARIANTS = {
 }
 
 
-def train(name: str, overrides: list[str], steps: int) -> dict:
+def train(name: str, overrides: list[str], steps: int, need_weights: bool = True) -> dict:
+    """Train a variant once (its record says how it went). A later sweep that asks for new scores of a variant
+    whose weights are gone (runs/ does not outlive a machine) trains it again: same recipe, data and seed, so
+    the rerun must land on the first run's validation losses, which the record then confirms."""
     folder = RESULTS / name
     done = folder / "train.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
     out = RUNS / name
+    first = json.loads(done.read_text()) if done.is_file() else None
+    if first and (not need_weights or (out / "adapter_model.safetensors").is_file()):
+        return first
+    folder.mkdir(parents=True, exist_ok=True)
     cmd = ["lad-finetune", RECIPE, f"max_steps={steps}", "noise.objective=mask", f"eval_every={steps // 2}",
            "save_every=0", f"output_dir={out}", "overwrite=true",
            *[o.replace("{half}", str(steps // 2)) for o in overrides]]
     seconds = run_logged(cmd, folder / "train.log")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     record = {"variant": name, "command": shlex.join(cmd), "wall_s": round(seconds, 1), "steps": steps,
+              "date": time.strftime("%Y-%m-%d"),
               "tokens": max(m.get("tokens", 0) for m in metrics),
               "val": [{k: m[k] for k in m if k.startswith("val_") or k == "step"} for m in metrics
                       if "val_loss" in m],
               "train_loss": [m["loss"] for m in metrics if "loss" in m]}
+    if first:  # a rerun for new scores: keep how the first run went, and whether this one reproduced it
+        record["first_run"] = {k: first.get(k) for k in ("wall_s", "val", "date")}
+        record["reproduced_val"] = [v.get("val_loss") for v in first["val"]] == [v.get("val_loss") for v in record["val"]]
     done.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -136,6 +145,10 @@ def main() -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
+    def missing(name: str) -> bool:  # does this sweep still need the variant's weights?
+        files = [f"{t}_{o}.json" for t in tasks for o in orders] + (["gen_quality.json"] if args.quality else [])
+        return not all((RESULTS / name / f).is_file() for f in files)
+
     first = RUNS / names[0]
     for task in tasks:  # the parent: same prompts, adapter off, causal attention
         if task not in summary["parent"]:
@@ -144,7 +157,7 @@ def main() -> int:
             save()
     for name in names:
         entry = summary["variants"].setdefault(name, {"scores": {}})
-        entry["train"] = train(name, VARIANTS[name], args.steps)
+        entry["train"] = train(name, VARIANTS[name], args.steps, need_weights=missing(name))
         for task in tasks:
             for order in orders:
                 entry["scores"][f"{task}/{order}"] = score(name, RUNS / name, task, order, args.limit)

@@ -26,6 +26,11 @@ timing, one traced pass of each strategy with and without the cache measures how
     cache err   mean |log p_cached − log p_full| of the cached answer's tokens on its final canvas: the
                 approximation error of the cached forward itself
 (answer tokens: the slots up to and including the first EOS).
+
+--block-cache adds a row NAME+bc for confidence and threshold (with --block-length): Fast-dLLM's dual cache
+(`block_cache=True`: the rest of the answer frozen while a block is decoded), compared the same way with the
+strategy's default row (which, for a prompt-causal run, already uses the exact prompt cache); its cache err is
+not measured (the frozen columns depend on the decoding history, not on the final canvas alone).
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ PROMPTS = FALLBACK_PROMPTS  # the 8 prompts every earlier sampling record used
 DIFFUSION = ("refine", "confidence", "threshold")
 
 
-def agreement(fn, denoiser, tokenizer, batches: list[list[str]], options: dict, eos_ids: set[int]) -> dict:
-    """How far `prefix_cache=True` moves `fn`'s output from the uncached one (see the module docstring)."""
+def agreement(fn, denoiser, tokenizer, batches: list[list[str]], options: dict, eos_ids: set[int],
+              cached_option: str = "prefix_cache") -> dict:
+    """How far `prefix_cache=True` (or `block_cache=True`) moves `fn`'s output from the default one (see the
+    module docstring)."""
     from lad.sampling.common import answer_logits, build_canvas, prompt_cache
 
     identical, slots, same_text, deltas, errors = 0, 0, [], [], []
@@ -58,7 +65,7 @@ def agreement(fn, denoiser, tokenizer, batches: list[list[str]], options: dict, 
 
     for batch in batches:
         plain = fn(denoiser, tokenizer, batch, **options, trace=True)
-        cached = fn(denoiser, tokenizer, batch, **options, prefix_cache=True, trace=True)
+        cached = fn(denoiser, tokenizer, batch, **options, **{cached_option: True}, trace=True)
         finals = {"plain": [g.steps[-1].tokens for g in plain], "cached": [g.steps[-1].tokens for g in cached]}
         scores = {}
         for key, answers in finals.items():
@@ -67,12 +74,12 @@ def agreement(fn, denoiser, tokenizer, batches: list[list[str]], options: dict, 
             canvas.answer.copy_(torch.tensor(answers, device=canvas.ids.device))
             with torch.no_grad():
                 full = answer_logits(denoiser, canvas).log_softmax(-1)
-                if key == "cached":
+                if key == "cached" and cached_option == "prefix_cache":
                     approx = answer_logits(denoiser, canvas, prompt_cache(denoiser, canvas)).log_softmax(-1)
             index = canvas.answer.unsqueeze(-1)
             lp = full.gather(-1, index).squeeze(-1)
             scores[key] = [float(lp[b, :cut(a)].mean()) for b, a in enumerate(answers)]
-            if key == "cached":
+            if key == "cached" and cached_option == "prefix_cache":
                 gap = (approx.gather(-1, index).squeeze(-1) - lp).abs()
                 errors += [float(gap[b, :cut(a)].mean()) for b, a in enumerate(answers)]
         deltas += [c - p for c, p in zip(scores["cached"], scores["plain"])]
@@ -83,7 +90,7 @@ def agreement(fn, denoiser, tokenizer, batches: list[list[str]], options: dict, 
             same_text.append(gp.text == gc.text)
     return {"identical_tokens": identical / slots, "same_text": statistics.mean(same_text),
             "dlogprob": statistics.mean(deltas), "abs_dlogprob": statistics.mean(abs(d) for d in deltas),
-            "cache_logprob_error": statistics.mean(errors)}
+            "cache_logprob_error": statistics.mean(errors) if errors else None}
 
 
 def run_once(fn, denoiser, tokenizer, batches: list[list[str]], options: dict) -> list[dict]:
@@ -128,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-cache", action="store_true",
                         help="also time each diffusion strategy with prefix_cache=True (rows NAME+pc) and measure "
                              "its agreement with the uncached output")
+    parser.add_argument("--block-cache", action="store_true",
+                        help="also time confidence and threshold with block_cache=True (rows NAME+bc; needs "
+                             "--block-length) and measure how far it moves their output")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "sampling_bench.json"))
     args = parser.parse_args(argv)
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             methods[label] = (name, extra)
             if args.prefix_cache and name != "ar":
                 methods[f"{label}+pc"] = (name, {**extra, "prefix_cache": True})
+            if args.block_cache and name in ("confidence", "threshold"):
+                methods[f"{label}+bc"] = (name, {**extra, "block_cache": True})
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for _ in range(args.warmup):  # untimed: first-touch allocations and kernels for these shapes
         for name, extra in methods.values():
@@ -172,15 +184,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  repeat {repeat + 1}/{args.repeats} {label}: {time.perf_counter() - t0:.1f} s", flush=True)
     results = {label: summarise(records[label], args.max_new_tokens) for label in methods}
     agree = {}
-    if args.prefix_cache:  # untimed, traced: the final canvases of both variants
+    if args.prefix_cache or args.block_cache:  # untimed, traced: the final canvases of both variants
         from lad.sampling.common import eos_token_ids
 
         eos_ids = eos_token_ids(tokenizer, denoiser)
         for label, (name, extra) in methods.items():
-            if extra.get("prefix_cache"):
-                plain = {k: v for k, v in extra.items() if k != "prefix_cache"}
+            cached_option = next((k for k in ("prefix_cache", "block_cache") if extra.get(k)), None)
+            if cached_option:
+                plain = {k: v for k, v in extra.items() if k != cached_option}
                 agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, {**options, **plain},
-                                         eos_ids)
+                                         eos_ids, cached_option)
                 results[label]["agreement"] = agree[label]
                 results[label]["speedup_vs_uncached"] = \
                     results[label[:-3]]["median_s_per_prompt"] / results[label]["median_s_per_prompt"]
@@ -207,18 +220,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['slots_per_s']:>9.1f}{r['median_nfe_per_batch']:>6.0f}{r['median_ms_per_forward']:>8.1f}"
               f"{ratio:>13}{latency:>15}")
     print("tokens: answer tokens before EOS; ×: > 1 is faster than the AR parent"
-          + ("; +pc: prefix cache (its prompt pass is in s/prompt and ms/fwd, not in NFE)" if agree else ""))
+          + ("; +pc: prefix cache (its prompt pass is in s/prompt and ms/fwd, not in NFE)" if args.prefix_cache else "")
+          + ("; +bc: block cache (Fast-dLLM's dual cache)" if args.block_cache else ""))
     if not args.no_quality:
         print_quality(results)
     if agree:
         header = f"{'method':<15}{'speedup':>9}{'identical':>11}{'same text':>11}{'Δlogprob':>10}{'|Δlogprob|':>12}" \
                  f"{'cache err':>11}"
-        print("\nprefix cache vs uncached (greedy; log-probs under the full model)")
+        print("\ncached vs the default (greedy; log-probs under the full model)")
         print(header + "\n" + "-" * len(header))
         for label, a in agree.items():
             print(f"{label:<15}{results[label]['speedup_vs_uncached']:>8.2f}×{a['identical_tokens']:>11.1%}"
                   f"{a['same_text']:>11.1%}{a['dlogprob']:>10.3f}{a['abs_dlogprob']:>12.3f}"
-                  f"{a['cache_logprob_error']:>11.3f}")
+                  + (f"{a['cache_logprob_error']:>11.3f}" if a["cache_logprob_error"] is not None else f"{'-':>11}"))
 
     record = {
         "command": command_line("eval/bench_sampling.py", argv),

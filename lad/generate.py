@@ -129,7 +129,7 @@ OPTION_FLAGS = {
     "top_k": "--top-k", "top_p": "--top-p", "noise_start": "--noise-start", "schedule": "--schedule",
     "remask": "--remask", "retention": "--retention", "early_stop": "--early-stop",
     "block_length": "--block-length", "threshold": "--threshold", "delay_eos": "--delay-eos",
-    "prefix_cache": "--prefix-cache",
+    "prefix_cache": "--prefix-cache", "block_cache": "--block-cache",
 }
 
 
@@ -168,6 +168,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="refine, confidence, threshold: compute the prompt's K/V once and run only the answer slots "
                           "(faster; approximate for a bidirectional run, exact for a prompt-causal one, where it is "
                           "on unless --no-prefix-cache)")
+    how.add_argument("--block-cache", action="store_const", const=True,
+                     help="confidence, threshold with --block-length: also freeze the rest of the answer's K/V while "
+                          "a block is decoded, running only the block's slots per forward (Fast-dLLM's dual cache; "
+                          "approximate; implies the prompt's cache)")
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")

@@ -15,7 +15,9 @@ and reports every iteration as a `Step` (to `on_step` as it happens, and in `Gen
 iteration only the answer slots against its cached keys and values (`answer_logits(..., cache)`): faster, an
 approximation for a bidirectional model (the prompt no longer sees the canvas; docs/sampling.md), exact for a
 prompt-causal one. The default (None) is on exactly when it is exact. That prompt pass is not counted in `nfe`;
-`Generation.prefix_forwards` reports it.
+`Generation.prefix_forwards` reports it. `block_cache=True` (confidence, threshold; Fast-dLLM's dual cache,
+lad/modeling/block_cache.py) also freezes the rest of the answer while a block is decoded, so that a forward
+runs the block's columns alone; it implies the prompt's cache.
 """
 
 from __future__ import annotations
@@ -143,6 +145,46 @@ def answer_logits(denoiser, canvas: Canvas, cache=None) -> Tensor:
     flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions, cache=cache,
                     answer_start=canvas.answer_start)
     return flat.view(canvas.ids.shape[0], -1, flat.shape[-1]).float()
+
+
+def block_logits(denoiser, canvas: Canvas, prefix, start: int, end: int, block=None):
+    """([B, end - start, V] float logits of answer slots start..end-1, the block cache) with a block cache
+    (lad/modeling/block_cache.py): `block=None` refreshes it (one forward over the whole answer against the prompt's
+    cache `prefix`, keeping every other column's K/V), else only the block's columns run against those."""
+    from ..modeling.block_cache import refresh, window_logits
+
+    width, rows = canvas.prompt_width, canvas.ids.shape[0]
+    positions = torch.zeros_like(canvas.ids, dtype=torch.bool)
+    positions[:, width + start:width + end] = True
+    if block is None:
+        flat, block = refresh(denoiser, canvas.ids, canvas.attention_mask, positions, prefix, width + start, width + end)
+    else:
+        flat = window_logits(denoiser, canvas.ids, canvas.attention_mask, positions, block)
+    return flat.view(rows, end - start, flat.shape[-1]).float(), block
+
+
+def predict_slots(denoiser, canvas: Canvas, cache, generators: list[torch.Generator], sampling: dict,
+                  block: tuple[int, int] | None = None, block_state=None):
+    """One forward's (tokens [B, N], confidence [B, N], block cache). Without `block` every answer slot is predicted
+    (`answer_logits`). With `block=(start, end)` and the samplers' block cache, only those slots are (a refresh
+    when `block_state` is None, else a forward over the block alone); the other slots keep their current token
+    with confidence 0."""
+    if block is None:
+        tokens, conf = sample_tokens(answer_logits(denoiser, canvas, cache), generators, **sampling)
+        return tokens.to(canvas.ids.device), conf.to(canvas.ids.device), None
+    start, end = block
+    logits, block_state = block_logits(denoiser, canvas, cache, start, end, block_state)
+    part, part_conf = sample_tokens(logits, generators, **sampling)
+    tokens, conf = canvas.answer.clone(), torch.zeros(canvas.answer.shape, device=canvas.ids.device)
+    tokens[:, start:end], conf[:, start:end] = part.to(tokens.device), part_conf.to(conf.device)
+    return tokens, conf, block_state
+
+
+def sampler_caches(denoiser, canvas: Canvas, prefix_cache: bool | None, block_cache: bool):
+    """`sampler_cache`, except that a block cache needs the prompt's cache: on with it, refused if turned off."""
+    if block_cache and prefix_cache is False:
+        raise ValueError("block_cache needs the prompt's cache: do not combine it with prefix_cache=False")
+    return sampler_cache(denoiser, canvas, True if block_cache else prefix_cache)
 
 
 def row_generators(n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -17,6 +17,11 @@ block_length instead (same output, no wasted forwards). LLaDA is at its best wit
 answers may contain text after EOS, which `finish` cuts off.
 `prefix_cache=True`: the prompt's keys and values are computed once and every forward runs only the answer
 slots (an approximation: the prompt does not see the canvas; see docs/sampling.md). NFE is unchanged.
+`block_cache=True` (Fast-dLLM's dual cache): each block's first forward runs the whole answer and keeps the keys
+and values of everything outside the block; the block's other forwards run its columns alone against them
+(an approximation: the frozen columns do not see the block's new tokens until the next block). NFE is unchanged;
+a forward costs the block's width, not the answer's. Only the block's slots are predicted then (the others
+report confidence 0 in the trace).
 """
 
 from __future__ import annotations
@@ -25,8 +30,7 @@ import time
 
 import torch
 
-from .common import (answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens,
-                     sampler_cache)
+from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_caches
 
 REMASK = ("confidence", "random")
 
@@ -57,13 +61,14 @@ def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tupl
 def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, block_length: int | None = None,
                remask: str = "confidence", delay_eos: bool = False, prefix_cache: bool | None = None,
-               chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+               block_cache: bool = False, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters, block_length)
     if remask not in REMASK:
         raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = sampler_cache(denoiser, canvas, prefix_cache)  # the prompt's K/V, computed once (or None)
+    cache = sampler_caches(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
     eos_ids = eos_token_ids(tokenizer, denoiser)
@@ -75,11 +80,11 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
     for block in range(n_blocks):
         in_block = torch.zeros(rows, n, dtype=torch.bool, device=device)
         in_block[:, block * block_length:(block + 1) * block_length] = True
+        window = (block * block_length, (block + 1) * block_length) if block_cache else None
+        state = None  # the block cache, refreshed by the block's first forward
         for quota in quotas:
             before = canvas.answer.clone()
-            logits = answer_logits(denoiser, canvas, cache)
-            predicted, conf = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
-            predicted, conf = predicted.to(device), conf.to(device)
+            predicted, conf, state = predict_slots(denoiser, canvas, cache, generators, sampling, window, state)
             if remask == "confidence":
                 priority = conf.clone()
             else:

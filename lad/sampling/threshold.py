@@ -16,7 +16,11 @@ Rows advance independently: a row whose block is complete moves on to its next b
 the others finish theirs, so a prompt's output is the same alone or in a batch. NFE counts the batch's forwards.
 Fast-dLLM also caches K/V: `prefix_cache=True` computes the prompt's keys and values once and runs only the answer
 slots in every forward (an approximation: the prompt does not see the canvas; docs/sampling.md); finished blocks
-are still recomputed. NFE is unchanged.
+are still recomputed. NFE is unchanged. `block_cache=True` is Fast-dLLM's dual cache (lad/modeling/block_cache.py):
+a block's first forward runs the whole answer and keeps everything else's keys and values, its later forwards
+run the block's columns alone. The rows of a batch then share one block: a row that finishes early waits (its
+canvas unchanged, its budget unspent) until every row has, so its output is still the same alone or in a batch,
+while the batch may spend more forwards than without the cache.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ import time
 
 import torch
 
-from .common import (answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens,
-                     sampler_cache)
+from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_caches
 from .confidence import blocks_of
 
 
@@ -34,14 +37,15 @@ from .confidence import blocks_of
 def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
               block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool | None = None,
-              chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+              block_cache: bool = False, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
     tau = threshold
     block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
     if not tau >= 0:  # also refuses NaN
         raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = sampler_cache(denoiser, canvas, prefix_cache)  # the prompt's K/V, computed once (or None)
+    cache = sampler_caches(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
     eos_ids = eos_token_ids(tokenizer, denoiser)
@@ -50,14 +54,18 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
     block = torch.zeros(rows, dtype=torch.long, device=device)  # each row's current block
     used = torch.zeros(rows, dtype=torch.long, device=device)  # iterations spent on it
     slot_block = torch.arange(n, device=device) // block_length  # [n]: the block of each slot
-    nfe = 0
+    nfe, state, cached_block = 0, None, None
     while bool((block < n_blocks).any()):
         before = canvas.answer.clone()
-        logits = answer_logits(denoiser, canvas, cache)
+        shared = int(block.min())  # with the block cache, the block every row is on or waits for
+        if block_cache and shared != cached_block:
+            state, cached_block = None, shared  # a new block: refresh
+        window = (shared * block_length, (shared + 1) * block_length) if block_cache else None
+        predicted, conf, state = predict_slots(denoiser, canvas, cache, generators, sampling, window, state)
         nfe += 1
-        predicted, conf = sample_tokens(logits, generators, temperature=temperature, top_k=top_k, top_p=top_p)
-        predicted, conf = predicted.to(device), conf.to(device)
         eligible = (slot_block[None, :] == block[:, None]) & (before == mask_id)  # done rows: nothing eligible
+        if block_cache:
+            eligible &= block[:, None] == shared  # rows ahead wait for the others
         is_eos = torch.isin(predicted, eos_tensor) if delay_eos else torch.zeros_like(eligible)
         commit = eligible & (conf >= tau) & ~is_eos
         # at least one per row: the most confident (non-EOS first when delaying EOS; confidence is in [0, 1])
@@ -65,7 +73,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         commit |= torch.zeros_like(eligible).scatter_(1, priority.argmax(-1, keepdim=True), True) & eligible
         others_left = (eligible & ~is_eos & ~commit).any(dim=-1, keepdim=True)
         commit |= eligible & (conf >= tau) & is_eos & ~others_left  # EOS once nothing else is left
-        used += 1
+        used += eligible.any(dim=-1)  # a waiting row spends none of its block's budget
         last_chance = (used >= budget)[:, None]
         commit |= eligible & last_chance  # the block's last allowed iteration: commit everything left
         draft = torch.where(commit, predicted, before)

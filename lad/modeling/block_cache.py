@@ -1,0 +1,119 @@
+"""Block K/V cache (Fast-dLLM's "dual cache") for samplers that decode the answer in blocks.
+
+While one block of answer slots is decoded, every other column of the canvas (the prompt, the finished blocks
+before it, the masked blocks after it) changes little. `refresh` runs the canvas once at the start of a block
+(against the prompt's `PrefixCache`), returns that forward's logits and keeps the keys and values of every
+column except the block's; each later iteration of the block runs only the block's columns against those
+frozen keys and values (`window_logits`), so a forward costs the block's width instead of the answer's.
+
+Exact where nothing frozen would have changed: right after a refresh, and for the prompt of a prompt-causal run.
+Otherwise approximate: the frozen answer columns do not see the block's new tokens until the next refresh
+(Fast-dLLM reports the loss to be negligible; `eval/bench_sampling.py --block-cache` measures it on a run).
+Attention is a weighted sum over keys, so the frozen keys may sit in any order in the cache (RoPE was applied
+with each key's own position); the 2-D padding mask lists them in that same order. With `shift=True` the
+window also holds the column before the block, whose hidden state predicts the block's first slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class BlockCache:
+    """Keys and values of every canvas column outside `[start, end)`, frozen at the block's refresh."""
+
+    kv: object  # transformers DynamicCache: the frozen columns, canvas order minus the window
+    key_mask: Tensor  # [B, K]: their padding mask, in the same order
+    start: int  # the window: canvas columns recomputed at every iteration
+    end: int
+    last_hidden: Tensor | None = None  # [B, H]: hidden state of column start-1 (prompt-causal + shift, first block)
+
+    def crop(self) -> None:
+        """Back to the frozen columns alone after a window forward appended the window's."""
+        grown = self.kv.get_seq_length() - self.key_mask.shape[1]
+        if grown:
+            self.kv.crop(-grown)
+
+
+def window_of(denoiser, prefix, slot_start: int, slot_end: int) -> tuple[int, int, bool]:
+    """(start, end, from_prefix): the canvas columns to recompute for slots [slot_start, slot_end), and whether
+    the first slot's prediction comes from the prompt cache's last hidden state instead (prompt-causal + shift)."""
+    start = slot_start - int(denoiser.shift)
+    k = prefix.length if prefix is not None else 0
+    if start < k:
+        if prefix is None or prefix.last_hidden is None or start != k - 1:
+            raise ValueError(f"block starting at column {slot_start} is predicted from inside the cached prompt")
+        return k, slot_end, True
+    return start, slot_end, False
+
+
+def _frozen(denoiser, kv, start: int, end: int):
+    """A new DynamicCache holding `kv`'s columns outside [start, end) (columns indexed from the canvas start)."""
+    from transformers import DynamicCache
+
+    frozen = DynamicCache(config=denoiser.config)
+    for index, layer in enumerate(kv.layers):
+        keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, end:]], dim=2)
+        values = torch.cat([layer.values[:, :, :start], layer.values[:, :, end:]], dim=2)
+        frozen.update(keys, values, index)
+    return frozen
+
+
+def _head_at(denoiser, hidden: Tensor, first: int, positions: Tensor) -> Tensor:
+    """Logits [N, V] for `positions` (bool [B, L]) from `hidden`, the hidden states of columns first, first+1, ..."""
+    source = denoiser._source(positions.bool())
+    if source[:, :first].any() or source[:, first + hidden.shape[1]:].any():
+        raise ValueError(f"positions predicted from outside the computed columns [{first}, {first + hidden.shape[1]})")
+    return denoiser.head(hidden[source[:, first:first + hidden.shape[1]]])
+
+
+def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, prefix, slot_start: int,
+            slot_end: int) -> tuple[Tensor, BlockCache]:
+    """Logits for `positions` from a forward over the canvas after the prompt cache `prefix` (exactly
+    `denoiser(input_ids, attention_mask, positions=positions, cache=prefix)`), and the block cache for the
+    block of canvas columns [slot_start, slot_end)."""
+    from transformers import DynamicCache
+
+    from .denoiser import position_ids_from_mask
+
+    if prefix is None:
+        raise ValueError("a block cache starts from the prompt's cache (Denoiser.prefix_cache)")
+    k = prefix.length
+    start, end, from_prefix = window_of(denoiser, prefix, slot_start, slot_end)
+    position_ids = position_ids_from_mask(attention_mask)
+    kv = prefix.kv if k else DynamicCache(config=denoiser.config)
+    try:
+        hidden = denoiser._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], kv)
+        frozen = _frozen(denoiser, kv, start, end)
+    finally:
+        grown = kv.get_seq_length() - k
+        if k and grown:
+            kv.crop(-grown)
+    key_mask = torch.cat([attention_mask[:, :start], attention_mask[:, end:]], dim=1)
+    last = prefix.last_hidden
+    cache = BlockCache(frozen, key_mask, start, end, last if from_prefix else None)
+    if last is not None:
+        hidden = torch.cat([last[:, None].to(hidden.dtype), hidden], dim=1)
+    return _head_at(denoiser, hidden, k - (last is not None), positions), cache
+
+
+def window_logits(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, cache: BlockCache) -> Tensor:
+    """Logits [N, V] for `positions` (which must lie in the block) from a forward over the window's columns
+    alone, against the frozen keys and values."""
+    from .denoiser import position_ids_from_mask
+
+    start, end = cache.start, cache.end
+    mask = torch.cat([cache.key_mask, attention_mask[:, start:end]], dim=1)
+    position_ids = position_ids_from_mask(attention_mask)[:, start:end]
+    try:
+        hidden = denoiser._decode(input_ids[:, start:end], mask, position_ids, cache.kv)
+    finally:
+        cache.crop()
+    if cache.last_hidden is not None:
+        hidden = torch.cat([cache.last_hidden[:, None].to(hidden.dtype), hidden], dim=1)
+        start -= 1
+    return _head_at(denoiser, hidden, start, positions)

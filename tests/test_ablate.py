@@ -1,0 +1,47 @@
+"""eval/ablate.py's bookkeeping: a variant trains once; a later sweep that needs scores of a variant whose weights
+are gone retrains it and records whether the rerun reproduced the first run's validation losses."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import eval.ablate as ablate  # noqa: E402
+
+
+def fake_trainer(tmp_path, monkeypatch, val_losses):
+    calls = []
+
+    def run_logged(cmd, log):
+        out = Path(next(a for a in cmd if a.startswith("output_dir=")).split("=", 1)[1])
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [{"step": 1, "loss": 5.0, "tokens": 10}, {"step": 2, "val_loss": val_losses[len(calls)]}]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        (out / "adapter_model.safetensors").write_bytes(b"x")
+        calls.append(cmd)
+        return 1.5
+
+    monkeypatch.setattr(ablate, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(ablate, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(ablate, "run_logged", run_logged)
+    return calls
+
+
+def test_a_variant_with_weights_is_not_trained_again(tmp_path, monkeypatch):
+    calls = fake_trainer(tmp_path, monkeypatch, [4.0, 4.0])
+    first = ablate.train("mask", [], 2)
+    assert len(calls) == 1 and first["val"] == [{"step": 2, "val_loss": 4.0}] and "first_run" not in first
+    assert ablate.train("mask", [], 2) == first and len(calls) == 1
+
+
+def test_lost_weights_are_retrained_only_when_needed_and_the_rerun_is_checked(tmp_path, monkeypatch):
+    calls = fake_trainer(tmp_path, monkeypatch, [4.0, 4.0, 3.0])
+    ablate.train("mask", [], 2)
+    (tmp_path / "runs" / "mask" / "adapter_model.safetensors").unlink()
+    assert "first_run" not in ablate.train("mask", [], 2, need_weights=False) and len(calls) == 1
+    again = ablate.train("mask", [], 2)
+    assert len(calls) == 2 and again["reproduced_val"] is True and again["first_run"]["wall_s"] == 1.5
+    (tmp_path / "runs" / "mask" / "adapter_model.safetensors").unlink()
+    assert ablate.train("mask", [], 2)["reproduced_val"] is False  # a rerun that drifted says so
