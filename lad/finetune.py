@@ -148,7 +148,11 @@ def load_model(recipe: Recipe):
     mask = resolve_mask_token(tokenizer, recipe.mask_token)
     prepare_embeddings(model, tokenizer, mask)
     if recipe.gradient_checkpointing and not recipe.model.quantization:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # the new name (transformers >= 5.2x)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, mask
 
 

@@ -52,6 +52,18 @@ def test_bf16_and_gradient_checkpointing(tmp_path):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_gradient_checkpointing_is_switched_on_through_the_current_api():
+    from lad.finetune import load_model
+    from lad.recipe import load_recipe
+
+    from conftest import TINY_RECIPE
+
+    for on in (True, False):
+        model, _, _ = load_model(load_recipe(TINY_RECIPE, [f"gradient_checkpointing={str(on).lower()}"]))
+        flag = getattr(type(model), "is_activation_checkpointing", None)  # the new name, when transformers has it
+        assert (model.is_activation_checkpointing if flag is not None else model.is_gradient_checkpointing) is on
+
+
 @pytest.mark.parametrize("options", [
     ["shift=true", "noise.objective=mask"],
     ["noise.objective=structural", "eos_padding=true"],
