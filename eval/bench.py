@@ -31,14 +31,14 @@ FULL = {
     "train": ["--recipe", "recipes/smollm2_135m_corpora.yaml", "--steps", "20", "--skip", "3", "--rss"],
     "sampling": ["--prompt-set", "builtin", "--prompts", "4", "--max-new-tokens", "128", "--iters", "64",
                  "--block-length", "32", "--batch-size", "1", "--repeats", "3", "--warmup", "1",
-                 "--thresholds", "0.9", "0.7", "0.5"],
+                 "--thresholds", "0.9", "0.7", "0.5", "--block-cache"],
     "scoring": ["--tasks", "arc_easy", "--limit", "100", "--iters", "16", "--mc-samples", "128"],
     "quality": ["--prompts", "16", "--max-new-tokens", "64", "--iters", "8", "16", "32", "64"],
 }
 QUICK = {
     "train": ["--recipe", "recipes/tiny.yaml", "--steps", "4", "--skip", "1", "--rss", "--rss-steps", "2"],
     "sampling": ["--prompt-set", "builtin", "--prompts", "2", "--max-new-tokens", "16", "--iters", "4",
-                 "--repeats", "1", "--warmup", "0", "--thresholds", "0.9", "0.5"],
+                 "--block-length", "8", "--repeats", "1", "--warmup", "0", "--thresholds", "0.9", "0.5", "--block-cache"],
     "scoring": ["--limit", "2", "--iters", "4", "--mc-samples", "8", "--bootstrap-iters", "0"],
     "quality": ["--prompts", "2", "--max-new-tokens", "16", "--iters", "2", "4"],
 }
@@ -182,6 +182,12 @@ def section(records: dict, command: str, quick: bool) -> str:
                          f"{r['median_nfe_per_batch']:.0f} | {r['mean_answer_tokens']:.1f} | "
                          f"{cell(q.get('parent_ppl'), '.4g')} | {cell(r.get('ppl_vs_ar'), '.3g')}× | "
                          f"{cell(q.get('distinct_1'), '.3f')} | {cell(q.get('distinct_2'), '.3f')} |")
+        cached = {name: r for name, r in rec["results"].items() if name.endswith("+bc") and r.get("agreement")}
+        if cached:
+            lines += ["", "`+bc`: the same sampler with the block cache (Fast-dLLM's dual cache, docs/sampling.md); "
+                      "against the row without it: " + "; ".join(
+                          f"{name} {r['speedup_vs_uncached']:.2f}× faster, {r['agreement']['identical_tokens']:.0%} "
+                          f"of answer tokens identical" for name, r in cached.items()) + "."]
         lines.append("")
     if "scoring" in records:
         rec = records["scoring"]
