@@ -64,3 +64,14 @@ def test_an_untrained_or_broken_adapter_shows_in_the_summary(tmp_path):
               str(run / "adapter_model.safetensors"))
     got = summarise([str(run)])[str(run)]
     assert got["lora_B_max_abs"] == 0.0 and got["adapter_finite"] is False
+
+
+def test_the_8b_shape_s_rope_settings_build_a_working_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = {**SHAPES["llama3-8b"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}
+    config = LlamaConfig(**small)
+    assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 8.0
+    logits = LlamaForCausalLM(config)(torch.randint(0, 300, (1, 9))).logits
+    assert logits.shape == (1, 9, 300) and torch.isfinite(logits).all()
