@@ -68,17 +68,20 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             with gr.Row():
                 delay_eos = gr.Checkbox(False, label="Delay EOS (confidence, threshold: commit the end last)",
                                         elem_id="lad-delay-eos")
+                block_cache = gr.Checkbox(False, label="Block cache (confidence, threshold with blocks: faster, "
+                                          "approximate)", elem_id="lad-block-cache")
                 compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
 
         def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                   pause, remask, threshold, block_length, delay_eos, compare, request: gr.Request):
+                   pause, remask, threshold, block_length, delay_eos, block_cache, compare, request: gr.Request):
             key = getattr(request, "session_hash", None) or ""
             if key in runs:
                 runs[key]["stop"].set()  # a new Run ends this session's previous one
             state = runs[key] = {"stop": threading.Event(), "status": ""}
             settings = dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, noise_start=noise_start,
                             no_noise=no_noise, retention=retention, remask=remask, temperature=temperature,
-                            seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos)
+                            seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos,
+                            block_cache=block_cache)
             try:
                 for frame in model.stream(prompt, settings, pause, compare, state["stop"]):
                     state["status"] = frame.status
@@ -98,7 +101,7 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             return f"Stopped at {state['status']}." if state["status"] else "Stopped."
 
         inputs = [prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                  pause, remask, threshold, block_length, delay_eos, compare]
+                  pause, remask, threshold, block_length, delay_eos, block_cache, compare]
         outputs = [lad_out, ar_out, status]
         events = [run.click(on_run, inputs, outputs), prompt.submit(on_run, inputs, outputs)]
         stop.click(on_stop, None, status, cancels=events)

@@ -124,12 +124,15 @@ def _integer(name: str, value, low: int, high: int) -> int:
 
 
 def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_noise: bool, retention: str,
-                    remask: str, temperature, seed, threshold, block_length, delay_eos: bool = False) -> dict:
+                    remask: str, temperature, seed, threshold, block_length, delay_eos: bool = False,
+                    block_cache: bool = False) -> dict:
     """The page's settings as keyword options of the strategy function; SettingsError names a bad one.
 
     `no_noise` ("disable intermediate noising") is refine's noise_start=0: noiseless refinement.
     `remask="default"` keeps the strategy's own default; `block_length` 0 means one block (the whole answer).
     `delay_eos` (confidence, threshold) commits EOS last, so an easy, confident EOS cannot end the answer early.
+    `block_cache` (confidence, threshold) freezes the rest of the answer's K/V while a block is decoded (faster,
+    approximate; docs/sampling.md).
     """
     if strategy not in STRATEGIES:
         raise SettingsError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -151,6 +154,8 @@ def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_n
         options["remask"] = remask
     if delay_eos:
         options["delay_eos"] = True
+    if block_cache:
+        options["block_cache"] = True
     return options
 
 

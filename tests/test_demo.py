@@ -85,9 +85,9 @@ def test_settings_to_sampler_options():
                        "temperature": 0.0, "seed": 3, "threshold": 0.9}  # remask default, one block: left out
     assert isinstance(options["iters"], int)
     noiseless = view.sampler_options(**{**SETTINGS, "no_noise": True, "noise_start": 0.8, "remask": "confidence",
-                                        "block_length": 4, "delay_eos": True})
+                                        "block_length": 4, "delay_eos": True, "block_cache": True})
     assert noiseless["noise_start"] == 0.0 and noiseless["remask"] == "confidence" and noiseless["block_length"] == 4
-    assert noiseless["delay_eos"] is True
+    assert noiseless["delay_eos"] is True and noiseless["block_cache"] is True
 
 
 @pytest.mark.parametrize("change, message", [
