@@ -31,31 +31,54 @@ def quality_cells(q: dict | None) -> str:
     return f"{q['parent_ppl']:.2f} | {q['distinct_2']:.3f}"
 
 
-def table(summary: dict) -> str:
-    tasks = sorted({key.split("/")[0] for v in summary["variants"].values() for key in v["scores"]})
-    head = "| variant | overrides (on `noise.objective=mask`) | steps | tokens | wall min | val loss 0 → end | " + \
-        " | ".join(f"{t} acc conf / l2r | {t} acc_norm conf / l2r" for t in tasks) + \
-        " | answers: parent ppl | distinct-2 |"
+def num(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def both_orders(scores: dict, task: str, metric: str) -> str:
+    got = [scores.get(f"{task}/{order}") for order in ("confidence", "l2r")]
+    return " / ".join(num(g.get(metric)) if g else "-" for g in got)
+
+
+def table(summary: dict, task: str = "arc_easy") -> str:
+    """Every variant on `task` (both orders, acc and acc_norm), the parent first, with the training cost and the
+    generation judges."""
+    head = ("| variant | overrides (on `noise.objective=mask`) | steps | tokens | wall min | val loss 0 → end | "
+            f"{task} acc conf / l2r | {task} acc_norm conf / l2r | answers: parent ppl | distinct-2 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for task in tasks:
-        if task in summary["parent"]:
-            p = summary["parent"][task]
-            cells = " | ".join(f"{p['acc']:.3f} | {p['acc_norm']:.3f}" if t == task else "- | -" for t in tasks)
-            lines.append(f"| AR parent | adapter off, causal | - | - | - | - | {cells} | "
-                         f"{quality_cells(summary.get('parent_quality'))} |")
+    if task in summary["parent"]:
+        p = summary["parent"][task]
+        lines.append(f"| AR parent | adapter off, causal | - | - | - | - | {num(p['acc'])} | {num(p.get('acc_norm'))} | "
+                     f"{quality_cells(summary.get('parent_quality'))} |")
     for name, entry in summary["variants"].items():
         train = entry["train"]
         val = train["val"]
         overrides = ", ".join(summary["variant_overrides"].get(name, [])) or "-"
-        cells = []
-        for task in tasks:
-            got = {order: entry["scores"].get(f"{task}/{order}") for order in ("confidence", "l2r")}
-            for metric in ("acc", "acc_norm"):
-                cells.append(" / ".join(f"{got[o][metric]:.3f}" if got[o] else "-" for o in ("confidence", "l2r")))
         lines.append(f"| {name} | {overrides.replace('{half}', str(train['steps'] // 2))} | {train['steps']} | "
                      f"{train['tokens']:,} | {train['wall_s'] / 60:.0f} | {val[0]['val_loss']:.2f} → "
-                     f"{val[-1]['val_loss']:.2f} | " + " | ".join(cells) + " | "
+                     f"{val[-1]['val_loss']:.2f} | {both_orders(entry['scores'], task, 'acc')} | "
+                     f"{both_orders(entry['scores'], task, 'acc_norm')} | "
                      f"{quality_cells((entry.get('quality') or {}).get('lad'))} |")
+    return "\n".join(lines)
+
+
+def tasks_table(summary: dict) -> str:
+    """The variants scored on more than one task, on every task they have, next to the parent: acc in both orders
+    (most-confident first / left to right), acc_norm left to right (MMLU has none)."""
+    tasks = [t for t in ("arc_easy", "arc_challenge", "hellaswag", "mmlu")
+             if any(k.startswith(t + "/") for v in summary["variants"].values() for k in v["scores"])]
+    rows = {name: e for name, e in summary["variants"].items() if len({k.split("/")[0] for k in e["scores"]}) > 1}
+    if not rows:
+        return ""
+    head = "| | " + " | ".join(f"{t} acc conf / l2r | {t} acc_norm l2r" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    parent = summary["parent"]
+    lines.append("| AR parent | " + " | ".join(
+        f"{num(parent[t]['acc'])} | {num(parent[t].get('acc_norm'))}" if t in parent else "- | -" for t in tasks) + " |")
+    for name, entry in rows.items():
+        cells = [f"{both_orders(entry['scores'], t, 'acc')} | "
+                 f"{num((entry['scores'].get(t + '/l2r') or {}).get('acc_norm'))}" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -132,6 +155,9 @@ def main() -> int:
         raise SystemExit(f"{SUMMARY} not found: run eval/ablate.py first")
     summary = json.loads(SUMMARY.read_text())
     markdown = table(summary)
+    more = tasks_table(summary)
+    if more:
+        markdown += "\n\nThe variants scored on more tasks (first 200 dev documents each; MMLU 200 per subject):\n\n" + more
     print(markdown)
     for path in plots(summary):
         print(f"wrote {path.relative_to(REPO)}")

@@ -45,3 +45,26 @@ def test_lost_weights_are_retrained_only_when_needed_and_the_rerun_is_checked(tm
     assert len(calls) == 2 and again["reproduced_val"] is True and again["first_run"]["wall_s"] == 1.5
     (tmp_path / "runs" / "mask" / "adapter_model.safetensors").unlink()
     assert ablate.train("mask", [], 2)["reproduced_val"] is False  # a rerun that drifted says so
+
+
+def test_report_tables_put_every_task_next_to_the_parent_and_tolerate_missing_acc_norm():
+    from eval.ablation_report import table, tasks_table
+
+    score = lambda acc, norm=None: {"acc": acc, "acc_norm": norm}  # noqa: E731
+    train = {"steps": 80, "tokens": 1000, "wall_s": 600, "val": [{"step": 0, "val_loss": 7.0},
+                                                                 {"step": 80, "val_loss": 4.0}]}
+    summary = {
+        "parent": {"arc_easy": score(0.5, 0.37), "mmlu": score(0.25)},
+        "variant_overrides": {"a": ["shift=true"], "b": []},
+        "variants": {"a": {"train": train, "scores": {"arc_easy/confidence": score(0.47, 0.29),
+                                                      "arc_easy/l2r": score(0.55, 0.37), "mmlu/l2r": score(0.26)}},
+                     "b": {"train": train, "scores": {"arc_easy/l2r": score(0.4, 0.3)}}},
+    }
+    main = table(summary).splitlines()
+    assert main[2].startswith("| AR parent | adapter off, causal |") and "| 0.500 | 0.370 |" in main[2]
+    assert "| a | shift=true | 80 | 1,000 | 10 | 7.00 → 4.00 | 0.470 / 0.550 | 0.290 / 0.370 |" in main[3]
+    assert "| b | - |" in main[4] and "| - / 0.400 |" in main[4]
+    more = tasks_table(summary).splitlines()
+    assert more[0] == "| | arc_easy acc conf / l2r | arc_easy acc_norm l2r | mmlu acc conf / l2r | mmlu acc_norm l2r |"
+    assert more[2] == "| AR parent | 0.500 | 0.370 | 0.250 | - |"
+    assert more[3] == "| a | 0.470 / 0.550 | 0.370 | - / 0.260 | - |" and len(more) == 4  # b has one task only
