@@ -127,10 +127,15 @@ def prompt_cache(denoiser, canvas: Canvas):
     return denoiser.prefix_cache(canvas.ids[:, :width], canvas.attention_mask[:, :width])
 
 
-def sampler_cache(denoiser, canvas: Canvas, prefix_cache: bool | None):
+def sampler_cache(denoiser, canvas: Canvas, prefix_cache: bool | None, block_cache: bool = False):
     """The samplers' `prefix_cache` option: the prompt's cache (`prompt_cache`) or None. As given, or when None
     (the default) on exactly when the cache is exact, i.e. for a model whose prompt never sees the answer
-    (attention: prompt_causal)."""
+    (attention: prompt_causal). A block cache starts from the prompt's: `block_cache` turns it on, and refuses
+    `prefix_cache=False`."""
+    if block_cache:
+        if prefix_cache is False:
+            raise ValueError("block_cache needs the prompt's cache: do not combine it with prefix_cache=False")
+        prefix_cache = True
     if prefix_cache is None:
         prefix_cache = getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
     return prompt_cache(denoiser, canvas) if prefix_cache else None
@@ -178,13 +183,6 @@ def predict_slots(denoiser, canvas: Canvas, cache, generators: list[torch.Genera
     tokens, conf = canvas.answer.clone(), torch.zeros(canvas.answer.shape, device=canvas.ids.device)
     tokens[:, start:end], conf[:, start:end] = part.to(tokens.device), part_conf.to(conf.device)
     return tokens, conf, block_state
-
-
-def sampler_caches(denoiser, canvas: Canvas, prefix_cache: bool | None, block_cache: bool):
-    """`sampler_cache`, except that a block cache needs the prompt's cache: on with it, refused if turned off."""
-    if block_cache and prefix_cache is False:
-        raise ValueError("block_cache needs the prompt's cache: do not combine it with prefix_cache=False")
-    return sampler_cache(denoiser, canvas, True if block_cache else prefix_cache)
 
 
 def row_generators(n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_caches
+from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache
 
 REMASK = ("confidence", "random")
 
@@ -67,7 +67,7 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
         raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = sampler_caches(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
+    cache = sampler_cache(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)

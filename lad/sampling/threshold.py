@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_caches
+from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache
 from .confidence import blocks_of
 
 
@@ -44,7 +44,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
-    cache = sampler_caches(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
+    cache = sampler_cache(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
@@ -57,7 +57,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
     nfe, state, cached_block = 0, None, None
     while bool((block < n_blocks).any()):
         before = canvas.answer.clone()
-        shared = int(block.min())  # with the block cache, the block every row is on or waits for
+        shared = int(block.min()) if block_cache else None  # the block every row is on or waits for
         if block_cache and shared != cached_block:
             state, cached_block = None, shared  # a new block: refresh
         window = (shared * block_length, (shared + 1) * block_length) if block_cache else None
