@@ -32,12 +32,6 @@ class BlockCache:
     end: int
     last_hidden: Tensor | None = None  # [B, H]: hidden state of column start-1 (prompt-causal + shift, first block)
 
-    def crop(self) -> None:
-        """Back to the frozen columns alone after a window forward appended the window's."""
-        grown = self.kv.get_seq_length() - self.key_mask.shape[1]
-        if grown:
-            self.kv.crop(-grown)
-
 
 def window_of(denoiser, prefix, slot_start: int, slot_end: int) -> tuple[int, int, bool]:
     """(start, end, from_prefix): the canvas columns to recompute for slots [slot_start, slot_end), and whether
@@ -63,14 +57,6 @@ def _frozen(denoiser, kv, start: int, end: int):
     return frozen
 
 
-def _head_at(denoiser, hidden: Tensor, first: int, positions: Tensor) -> Tensor:
-    """Logits [N, V] for `positions` (bool [B, L]) from `hidden`, the hidden states of columns first, first+1, ..."""
-    source = denoiser._source(positions.bool())
-    if source[:, :first].any() or source[:, first + hidden.shape[1]:].any():
-        raise ValueError(f"positions predicted from outside the computed columns [{first}, {first + hidden.shape[1]})")
-    return denoiser.head(hidden[source[:, first:first + hidden.shape[1]]])
-
-
 def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, prefix, slot_start: int,
             slot_end: int) -> tuple[Tensor, BlockCache]:
     """Logits for `positions` from a forward over the canvas after the prompt cache `prefix` (exactly
@@ -78,7 +64,7 @@ def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tens
     block of canvas columns [slot_start, slot_end)."""
     from transformers import DynamicCache
 
-    from .denoiser import position_ids_from_mask
+    from .denoiser import cropped_back, position_ids_from_mask
 
     if prefix is None:
         raise ValueError("a block cache starts from the prompt's cache (Denoiser.prefix_cache)")
@@ -86,34 +72,22 @@ def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tens
     start, end, from_prefix = window_of(denoiser, prefix, slot_start, slot_end)
     position_ids = position_ids_from_mask(attention_mask)
     kv = prefix.kv if k else DynamicCache(config=denoiser.config)
-    try:
+    with cropped_back(kv, k):
         hidden = denoiser._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], kv)
         frozen = _frozen(denoiser, kv, start, end)
-    finally:
-        grown = kv.get_seq_length() - k
-        if k and grown:
-            kv.crop(-grown)
     key_mask = torch.cat([attention_mask[:, :start], attention_mask[:, end:]], dim=1)
-    last = prefix.last_hidden
-    cache = BlockCache(frozen, key_mask, start, end, last if from_prefix else None)
-    if last is not None:
-        hidden = torch.cat([last[:, None].to(hidden.dtype), hidden], dim=1)
-    return _head_at(denoiser, hidden, k - (last is not None), positions), cache
+    cache = BlockCache(frozen, key_mask, start, end, prefix.last_hidden if from_prefix else None)
+    return denoiser.head_at(hidden, k, positions, prefix.last_hidden), cache
 
 
 def window_logits(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, cache: BlockCache) -> Tensor:
     """Logits [N, V] for `positions` (which must lie in the block) from a forward over the window's columns
     alone, against the frozen keys and values."""
-    from .denoiser import position_ids_from_mask
+    from .denoiser import cropped_back, position_ids_from_mask
 
     start, end = cache.start, cache.end
     mask = torch.cat([cache.key_mask, attention_mask[:, start:end]], dim=1)
     position_ids = position_ids_from_mask(attention_mask)[:, start:end]
-    try:
+    with cropped_back(cache.kv, cache.key_mask.shape[1]):  # back to the frozen columns alone
         hidden = denoiser._decode(input_ids[:, start:end], mask, position_ids, cache.kv)
-    finally:
-        cache.crop()
-    if cache.last_hidden is not None:
-        hidden = torch.cat([cache.last_hidden[:, None].to(hidden.dtype), hidden], dim=1)
-        start -= 1
-    return _head_at(denoiser, hidden, start, positions)
+    return denoiser.head_at(hidden, start, positions, cache.last_hidden)

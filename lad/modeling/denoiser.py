@@ -40,6 +40,18 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@contextmanager
+def cropped_back(kv, length: int):
+    """Crop the K/V cache `kv` back to its first `length` columns when the block ends, however it ends: a cached
+    forward appends the columns it computed, which the next forward must not see."""
+    try:
+        yield kv
+    finally:
+        grown = kv.get_seq_length() - length
+        if grown > 0:
+            kv.crop(-grown)
+
+
 def previous_positions(positions: Tensor, who: str) -> Tensor:
     """Bool [B, L]: the positions one to the left of `positions`, whose hidden states predict them (the AR rule)."""
     if positions[:, 0].any():
@@ -171,12 +183,8 @@ class Denoiser(nn.Module):
             raise ValueError(f"the canvas does not start with the cached prefix ({k} columns)")
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        try:
+        with cropped_back(cache.kv, k):  # back to the prefix alone, however the forward ended
             return self._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], cache.kv)
-        finally:  # back to the prefix alone, however the forward ended
-            grown = cache.kv.get_seq_length() - k
-            if grown:
-                cache.kv.crop(-grown)
 
     def head(self, hidden: Tensor) -> Tensor:
         logits = self.causal_lm.get_output_embeddings()(hidden)
@@ -199,15 +207,8 @@ class Denoiser(nn.Module):
         if cache is not None and cache.length:
             if positions is None:
                 raise ValueError("a cached forward needs `positions` (the tokens to predict)")
-            source = self._source(positions.bool())
-            first = cache.length - (cache.last_hidden is not None)  # first column whose hidden state we have
-            if source[:, :first].any():
-                raise ValueError(f"positions predicted from the cached prefix (its first {first} columns) "
-                                 "cannot be computed by a cached forward")
             hidden = self._cached_hidden(input_ids, attention_mask, position_ids, cache)
-            if cache.last_hidden is not None:
-                hidden = torch.cat([cache.last_hidden[:, None].to(hidden.dtype), hidden], dim=1)
-            return self.head(hidden[source[:, first:]])
+            return self.head_at(hidden, cache.length, positions, cache.last_hidden)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, answer_start)
         if positions is None:
             logits = self.head(hidden)
@@ -215,6 +216,20 @@ class Denoiser(nn.Module):
                 logits = torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
             return logits
         return self.head(hidden[self._source(positions.bool())])
+
+    def head_at(self, hidden: Tensor, first: int, positions: Tensor, last_hidden: Tensor | None = None) -> Tensor:
+        """Logits [N, V] for `positions` (bool [B, L]) from `hidden`, the hidden states of canvas columns first,
+        first+1, ... of a cached forward; `last_hidden` [B, H], when given, is column first-1's (a prompt-causal
+        prefix's last column, which predicts the first answer slot with shift=True)."""
+        if last_hidden is not None:
+            hidden = torch.cat([last_hidden[:, None].to(hidden.dtype), hidden], dim=1)
+            first -= 1
+        source = self._source(positions.bool())
+        end = first + hidden.shape[1]
+        if source[:, :first].any() or source[:, end:].any():
+            raise ValueError(f"positions predicted from outside the computed columns [{first}, {end}) (from the "
+                             "cached prefix or beyond the window) cannot be computed by a cached forward")
+        return self.head(hidden[source[:, first:end]])
 
     def _source(self, positions: Tensor) -> Tensor:
         """Bool [B, L]: the positions whose hidden states predict `positions` (one to the left with shift)."""
