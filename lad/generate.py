@@ -129,7 +129,7 @@ OPTION_FLAGS = {
     "top_k": "--top-k", "top_p": "--top-p", "noise_start": "--noise-start", "schedule": "--schedule",
     "remask": "--remask", "retention": "--retention", "early_stop": "--early-stop",
     "block_length": "--block-length", "threshold": "--threshold", "delay_eos": "--delay-eos",
-    "prefix_cache": "--prefix-cache", "block_cache": "--block-cache",
+    "prefix_cache": "--prefix-cache", "block_cache": "--block-cache", "stop_at_eos": "--stop-at-eos",
 }
 
 
@@ -172,6 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="confidence, threshold with --block-length: also freeze the rest of the answer's K/V while "
                           "a block is decoded, running only the block's slots per forward (Fast-dLLM's dual cache; "
                           "approximate; implies the prompt's cache)")
+    how.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
+                     help="confidence, threshold: stop once an answer's text is final (an EOS with every slot before "
+                          "it committed); the same text in fewer forwards (default: on)")
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")

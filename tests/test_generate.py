@@ -135,6 +135,21 @@ def test_other_strategies_run(run_dir, capsys, strategy):
     assert code == 0 and record["strategy"] == strategy and len(record["steps"]) == record["nfe"]
 
 
+@pytest.mark.parametrize("strategy", ["confidence", "threshold"])
+def test_no_stop_at_eos_spends_the_whole_canvas(run_dir, capsys, strategy):
+    """--no-stop-at-eos reaches the sampler: every slot is committed; by default the text is the same."""
+    argv = ["--model", run_dir, "--prompt", "hi", "--strategy", strategy, "--iters", "8", "--max-new-tokens", "8",
+            "--block-length", "2", "--threshold", "1.01", "--json"]
+    records = {}
+    for flag in ("--stop-at-eos", "--no-stop-at-eos"):
+        code, out, _ = cli(capsys, *argv, flag)
+        (records[flag],) = json_lines(out)
+        assert code == 0
+    full, early = records["--no-stop-at-eos"], records["--stop-at-eos"]
+    assert full["nfe"] == 8 and not any(full["steps"][-1]["masked"]) and early["nfe"] <= 8
+    assert early["token_ids"] == full["token_ids"] and early["steps"] == full["steps"][:early["nfe"]]
+
+
 def test_unused_option_is_noted(run_dir, capsys):
     code, _, err = cli(capsys, "--model", run_dir, "--prompt", "hi", "--iters", "2", "--max-new-tokens", "4",
                        "--block-length", "2")

@@ -17,7 +17,7 @@ from lad.finetune import main as finetune
 from lad.modeling.denoiser import Denoiser
 from lad.run import load_run
 from lad.sampling import STRATEGIES, ar, confidence, get_strategy, refine, threshold
-from lad.sampling.common import eos_token_ids, render_prompt
+from lad.sampling.common import eos_token_ids, render_prompt, settled
 from lad.sampling.confidence import num_transfer_tokens
 from lad.sampling.refine import remask_fraction
 
@@ -243,7 +243,7 @@ def test_confidence_quota_blocks_and_frozen_commits(run, block_length, iters):
     steps_per_block = iters // n_blocks
     quotas = num_transfer_tokens(width, steps_per_block) * n_blocks
     for out in confidence(denoiser, tokenizer, PROMPTS[:2], max_new_tokens=n, iters=iters, block_length=block_length,
-                          temperature=1.0, trace=True):
+                          temperature=1.0, stop_at_eos=False, trace=True):
         assert out.nfe == n_blocks * steps_per_block == iters
         counts = [n] + [sum(s.masked) for s in out.steps]
         assert [a - b for a, b in zip(counts, counts[1:])] == quotas and counts[-1] == 0
@@ -264,7 +264,8 @@ def test_confidence_random_remask_keeps_quota_but_changes_order(run):
     denoiser, tokenizer = run
     orders = {}
     for remask in ("confidence", "random"):
-        out = confidence(denoiser, tokenizer, PROMPTS[:1], max_new_tokens=12, iters=4, remask=remask, trace=True)[0]
+        out = confidence(denoiser, tokenizer, PROMPTS[:1], max_new_tokens=12, iters=4, remask=remask,
+                         stop_at_eos=False, trace=True)[0]
         counts = [12] + [sum(s.masked) for s in out.steps]
         assert [a - b for a, b in zip(counts, counts[1:])] == [3, 3, 3, 3]
         orders[remask] = masks(out.steps)
@@ -284,7 +285,7 @@ def test_confidence_delay_eos(run):
     probs = [0.99 if t == eos else 0.3 + 0.05 * j for j, t in enumerate(tokens)]
     for delay in (False, True):
         out = confidence(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=8, iters=8, block_length=4,
-                         delay_eos=delay, trace=True)[0]
+                         delay_eos=delay, stop_at_eos=False, trace=True)[0]
         when = committed_at(out.steps)
         assert max(when[:4]) < min(when[4:])  # blocks left to right
         for block in (range(0, 4), range(4, 8)):
@@ -314,7 +315,7 @@ def test_threshold_commits_exactly_slots_above_tau(run):
 def test_threshold_at_least_one_and_budget(run):
     denoiser, tokenizer = run
     for out in threshold(denoiser, tokenizer, PROMPTS[:2], max_new_tokens=12, iters=6, block_length=4,
-                         threshold=1.01, trace=True):
+                         threshold=1.01, stop_at_eos=False, trace=True):
         counts = [12] + [sum(s.masked) for s in out.steps]
         assert out.nfe <= 6 and counts[-1] == 0
         # one commit per iteration until the block's last allowed iteration commits the rest
@@ -325,16 +326,17 @@ def test_threshold_at_least_one_and_budget(run):
 
 def test_threshold_zero_commits_a_block_per_forward(run):
     denoiser, tokenizer = run
-    assert threshold(denoiser, tokenizer, PROMPTS, max_new_tokens=12, iters=6, threshold=0.0)[0].nfe == 1
+    assert threshold(denoiser, tokenizer, PROMPTS, max_new_tokens=12, iters=6, threshold=0.0,
+                     stop_at_eos=False)[0].nfe == 1
     out = threshold(denoiser, tokenizer, PROMPTS, max_new_tokens=12, iters=6, block_length=4, threshold=0.0,
-                    trace=True)[0]
+                    stop_at_eos=False, trace=True)[0]
     assert out.nfe == 3 and [sum(s.masked) for s in out.steps] == [8, 4, 0]
 
 
 def test_threshold_nfe_within_budget_and_commits_frozen(run):
     denoiser, tokenizer = run
     for out in threshold(denoiser, tokenizer, PROMPTS, max_new_tokens=12, iters=5, temperature=1.0, threshold=0.3,
-                         trace=True):
+                         stop_at_eos=False, trace=True):
         assert out.nfe <= 5 and not any(out.steps[-1].masked)
         for previous, step in zip(out.steps, out.steps[1:]):
             assert all(step.tokens[j] == previous.tokens[j] for j in range(12) if not previous.masked[j])
@@ -347,11 +349,11 @@ def test_threshold_delay_eos(run):
     tokens = [eos, 97, eos, 98, 99, eos]
     probs = [0.99, 0.95, 0.99, 0.5, 0.4, 0.99]
     out = threshold(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=6, iters=6, threshold=0.9,
-                    delay_eos=True, trace=True)[0]
+                    delay_eos=True, stop_at_eos=False, trace=True)[0]
     # 0.95 at once; then one per iteration (the most confident left); EOS once nothing else is left
     assert committed_at(out.steps) == [2, 0, 2, 1, 2, 2] and out.nfe == 3
     plain = threshold(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=6, iters=6, threshold=0.9,
-                      trace=True)[0]
+                      stop_at_eos=False, trace=True)[0]
     assert committed_at(plain.steps) == [0, 0, 0, 1, 2, 0]
 
 
@@ -377,3 +379,46 @@ def test_ar_greedy_matches_manual_loop_and_restores_denoiser(run):
     assert out.steps[-1].tokens[:cut] == manual[:cut]
     assert denoiser.config.is_causal is False
     torch.testing.assert_close(denoiser(probe, torch.ones_like(probe)), before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- stop_at_eos (confidence, threshold)
+
+
+def test_settled_rows():
+    eos, m = torch.tensor([2]), 9
+    answer = torch.tensor([[5, 2, m, m], [5, m, 2, m], [m, m, m, m], [2, 7, 7, m], [5, 6, 7, 8]])
+    # an EOS with every slot before it committed; a masked slot before the first EOS keeps the text open
+    assert settled(answer, eos, m).tolist() == [True, False, False, True, False]
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "threshold"])
+@pytest.mark.parametrize("block_length", [None, 2])
+def test_stop_at_eos_same_text_fewer_forwards(run, strategy, block_length):
+    _, tokenizer = run
+    eos = tokenizer.eos_token_id
+    tokens = [97, 98, eos, 99, 100, 101, 102, 103]  # the text ends at slot 2
+    probs = [0.8, 0.7, 0.6, 0.5, 0.95, 0.4, 0.3, 0.2]  # slot 4 is the most confident: it commits first
+    sample = get_strategy(strategy)
+    runs = {}
+    for stop in (False, True):
+        model = fake(tokenizer, tokens, probs)
+        out = sample(model, tokenizer, ["x"], max_new_tokens=8, iters=8, block_length=block_length,
+                     threshold=0.9, stop_at_eos=stop, trace=True)[0]
+        runs[stop] = (out, model.calls)
+    full, early = runs[False][0], runs[True][0]
+    assert early.text == full.text == "ab" and early.token_ids == full.token_ids
+    assert full.nfe == runs[False][1] and early.nfe == runs[True][1] and len(early.steps) == early.nfe
+    # one commit per forward: slots 4, 0, 1, 2 without blocks (the EOS at 2 settles the text); in blocks of two
+    # 0, 1, then 2 first in the second block
+    assert early.nfe == (4 if block_length is None else 3)
+    assert full.nfe == 8 and early.steps == full.steps[:early.nfe]
+
+
+def test_stop_at_eos_batch_waits_for_every_row(run):
+    denoiser, tokenizer = run
+    kwargs = dict(max_new_tokens=12, iters=12, block_length=4, trace=True)
+    for sample in (confidence, threshold):
+        full = sample(denoiser, tokenizer, PROMPTS, stop_at_eos=False, **kwargs)
+        early = sample(denoiser, tokenizer, PROMPTS, **kwargs)
+        assert [g.text for g in early] == [g.text for g in full]
+        assert all(g.nfe <= f.nfe for g, f in zip(early, full))

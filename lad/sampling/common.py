@@ -185,6 +185,17 @@ def predict_slots(denoiser, canvas: Canvas, cache, generators: list[torch.Genera
     return tokens, conf, block_state
 
 
+def settled(answer: Tensor, eos: Tensor, mask_id: int) -> Tensor:
+    """Bool [B]: rows whose text can no longer change — an EOS with every slot before it committed. For samplers
+    that never change a committed token (confidence, threshold) the rest of such a row is noise that `finish`
+    cuts off, so decoding it would be wasted forwards (`stop_at_eos`; AR generation stops at EOS the same way)."""
+    n = answer.shape[1]
+    index = torch.arange(n, device=answer.device).expand_as(answer)
+    first_eos = torch.where(torch.isin(answer, eos), index, n).amin(-1)
+    first_mask = torch.where(answer == mask_id, index, n).amin(-1)
+    return first_eos < first_mask
+
+
 def row_generators(n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per row, each seeded with `seed`: a prompt samples the same alone or in a batch."""
     device = torch.device(device)

@@ -22,6 +22,8 @@ and values of everything outside the block; the block's other forwards run its c
 (an approximation: the frozen columns do not see the block's new tokens until the next block). NFE is unchanged;
 a forward costs the block's width, not the answer's. Only the block's slots are predicted then (the others
 report confidence 0 in the trace).
+`stop_at_eos=True` (the default) ends the loop once every row's text is final (an EOS with every slot before it
+committed): the same text, fewer forwards, as AR generation stops at EOS. NFE then falls short of the budget.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import time
 
 import torch
 
-from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache
+from .common import (eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache,
+                     settled)
 
 REMASK = ("confidence", "random")
 
@@ -61,7 +64,8 @@ def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tupl
 def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, block_length: int | None = None,
                remask: str = "confidence", delay_eos: bool = False, prefix_cache: bool | None = None,
-               block_cache: bool = False, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+               block_cache: bool = False, stop_at_eos: bool = True, chat_template: bool = True, on_step=None,
+               trace: bool = False, **_unused):
     block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters, block_length)
     if remask not in REMASK:
         raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
@@ -78,6 +82,8 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
     quotas = num_transfer_tokens(block_length, steps_per_block)
     iteration = 0
     for block in range(n_blocks):
+        if stop_at_eos and bool(settled(canvas.answer, eos_tensor, mask_id).all()):
+            break  # every answer is final: the blocks left would only fill slots after its EOS
         in_block = torch.zeros(rows, n, dtype=torch.bool, device=device)
         in_block[:, block * block_length:(block + 1) * block_length] = True
         window = (block * block_length, (block + 1) * block_length) if block_cache else None
@@ -99,4 +105,6 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
             canvas.answer.copy_(draft)
             iteration += 1
             record_step(steps, on_step, iteration - 1, before, draft, conf, mask_id, iteration)
+            if stop_at_eos and bool(settled(draft, eos_tensor, mask_id).all()):
+                break
     return finish(tokenizer, canvas, "confidence", iteration, started, eos_ids, steps, mask_id, cache)

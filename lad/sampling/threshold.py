@@ -21,6 +21,8 @@ a block's first forward runs the whole answer and keeps everything else's keys a
 run the block's columns alone. The rows of a batch then share one block: a row that finishes early waits (its
 canvas unchanged, its budget unspent) until every row has, so its output is still the same alone or in a batch,
 while the batch may spend more forwards than without the cache.
+`stop_at_eos=True` (the default): a row whose text is final (an EOS with every slot before it committed) is done;
+its later blocks would only fill slots that `finish` cuts off. The same text in fewer forwards, as AR stops at EOS.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import time
 
 import torch
 
-from .common import eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache
+from .common import (eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache,
+                     settled)
 from .confidence import blocks_of
 
 
@@ -37,7 +40,8 @@ from .confidence import blocks_of
 def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
               block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool | None = None,
-              block_cache: bool = False, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+              block_cache: bool = False, stop_at_eos: bool = True, chat_template: bool = True, on_step=None,
+              trace: bool = False, **_unused):
     tau = threshold
     block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
     if not tau >= 0:  # also refuses NaN
@@ -82,5 +86,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         complete = ~((slot_block[None, :] == block[:, None]) & (draft == mask_id)).any(dim=-1)
         complete &= block < n_blocks
         block = torch.where(complete, block + 1, block)
+        if stop_at_eos:  # a final text needs no more blocks
+            block = torch.where(settled(draft, eos_tensor, mask_id), torch.full_like(block, n_blocks), block)
         used = torch.where(complete, torch.zeros_like(used), used)
     return finish(tokenizer, canvas, "threshold", nfe, started, eos_ids, steps, mask_id, cache)
