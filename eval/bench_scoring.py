@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (command_line, environment, load_denoiser, peak_rss_mb, reset_peak_rss, rss_mb,  # noqa: E402
                          write_record)
 
-MODES = ("ar", "denoise", "elbo")
+MODES = ("ar", "denoise", "denoise_uncached", "elbo")
 
 
 def load_model(model: str | None, device: str):
@@ -53,7 +53,8 @@ def make_lm(mode: str, denoiser, tokenizer, info, args):
 
     return LadLM(denoiser=denoiser, tokenizer=tokenizer, info=info, baseline="ar" if mode == "ar" else "none",
                  score="elbo" if mode == "elbo" else "denoise", iters=args.iters, order=args.order,
-                 mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device)
+                 mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                 prefix_cache=False if mode == "denoise_uncached" else None)
 
 
 def count_requests(lm) -> dict:
@@ -102,7 +103,8 @@ def run_mode(mode: str, denoiser, tokenizer, info, args, task_manager) -> dict:
     docs = sum(int(n["effective"]) for task, n in results["n-samples"].items() if task not in groups)
     metrics = {task: {m: {"value": v, "stderr": e} for m, (v, e) in row.items()}
                for task, row in metric_rows(results).items()}
-    return {"label": lm._mode(), "docs": docs, "requests": seen["requests"],
+    label = lm._mode() + (" + prefix cache" if lm.prefix_cache_used else "")
+    return {"label": label, "docs": docs, "requests": seen["requests"],
             "mean_continuation_tokens": seen["continuation_tokens"] / max(seen["requests"], 1),
             "nfe": lm.nfe, "nfe_per_doc": lm.nfe / max(docs, 1), "wall_s": wall, "scoring_s": lm.seconds,
             "docs_per_s": docs / wall, "scoring_docs_per_s": docs / lm.seconds if lm.seconds else None,
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order", choices=["confidence", "l2r"], default="l2r", help="denoise reveal order (lad-eval's default)")
     parser.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (all modes)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all three")
+    parser.add_argument("--modes", nargs="+", choices=MODES,
+                        help="default: ar, denoise, elbo, and denoise_uncached (denoise without the prefix cache) "
+                             "for a run that caches its contexts by default (prompt-causal)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="timed passes per mode, round robin; times are medians (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
           f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
     warm_up(denoiser, args.device)
     task_manager = TaskManager()
+    if args.modes is None:
+        from lad.scoring.batching import use_prefix_cache
+
+        args.modes = [m for m in MODES if m != "denoise_uncached" or use_prefix_cache(denoiser, None)]
     modes = [m for m in MODES if m in args.modes]  # AR first: the reference the others are compared with
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for repeat in range(args.repeats):  # round robin, so a slow spell on the machine hits every mode alike

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--order", choices=["confidence", "l2r"], default="l2r",
                    help="denoise: reveal left to right (default; scored best in docs/results.md) or most-confident first")
     p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="denoise, elbo: run each context once and only the continuation per step (exact, and on by "
+                        "default, for prompt-causal runs; an approximation otherwise)")
     p.add_argument("--strategy", default="confidence", help="sampler for generative tasks")
     p.add_argument("--baseline", choices=["none", "ar"], default="none",
                    help="ar: score the AR parent (adapter off, causal attention)")
@@ -108,6 +111,7 @@ def run_one(lm, args, tasks, task_manager) -> dict:
     if results is not None:  # only rank 0 gets results
         results["config"].update(model="lad", model_args=args.model, iters=args.iters, score=args.score,
                                  order=args.order, mc_samples=args.mc_samples if args.score == "elbo" else None,
+                                 prefix_cache=lm.prefix_cache_used,
                                  baseline=lm.baseline, nfe=sum(nfe), processes=lm.world_size,
                                  wall_s=round(time.perf_counter() - started, 2))
     return results
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
         lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
                    mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                   weights=args.weights, strategy=args.strategy)
+                   weights=args.weights, strategy=args.strategy, prefix_cache=args.prefix_cache)
         if args.baseline == "ar" or args.compare:
             from .run import check_parent
 

@@ -78,6 +78,21 @@ def test_elbo_mode_and_determinism(run_dir, data_dir, tmp_path):
     assert scores[0] == scores[1]
 
 
+def test_prefix_cache_flag_reaches_the_scorer_and_is_recorded(run_dir, data_dir, tmp_path):
+    """The tiny run is bidirectional: the cache is off by default and, asked for, changes the (approximate)
+    log-likelihoods; the config says which produced the numbers."""
+    logged = {}
+    for flag in ("--no-prefix-cache", "--prefix-cache"):
+        out = tmp_path / flag
+        assert lad_eval(["--model", str(run_dir), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "3",
+                         "--iters", "2", "--output_path", str(out), "--log_samples", flag]) == 0
+        data = results(out)["lad"]
+        assert data["config"]["prefix_cache"] is (flag == "--prefix-cache")
+        samples = next(out.glob("samples_lad_arc_easy_*.jsonl")).read_text().splitlines()
+        logged[flag] = [json.loads(line)["filtered_resps"] for line in samples]
+    assert logged["--prefix-cache"] != logged["--no-prefix-cache"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "arc_eazy"], "did you mean 'arc_easy'"),
     (["--tasks", "arc_easy", "--data-dir", "/nonexistent/dir"], "is not a folder"),

@@ -85,6 +85,20 @@ class PrefixCache:
         """Forwards spent building it (0 or 1): reported apart from the sampler's NFE."""
         return int(self.length > 0)
 
+    def select(self, rows: Tensor) -> PrefixCache:
+        """A new cache of rows `rows` (LongTensor; repeats allowed, e.g. one context for each of its answers);
+        this one is unchanged."""
+        from transformers import DynamicCache
+
+        rows = rows.to(self.ids.device)
+        kv = None
+        if self.kv is not None:
+            kv = DynamicCache()
+            for index, layer in enumerate(self.kv.layers):
+                kv.update(layer.keys[rows.to(layer.keys.device)], layer.values[rows.to(layer.values.device)], index)
+        last = self.last_hidden[rows.to(self.last_hidden.device)] if self.last_hidden is not None else None
+        return PrefixCache(kv, self.ids[rows], self.attention_mask[rows], last)
+
 
 def _cache_keyword(decoder: nn.Module) -> str:
     """transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old name is deprecated)."""

@@ -12,6 +12,7 @@ attention mask (so LEFT padding does not move positions), and the causal AR pare
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -66,6 +67,60 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "left",
         ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
         attention[row, span] = 1
     return ids.to(device), attention.to(device)
+
+
+@dataclass
+class ContextBatch:
+    """Requests laid out for a cached forward: each context LEFT-padded to `context_width` columns, then its
+    continuation RIGHT-padded, so every continuation starts at column `context_width` and the contexts form a
+    common prefix that `Denoiser.prefix_cache` can compute once. Exact as the whole-sequence left padding is:
+    padding is masked and position ids come from the mask."""
+
+    ids: Tensor  # [B, C + X]
+    attention_mask: Tensor  # [B, C + X]
+    context_width: int  # C
+    lengths: list[int]  # continuation lengths
+    cache: object  # the contexts' PrefixCache (each distinct context run once), or None
+
+    @property
+    def answer_start(self) -> Tensor:
+        return torch.full((self.ids.shape[0],), self.context_width, dtype=torch.long, device=self.ids.device)
+
+    def slots(self) -> Tensor:
+        """Bool [B, C + X]: each row's continuation columns."""
+        column = torch.arange(self.ids.shape[1], device=self.ids.device)
+        length = torch.tensor(self.lengths, device=self.ids.device)
+        return (column >= self.context_width) & (column < self.context_width + length[:, None])
+
+
+def context_batch(denoiser, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, device,
+                  cached: bool, stats: dict | None = None) -> ContextBatch:
+    """`pairs` (context, continuation) as a `ContextBatch`; with `cached`, the contexts' keys and values are
+    computed once per distinct context (the choices of one question share theirs) and expanded to the rows.
+    stats["prefix_rows"] counts the contexts run."""
+    contexts, index = {}, []
+    for context, _ in pairs:
+        index.append(contexts.setdefault(tuple(context), len(contexts)))
+    left, left_mask = pad_batch([c for c, _ in pairs], pad_id, side="left", device=device)
+    right, right_mask = pad_batch([x for _, x in pairs], pad_id, side="right", device=device)
+    cache = None
+    if cached:
+        distinct, distinct_mask = pad_batch([list(c) for c in contexts], pad_id, side="left", device=device)
+        cache = denoiser.prefix_cache(distinct, distinct_mask)
+        if len(contexts) < len(pairs):
+            cache = cache.select(torch.tensor(index, device=device))
+        if stats is not None:
+            stats["prefix_rows"] = stats.get("prefix_rows", 0) + len(contexts)
+    return ContextBatch(torch.cat([left, right], 1), torch.cat([left_mask, right_mask], 1), left.shape[1],
+                        [len(x) for _, x in pairs], cache)
+
+
+def use_prefix_cache(denoiser, prefix_cache: bool | None) -> bool:
+    """As given, or when None on exactly when it is exact: a prompt-causal model's context never sees its
+    continuation, so computing the context alone once changes nothing (docs/scoring.md)."""
+    if prefix_cache is None:
+        return getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
+    return bool(prefix_cache)
 
 
 def pad_id_of(denoiser) -> int:

@@ -21,15 +21,18 @@ the model picks, an exact chain rule for the denoiser's conditionals. With fewer
 together are scored as independent (a product of marginals). Deterministic; a single-token continuation costs
 exactly one forward.
 
-Batching: requests are left-padded so each row's continuation ends at the last column. Each row follows its own
-schedule; a row whose schedule is over leaves the batch (later forwards run only the rows still being revealed).
+Batching: contexts are left-padded and continuations right-padded (`ContextBatch`), so every continuation starts at
+one column. Each row follows its own schedule; a row whose schedule is over leaves the batch (later forwards run
+only the rows still being revealed). `prefix_cache` (on by default for prompt-causal runs, where it is exact):
+the contexts' keys and values are computed once per chunk (once per distinct context: a question's choices
+share it) and every reveal step runs only the continuation columns; a context costs one forward, not `iters`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .batching import check_requests, count, device_of, length_chunks, pad_batch, pad_id_of
+from .batching import check_requests, context_batch, count, device_of, length_chunks, pad_id_of, use_prefix_cache
 
 ORDERS = ("confidence", "l2r")
 
@@ -42,43 +45,49 @@ def num_transfer_tokens(length: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", batch_size: int = 16,
-                  progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
+                  prefix_cache: bool | None = None, progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order.
 
     progress(n): called after each chunk with the number of requests it finished (tqdm's `update`).
-    stats: if given, stats["nfe"] += sequences run through the model (Σ min(iters, L) over requests) and
-    stats["forward_calls"] += batched forwards.
+    stats: if given, stats["nfe"] += sequences run through the model (Σ min(iters, L) over requests),
+    stats["forward_calls"] += batched forwards, and with the cache stats["prefix_rows"] += contexts run.
     """
     if int(iters) < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     requests = check_requests(requests, need_context=denoiser.shift)
+    cached = use_prefix_cache(denoiser, prefix_cache)
     denoiser.eval()
     device, pad_id, mask_id = device_of(denoiser), pad_id_of(denoiser), denoiser.mask_id
     results: list[tuple[float, bool] | None] = [None] * len(requests)
+    if cached:  # a question's choices side by side, so that their context is run once
+        sizes = [(len(c), tuple(c), len(x)) for c, x in requests]
+        chunks = sorted(range(len(requests)), key=lambda i: (-sizes[i][0], sizes[i][1], -sizes[i][2], i))
+        chunks = [chunks[start:start + int(batch_size)] for start in range(0, len(chunks), int(batch_size))]
+    else:
+        chunks = length_chunks([len(c) + len(x) for c, x in requests], batch_size)
 
-    for chunk in length_chunks([len(c) + len(x) for c, x in requests], batch_size):
-        target, attention = pad_batch([requests[i][0] + requests[i][1] for i in chunk], pad_id, side="left",
-                                      device=device)
+    for chunk in chunks:
+        batch = context_batch(denoiser, [requests[i] for i in chunk], pad_id, device, cached, stats)
+        target, attention, lengths = batch.ids, batch.attention_mask, batch.lengths
         rows, width = target.shape
-        lengths = [len(requests[i][1]) for i in chunk]
-        masked = torch.zeros_like(target, dtype=torch.bool)  # continuation slots not revealed yet
-        for row, length in enumerate(lengths):
-            masked[row, width - length:] = True
+        masked = batch.slots()  # continuation slots not revealed yet
         canvas = target.masked_fill(masked, mask_id)
         schedules = [num_transfer_tokens(length, min(int(iters), length)) for length in lengths]
         logp = torch.zeros(rows, dtype=torch.float64, device=device)
         greedy = torch.ones(rows, dtype=torch.bool, device=device)
         column = torch.arange(width, device=device).expand(rows, width)
-        answer_start = torch.tensor([width - length for length in lengths], device=device)
+        cache, cache_rows = batch.cache, rows  # the cache of the live rows
 
         for step in range(max(len(s) for s in schedules)):
             live = torch.tensor([r for r in range(rows) if step < len(schedules[r])], device=device)
+            if cache is not None and len(live) != cache_rows:  # rows only ever leave
+                cache, cache_rows = batch.cache.select(live), len(live)
             quota = torch.tensor([schedules[r][step] for r in live.tolist()], device=device)
             slots = masked[live]
-            log_probs = denoiser(canvas[live], attention[live], positions=slots,
-                                 answer_start=answer_start[live]).float().log_softmax(-1)  # [N, V]
+            log_probs = denoiser(canvas[live], attention[live], positions=slots, cache=cache,
+                                 answer_start=batch.answer_start[live]).float().log_softmax(-1)  # [N, V]
             count(stats, rows=len(live))
             truth = target[live]
             true_lp = torch.zeros(slots.shape, dtype=torch.float32, device=device)

@@ -21,6 +21,9 @@ lengths still share every draw they can. Without group ids every request is its 
 
 is_greedy: one extra forward with the whole continuation masked; True when the argmax equals the true token at
 every slot (for L = 1 that forward is the scoring one). NFE per request: M + 1 for L > 1, 1 for L = 1.
+
+`prefix_cache` (on by default for prompt-causal runs, where it is exact): each batch runs its distinct contexts
+once and the M + 1 sequences of a request only their continuation columns against those keys and values.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batching import check_batch_size, check_requests, count, device_of, longest_first, pad_batch, pad_id_of
+from .batching import (check_batch_size, check_requests, context_batch, count, device_of, longest_first, pad_id_of,
+                       use_prefix_cache)
 
 
 def group_generator(seed: int, group: int) -> torch.Generator:
@@ -51,7 +55,8 @@ def elbo_masks(length: int, mc_samples: int, generator: torch.Generator) -> Tens
 
 @torch.no_grad()
 def score_elbo(denoiser, requests, *, mc_samples: int = 128, seed: int = 0, batch_size: int = 16,
-               group_ids=None, progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
+               group_ids=None, prefix_cache: bool | None = None, progress=None,
+               stats: dict | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood estimate, is_greedy) per request, in request order. Deterministic for a seed.
 
     batch_size: sequences per forward (each Monte-Carlo sample is one sequence; samples of several requests
@@ -66,6 +71,7 @@ def score_elbo(denoiser, requests, *, mc_samples: int = 128, seed: int = 0, batc
         group_ids = list(range(len(requests)))
     if len(group_ids) != len(requests):
         raise ValueError(f"group_ids has {len(group_ids)} entries for {len(requests)} requests")
+    cached = use_prefix_cache(denoiser, prefix_cache)
     denoiser.eval()
     device, pad_id, mask_id = device_of(denoiser), pad_id_of(denoiser), denoiser.mask_id
     lengths = [len(x) for _, x in requests]
@@ -83,15 +89,13 @@ def score_elbo(denoiser, requests, *, mc_samples: int = 128, seed: int = 0, batc
     pending: list[tuple[int, Tensor, bool]] = []  # (request, mask over its continuation, is the greedy check)
 
     def run(units: list[tuple[int, Tensor, bool]]) -> None:
-        target, attention = pad_batch([requests[i][0] + requests[i][1] for i, _, _ in units], pad_id, side="left",
-                                      device=device)
-        width = target.shape[1]
+        batch = context_batch(denoiser, [requests[i] for i, _, _ in units], pad_id, device, cached, stats)
+        target, start = batch.ids, batch.context_width
         masked = torch.zeros_like(target, dtype=torch.bool)
         for row, (i, mask, _) in enumerate(units):
-            masked[row, width - lengths[i]:] = mask.to(device)
-        answer_start = torch.tensor([width - lengths[i] for i, _, _ in units], device=device)
-        log_probs = denoiser(target.masked_fill(masked, mask_id), attention, positions=masked,
-                             answer_start=answer_start).float()
+            masked[row, start:start + lengths[i]] = mask.to(device)
+        log_probs = denoiser(target.masked_fill(masked, mask_id), batch.attention_mask, positions=masked,
+                             cache=batch.cache, answer_start=batch.answer_start).float()
         log_probs = log_probs.log_softmax(-1)
         count(stats, rows=len(units))
         true_lp = torch.zeros(masked.shape, dtype=torch.float32, device=device)

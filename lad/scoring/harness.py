@@ -29,7 +29,8 @@ class LadLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, *, denoiser=None, tokenizer=None, info=None,
                  baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "l2r",
                  mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
-                 weights: str = "final", strategy: str = "confidence", max_length: int | None = None, **_ignored):
+                 weights: str = "final", strategy: str = "confidence", max_length: int | None = None,
+                 prefix_cache: bool | str | None = None, **_ignored):
         super().__init__()
         if baseline not in ("none", "ar"):
             raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
@@ -49,6 +50,9 @@ class LadLM(TemplateLM):
         self.mc_samples, self.seed, self.strategy = int(mc_samples), int(seed), strategy
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or getattr(info, "max_length", None) or 2048)
+        # None: the scorers' default (on exactly when exact: prompt-causal runs); model_args pass strings
+        self.prefix_cache = (None if prefix_cache in (None, "", "auto")
+                             else str(prefix_cache).lower() in ("1", "true", "yes"))
         self.nfe = 0
         self.seconds = 0.0
 
@@ -147,15 +151,24 @@ class LadLM(TemplateLM):
                 scores = score_ar(self.denoiser, chosen, **common)
             elif self.score == "elbo":
                 scores = score_elbo(self.denoiser, chosen, mc_samples=self.mc_samples, seed=self.seed,
-                                    group_ids=[group_ids[i] for i in multi], **common)
+                                    group_ids=[group_ids[i] for i in multi], prefix_cache=self.prefix_cache, **common)
             else:
-                scores = score_denoise(self.denoiser, chosen, iters=self.iters, order=self.order, **common)
+                scores = score_denoise(self.denoiser, chosen, iters=self.iters, order=self.order,
+                                       prefix_cache=self.prefix_cache, **common)
             for i, value in zip(multi, scores):
                 out[i] = value
         bar.close()
         self.nfe += int(stats.get("nfe", 0))
         self.seconds += time.perf_counter() - started
         return out
+
+    @property
+    def prefix_cache_used(self) -> bool:
+        """Whether the LAD scorers ran each context once (recorded with the results: it is part of the number
+        for a bidirectional run)."""
+        from .batching import use_prefix_cache
+
+        return self.baseline != "ar" and use_prefix_cache(self.denoiser, self.prefix_cache)
 
     def _mode(self) -> str:
         if self.baseline == "ar":
