@@ -10,7 +10,7 @@ import threading  # no `from __future__ import annotations`: Gradio must see the
 
 from . import demo_view as view
 from .demo import DemoModel, import_gradio
-from .sampling import STRATEGIES
+from .sampling import STRATEGIES, default_strategy
 
 LEGEND = ('<span style="{masked}padding:0 4px;border-radius:3px">░ masked</span> '
           '<span style="{changed}padding:0 4px;border-radius:3px">changed this step</span> '
@@ -49,7 +49,8 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
                 ar_out = gr.HTML(view.placeholder_html(""), elem_id="ar-view")
         with gr.Accordion("Settings", open=True):
             with gr.Row():
-                strategy = gr.Dropdown(list(STRATEGIES), value="refine", label="Strategy", elem_id="lad-strategy")
+                strategy = gr.Dropdown(list(STRATEGIES), value=default_strategy(model.denoiser), label="Strategy",
+                                       elem_id="lad-strategy")
                 iterations = gr.Slider(1, 128, value=16, step=1, label="Iterations", elem_id="lad-iters")
                 max_new = gr.Slider(1, 256, value=32, step=1, label="Max new tokens", elem_id="lad-max-new")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="lad-seed")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .sampling import STRATEGIES, Generation, get_strategy
+from .sampling import STRATEGIES, Generation, default_strategy, get_strategy
 from .sampling.common import eos_token_ids
 from .sampling.render import LiveView, decode_pieces
 
@@ -60,10 +60,11 @@ def _chat_template(denoiser, options: dict) -> bool | str:
     return info.chat_template if info is not None else True
 
 
-def generate(model, prompts: list[str] | str, *, strategy: str = "refine", tokenizer=None,
+def generate(model, prompts: list[str] | str, *, strategy: str | None = None, tokenizer=None,
              batch_size: int | None = None, device: str | torch.device | None = None, weights: str = "final",
              on_step=None, trace: bool = False, **options) -> list[Generation]:
-    """Answer `prompts` with `strategy`; returns one `Generation` per prompt, in order.
+    """Answer `prompts` with `strategy` (default: the run's own, `default_strategy`); returns one `Generation`
+    per prompt, in order.
 
     model: a run directory (loaded here; `device`, `weights` as for `load_run`) or a `Denoiser` (then
     `tokenizer` is required). Prompts run in batches of `batch_size` (default: 8). `options` go to the
@@ -77,14 +78,14 @@ def generate(model, prompts: list[str] | str, *, strategy: str = "refine", token
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     if batch_size < 1:
         raise GenerateError(f"batch_size must be >= 1, got {batch_size}")
-    if strategy not in STRATEGIES:
+    if strategy is not None and strategy not in STRATEGIES:
         raise GenerateError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    fn = get_strategy(strategy)
     if isinstance(model, (str, os.PathLike)):
         model, loaded_tokenizer = load(model, device=device, weights=weights)
         tokenizer = tokenizer or loaded_tokenizer
     elif tokenizer is None:
         raise GenerateError("generate(denoiser, ...) needs tokenizer=; or pass a run directory")
+    fn = get_strategy(strategy or default_strategy(model))
     chat_template = _chat_template(model, options)
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
@@ -148,7 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="one prompt per line, or JSON lines with a 'prompt' field ('-' reads stdin)")
     what.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch (default: 8)")
     how = parser.add_argument_group("sampling (defaults: the strategy's own)")
-    how.add_argument("--strategy", default="refine", choices=sorted(STRATEGIES), help="default: refine")
+    how.add_argument("--strategy", choices=sorted(STRATEGIES),
+                     help="default: the run's own: confidence for runs trained on the mask objective, refine for "
+                          "structural or mixed noise (docs/sampling.md)")
     how.add_argument("--iters", type=int, help="iterations (forward passes at most)")
     how.add_argument("--max-new-tokens", type=int, help="answer slots on the canvas")
     how.add_argument("--seed", type=int, help="sampling seed (default 0)")
@@ -262,12 +265,13 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     options = given_options(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    denoiser, tokenizer = load(args.model, device=device, weights=args.weights)
+    args.strategy = args.strategy or default_strategy(denoiser)
     used = strategy_parameters(args.strategy)
     unused = [OPTION_FLAGS[k] for k in options if k not in used]
     if unused:
         print(f"{PROG}: note: strategy {args.strategy!r} does not use {', '.join(unused)}", file=sys.stderr)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    denoiser, tokenizer = load(args.model, device=device, weights=args.weights)
     if args.ar:
         from .run import check_parent
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,25 @@ def test_live_view_redraws_in_place(byte_tokenizer):
     view.reset(["[3]"])  # next batch: a new block below, nothing erased
     view([Step(0, [67], [False], [True], [0.5], 1)])
     assert stream.getvalue().endswith("[2] AB\nstep 1/2 · 1 NFE\n[3] C\n")
+
+
+def test_default_strategy_follows_the_objective(run_dir, capsys, tmp_path):
+    """refine for runs trained with structural/mixed noise (the tiny recipe: mixed), confidence for mask runs."""
+    from types import SimpleNamespace
+
+    from lad.sampling import default_strategy
+
+    for objective, expected in (("mask", "confidence"), ("mixed", "refine"), ("structural", "refine")):
+        assert default_strategy(SimpleNamespace(lad_info=SimpleNamespace(objective=objective))) == expected
+    assert default_strategy(object()) == "refine"  # a bare denoiser: no run info
+    code, out, _ = cli(capsys, "--model", run_dir, "--prompt", "hi", "--iters", "2", "--max-new-tokens", "4", "--json")
+    (record,) = json_lines(out)
+    assert code == 0 and record["strategy"] == "refine"
+    mask_run = tmp_path / "mask_run"  # the same weights, recorded as trained on the mask objective
+    shutil.copytree(run_dir, mask_run)
+    info = json.loads((mask_run / "lad.json").read_text())
+    (mask_run / "lad.json").write_text(json.dumps({**info, "objective": "mask"}))
+    code, out, _ = cli(capsys, "--model", str(mask_run), "--prompt", "hi", "--iters", "2", "--max-new-tokens", "4",
+                       "--json")
+    (record,) = json_lines(out)
+    assert code == 0 and record["strategy"] == "confidence"
