@@ -45,16 +45,11 @@ def window_of(denoiser, prefix, slot_start: int, slot_end: int) -> tuple[int, in
     return start, slot_end, False
 
 
-def _frozen(denoiser, kv, start: int, end: int):
+def _frozen(kv, start: int, end: int):
     """A new DynamicCache holding `kv`'s columns outside [start, end) (columns indexed from the canvas start)."""
-    from transformers import DynamicCache
+    from .denoiser import rebuilt_cache
 
-    frozen = DynamicCache(config=denoiser.config)
-    for index, layer in enumerate(kv.layers):
-        keys = torch.cat([layer.keys[:, :, :start], layer.keys[:, :, end:]], dim=2)
-        values = torch.cat([layer.values[:, :, :start], layer.values[:, :, end:]], dim=2)
-        frozen.update(keys, values, index)
-    return frozen
+    return rebuilt_cache(kv, lambda t: torch.cat([t[:, :, :start], t[:, :, end:]], dim=2))
 
 
 def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, prefix, slot_start: int,
@@ -74,7 +69,7 @@ def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tens
     kv = prefix.kv if k else DynamicCache(config=denoiser.config)
     with cropped_back(kv, k):
         hidden = denoiser._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], kv)
-        frozen = _frozen(denoiser, kv, start, end)
+        frozen = _frozen(kv, start, end)
     key_mask = torch.cat([attention_mask[:, :start], attention_mask[:, end:]], dim=1)
     cache = BlockCache(frozen, key_mask, start, end, prefix.last_hidden if from_prefix else None)
     return denoiser.head_at(hidden, k, positions, prefix.last_hidden), cache

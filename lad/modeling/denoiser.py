@@ -40,6 +40,17 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def rebuilt_cache(kv, take):
+    """A new transformers DynamicCache whose every layer holds `take(keys)` and `take(values)` of `kv`'s layer
+    (tensors [B, heads, columns, head_dim]): rows or columns picked from a cache, which stays unchanged."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for index, layer in enumerate(kv.layers):
+        out.update(take(layer.keys), take(layer.values), index)
+    return out
+
+
 @contextmanager
 def cropped_back(kv, length: int):
     """Crop the K/V cache `kv` back to its first `length` columns when the block ends, however it ends: a cached
@@ -88,14 +99,8 @@ class PrefixCache:
     def select(self, rows: Tensor) -> PrefixCache:
         """A new cache of rows `rows` (LongTensor; repeats allowed, e.g. one context for each of its answers);
         this one is unchanged."""
-        from transformers import DynamicCache
-
         rows = rows.to(self.ids.device)
-        kv = None
-        if self.kv is not None:
-            kv = DynamicCache()
-            for index, layer in enumerate(self.kv.layers):
-                kv.update(layer.keys[rows.to(layer.keys.device)], layer.values[rows.to(layer.values.device)], index)
+        kv = None if self.kv is None else rebuilt_cache(self.kv, lambda t: t[rows.to(t.device)])
         last = self.last_hidden[rows.to(self.last_hidden.device)] if self.last_hidden is not None else None
         return PrefixCache(kv, self.ids[rows], self.attention_mask[rows], last)
 

@@ -80,9 +80,9 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
     steps = [[] for _ in range(rows)] if trace else None
     steps_per_block = min(steps_per_block, block_length)  # more would be forwards that commit nothing
     quotas = num_transfer_tokens(block_length, steps_per_block)
-    iteration = 0
+    iteration, final = 0, False
     for block in range(n_blocks):
-        if stop_at_eos and bool(settled(canvas.answer, eos_tensor, mask_id).all()):
+        if final:
             break  # every answer is final: the blocks left would only fill slots after its EOS
         in_block = torch.zeros(rows, n, dtype=torch.bool, device=device)
         in_block[:, block * block_length:(block + 1) * block_length] = True
@@ -105,6 +105,7 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
             canvas.answer.copy_(draft)
             iteration += 1
             record_step(steps, on_step, iteration - 1, before, draft, conf, mask_id, iteration)
-            if stop_at_eos and bool(settled(draft, eos_tensor, mask_id).all()):
+            final = stop_at_eos and bool(settled(draft, eos_tensor, mask_id).all())
+            if final:
                 break
     return finish(tokenizer, canvas, "confidence", iteration, started, eos_ids, steps, mask_id, cache)

@@ -45,11 +45,23 @@ def check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
+def chunked(order: Sequence[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into chunks of `batch_size`."""
+    batch_size = check_batch_size(batch_size)
+    return [list(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
+
+
 def length_chunks(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices sorted longest first (ties by index), cut into chunks of `batch_size`."""
-    batch_size = check_batch_size(batch_size)
-    order = longest_first(lengths)
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return chunked(longest_first(lengths), batch_size)
+
+
+def context_chunks(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
+    """Indices cut into chunks of `batch_size` for `context_batch` with the cache: a question's choices side by
+    side (so their context runs once), longest contexts first, then longest continuations (ties by index)."""
+    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), tuple(requests[i][0]),
+                                                        -len(requests[i][1]), i))
+    return chunked(order, batch_size)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "left",

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .batching import check_requests, context_batch, count, device_of, length_chunks, pad_id_of, use_prefix_cache
+from .batching import (check_requests, context_batch, context_chunks, count, device_of, length_chunks, pad_id_of,
+                       use_prefix_cache)
 
 ORDERS = ("confidence", "l2r")
 
@@ -62,9 +63,7 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
     device, pad_id, mask_id = device_of(denoiser), pad_id_of(denoiser), denoiser.mask_id
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     if cached:  # a question's choices side by side, so that their context is run once
-        sizes = [(len(c), tuple(c), len(x)) for c, x in requests]
-        chunks = sorted(range(len(requests)), key=lambda i: (-sizes[i][0], sizes[i][1], -sizes[i][2], i))
-        chunks = [chunks[start:start + int(batch_size)] for start in range(0, len(chunks), int(batch_size))]
+        chunks = context_chunks(requests, batch_size)
     else:
         chunks = length_chunks([len(c) + len(x) for c, x in requests], batch_size)
 
