@@ -3,7 +3,8 @@
     python eval/ablation_report.py          # reads eval/results/ablation/summary.json
 
 Writes docs/img/ablation_accuracy.png (dev accuracy against training tokens and wall time, the AR parent as
-a line), docs/img/ablation_val_loss.png (validation loss curves) and the markdown table between the
+a line), docs/img/ablation_tasks.png (the variants scored on several tasks, one panel per task),
+docs/img/ablation_val_loss.png (validation loss curves) and the markdown table between the
 `<!-- ablation:start -->` and `<!-- ablation:end -->` markers of docs/results.md. Needs matplotlib
 (`pip install 'lad[bench]'`).
 """
@@ -82,6 +83,51 @@ def tasks_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+ORDERS = (("confidence", "o", False), ("l2r", "s", True))  # order, marker, filled
+
+
+def order_dots(ax, summary: dict, names: list[str], task: str, colors: dict, label: bool = True) -> None:
+    """One row per variant: its `task` accuracy in both orders (bars: stderr), the parent as a dashed line."""
+    for row, name in enumerate(names):
+        for order, marker, filled in ORDERS:
+            score = summary["variants"][name]["scores"].get(f"{task}/{order}")
+            if score:
+                ax.errorbar(score["acc"], row, xerr=score.get("acc_stderr"), fmt=marker, color=colors[name],
+                            mfc=colors[name] if filled else "white", capsize=2)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3)
+    if task in summary["parent"]:
+        parent = summary["parent"][task]["acc"]
+        ax.axvline(parent, color="k", linestyle="--")
+        if label:
+            ax.text(parent, len(names) - 0.4, " AR parent", fontsize=8)
+
+
+def tasks_plot(summary: dict, colors: dict) -> Path | None:
+    """The variants scored on several tasks: one panel per task, both orders, next to the parent."""
+    names = [n for n, e in summary["variants"].items() if len({k.split("/")[0] for k in e["scores"]}) > 1]
+    tasks = [t for t in ("arc_easy", "arc_challenge", "hellaswag", "mmlu")
+             if any(f"{t}/{o}" in summary["variants"][n]["scores"] for n in names for o, _, _ in ORDERS)]
+    if not names or len(tasks) < 2:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks) + 1.5, 0.4 * len(names) + 2.6),
+                             sharey=True)
+    for ax, task in zip(axes, tasks):
+        order_dots(ax, summary, names, task, colors, label=False)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("dev acc")
+    fig.suptitle("variants on every task (○ most-confident first, ■ left to right; bars: stderr; "
+                 "dashed: AR parent)", fontsize=10)
+    fig.tight_layout()
+    path = IMG / "ablation_tasks.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(summary: dict) -> list[Path]:
     import matplotlib
 
@@ -93,26 +139,17 @@ def plots(summary: dict) -> list[Path]:
     task = "arc_easy"
     names = list(summary["variants"])
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    orders = (("confidence", "o", False), ("l2r", "s", True))  # order, marker, filled
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
     # left: each variant's two orders side by side (every variant trains on the same tokens)
-    ax = axes[0]
-    for row, name in enumerate(names):
-        for order, marker, filled in orders:
-            score = summary["variants"][name]["scores"].get(f"{task}/{order}")
-            if score:
-                ax.errorbar(score["acc"], row, xerr=score.get("acc_stderr"), fmt=marker, color=colors[name],
-                            mfc=colors[name] if filled else "white", capsize=2)
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
+    order_dots(axes[0], summary, names, task, colors)
     tokens = {entry["train"]["tokens"] for entry in summary["variants"].values()}
-    ax.set_xlabel(f"{task} dev acc (○ most-confident first, ■ left to right; bars: stderr)")
-    ax.set_title(f"every variant: {', '.join(f'{t:,}' for t in sorted(tokens))} training tokens", fontsize=9)
+    axes[0].set_xlabel(f"{task} dev acc (○ most-confident first, ■ left to right; bars: stderr)")
+    axes[0].set_title(f"every variant: {', '.join(f'{t:,}' for t in sorted(tokens))} training tokens", fontsize=9)
     # right: the same scores against training wall time
     ax = axes[1]
     for name in names:
         entry = summary["variants"][name]
-        for order, marker, filled in orders:
+        for order, marker, filled in ORDERS:
             score = entry["scores"].get(f"{task}/{order}")
             if score:
                 ax.plot(entry["train"]["wall_s"] / 60, score["acc"], marker, color=colors[name], markersize=8,
@@ -122,18 +159,18 @@ def plots(summary: dict) -> list[Path]:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     if task in summary["parent"]:
         parent = summary["parent"][task]
-        axes[0].axvline(parent["acc"], color="k", linestyle="--")
         axes[1].axhline(parent["acc"], color="k", linestyle="--")
-        axes[0].text(parent["acc"], len(names) - 0.4, " AR parent", fontsize=8)
         axes[1].text(axes[1].get_xlim()[0], parent["acc"], " AR parent", fontsize=8, va="bottom")
-    for ax in axes:
-        ax.grid(alpha=0.3)
+    axes[1].grid(alpha=0.3)
     limit = next(iter(summary["parent"].values()))["limit"]
     fig.suptitle(f"SmolLM2-135M → LAD: {task} dev accuracy (first {limit} docs) per lever at one training budget")
     fig.tight_layout()
     path = IMG / "ablation_accuracy.png"
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     made.append(path)
+    if (path := tasks_plot(summary, colors)) is not None:
+        made.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, entry in summary["variants"].items():

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import eval.ablate as ablate  # noqa: E402
 
@@ -68,3 +70,18 @@ def test_report_tables_put_every_task_next_to_the_parent_and_tolerate_missing_ac
     assert more[0] == "| | arc_easy acc conf / l2r | arc_easy acc_norm l2r | mmlu acc conf / l2r | mmlu acc_norm l2r |"
     assert more[2] == "| AR parent | 0.500 | 0.370 | 0.250 | - |"
     assert more[3] == "| a | 0.470 / 0.550 | 0.370 | - / 0.260 | - |" and len(more) == 4  # b has one task only
+
+
+def test_tasks_plot_draws_only_variants_scored_on_several_tasks(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import eval.ablation_report as report
+
+    monkeypatch.setattr(report, "IMG", tmp_path)
+    score = {"acc": 0.5, "acc_stderr": 0.03}
+    single = {"parent": {"arc_easy": score}, "variants": {"b": {"scores": {"arc_easy/l2r": score}}}}
+    assert report.tasks_plot(single, {"b": "C0"}) is None and not list(tmp_path.iterdir())
+    several = {"parent": {"arc_easy": score, "mmlu": score},
+               "variants": {"a": {"scores": {"arc_easy/confidence": score, "mmlu/l2r": score}},
+                            "b": {"scores": {"arc_easy/l2r": score}}}}
+    path = report.tasks_plot(several, {"a": "C0", "b": "C1"})
+    assert path == tmp_path / "ablation_tasks.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
