@@ -95,13 +95,13 @@ def order_dots(ax, summary: dict, names: list[str], task: str, colors: dict, lab
                 ax.errorbar(score["acc"], row, xerr=score.get("acc_stderr"), fmt=marker, color=colors[name],
                             mfc=colors[name] if filled else "white", capsize=2)
     ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the first variant on top (set, not toggled: panels may share y)
     ax.grid(alpha=0.3)
     if task in summary["parent"]:
         parent = summary["parent"][task]["acc"]
         ax.axvline(parent, color="k", linestyle="--")
         if label:
-            ax.text(parent, len(names) - 0.4, " AR parent", fontsize=8)
+            ax.text(parent, -0.5, " AR parent", fontsize=8, va="top")
 
 
 def tasks_plot(summary: dict, colors: dict) -> Path | None:
@@ -138,7 +138,8 @@ def plots(summary: dict) -> list[Path]:
     made = []
     task = "arc_easy"
     names = list(summary["variants"])
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {name: palette(i % palette.N) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
     # left: each variant's two orders side by side (every variant trains on the same tokens)
     order_dots(axes[0], summary, names, task, colors)
