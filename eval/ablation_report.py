@@ -63,14 +63,21 @@ def table(summary: dict, task: str = "arc_easy") -> str:
     return "\n".join(lines)
 
 
+def several_tasks(summary: dict) -> tuple[list[str], list[str]]:
+    """The variants scored on more than one task, and the tasks (in the usual order) that any of them has."""
+    names = [n for n, e in summary["variants"].items() if len({k.split("/")[0] for k in e["scores"]}) > 1]
+    tasks = [t for t in ("arc_easy", "arc_challenge", "hellaswag", "mmlu")
+             if any(k.startswith(t + "/") for n in names for k in summary["variants"][n]["scores"])]
+    return names, tasks
+
+
 def tasks_table(summary: dict) -> str:
     """The variants scored on more than one task, on every task they have, next to the parent: acc in both orders
     (most-confident first / left to right), acc_norm left to right (MMLU has none)."""
-    tasks = [t for t in ("arc_easy", "arc_challenge", "hellaswag", "mmlu")
-             if any(k.startswith(t + "/") for v in summary["variants"].values() for k in v["scores"])]
-    rows = {name: e for name, e in summary["variants"].items() if len({k.split("/")[0] for k in e["scores"]}) > 1}
-    if not rows:
+    names, tasks = several_tasks(summary)
+    if not names:
         return ""
+    rows = {name: summary["variants"][name] for name in names}
     head = "| | " + " | ".join(f"{t} acc conf / l2r | {t} acc_norm l2r" for t in tasks) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     parent = summary["parent"]
@@ -106,10 +113,8 @@ def order_dots(ax, summary: dict, names: list[str], task: str, colors: dict, lab
 
 def tasks_plot(summary: dict, colors: dict) -> Path | None:
     """The variants scored on several tasks: one panel per task, both orders, next to the parent."""
-    names = [n for n, e in summary["variants"].items() if len({k.split("/")[0] for k in e["scores"]}) > 1]
-    tasks = [t for t in ("arc_easy", "arc_challenge", "hellaswag", "mmlu")
-             if any(f"{t}/{o}" in summary["variants"][n]["scores"] for n in names for o, _, _ in ORDERS)]
-    if not names or len(tasks) < 2:
+    names, tasks = several_tasks(summary)
+    if not names:
         return None
     import matplotlib.pyplot as plt
 

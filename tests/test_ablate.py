@@ -83,5 +83,6 @@ def test_tasks_plot_draws_only_variants_scored_on_several_tasks(tmp_path, monkey
     several = {"parent": {"arc_easy": score, "mmlu": score},
                "variants": {"a": {"scores": {"arc_easy/confidence": score, "mmlu/l2r": score}},
                             "b": {"scores": {"arc_easy/l2r": score}}}}
+    assert report.several_tasks(several) == (["a"], ["arc_easy", "mmlu"])
     path = report.tasks_plot(several, {"a": "C0", "b": "C1"})
     assert path == tmp_path / "ablation_tasks.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
