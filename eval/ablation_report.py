@@ -77,15 +77,15 @@ def tasks_table(summary: dict) -> str:
     names, tasks = several_tasks(summary)
     if not names:
         return ""
-    rows = {name: summary["variants"][name] for name in names}
     head = "| | " + " | ".join(f"{t} acc conf / l2r | {t} acc_norm l2r" for t in tasks) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     parent = summary["parent"]
     lines.append("| AR parent | " + " | ".join(
         f"{num(parent[t]['acc'])} | {num(parent[t].get('acc_norm'))}" if t in parent else "- | -" for t in tasks) + " |")
-    for name, entry in rows.items():
-        cells = [f"{both_orders(entry['scores'], t, 'acc')} | "
-                 f"{num((entry['scores'].get(t + '/l2r') or {}).get('acc_norm'))}" for t in tasks]
+    for name in names:
+        scores = summary["variants"][name]["scores"]
+        cells = [f"{both_orders(scores, t, 'acc')} | {num((scores.get(t + '/l2r') or {}).get('acc_norm'))}"
+                 for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
