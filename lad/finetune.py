@@ -49,7 +49,8 @@ from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 from lad.modeling.load import load_base
 from lad.modeling.locate import ModelNotFoundError
 from lad.modeling.mask_token import MaskToken, MaskTokenError, check_not_in_data, resolve_mask_token
-from lad.modeling.prompt_causal import additive, answer_start_from, prompt_causal_allowed
+from lad.modeling.prompt_causal import answer_columns, answer_start_from, prompt_causal_allowed
+from lad.modeling.windows import decoder_mask
 from lad.noise import corrupt, sample_levels, validation_levels
 from lad.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from lad.run import (LadInfo, RunDirError, commit_folder, latest_checkpoint, load_checkpoint_state,
@@ -203,11 +204,12 @@ def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_w
 
     With distill_weight, `parent` (`Denoiser.parent_logits_at`) gives the causal parent's distribution on the
     clean batch at `distill_positions`, and weight·KL is added with each position's CE weight (the stats keep
-    CE and KL apart). attention_mask: a 4-D mask to use instead of the batch's padding mask (annealing)."""
+    CE and KL apart). attention_mask: a 4-D mask (or `decoder_mask`'s per-layer-type masks), on `device`,
+    to use instead of the batch's padding mask (annealing)."""
     positions = corruption.loss_mask.to(device)
     noisy = corruption.noisy_ids.to(device)
     position_ids = batch["position_ids"].to(device)
-    attention = batch["attention_mask"].to(device) if attention_mask is None else attention_mask.to(device)
+    attention = batch["attention_mask"].to(device) if attention_mask is None else attention_mask  # on `device`
     logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids,
                       answer_start=batch["answer_start"].to(device))
     targets = batch["input_ids"].to(device)[positions]
@@ -454,9 +456,12 @@ def _train(recipe: Recipe) -> Path:
                 allowed = annealed_allowed(batch["attention_mask"], anneal_progress(step, recipe.anneal_steps),
                                            [torch.Generator().manual_seed(seed_for(recipe.seed, step, j, 2))
                                             for j in rows])
+                reads_both_ways = torch.ones_like(batch["attention_mask"], dtype=torch.bool)
                 if recipe.attention == "prompt_causal":  # the prompt stays causal while the answer anneals
                     allowed &= prompt_causal_allowed(batch["attention_mask"], batch["answer_start"])
-                attention = additive(allowed, weight_dtype)
+                    reads_both_ways = answer_columns(batch["answer_start"], allowed.shape[-1])
+                attention = decoder_mask(allowed.to(device), reads_both_ways.to(device), denoiser.config,
+                                         weight_dtype)
             torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
             sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
             with sync, accelerator.autocast():

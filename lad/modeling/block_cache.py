@@ -66,7 +66,7 @@ def refresh(denoiser, input_ids: Tensor, attention_mask: Tensor, positions: Tens
     k = prefix.length
     start, end, from_prefix = window_of(denoiser, prefix, slot_start, slot_end)
     position_ids = position_ids_from_mask(attention_mask)
-    kv = prefix.kv if k else DynamicCache(config=denoiser.config)
+    kv = prefix.kv if k else DynamicCache()  # full layers: windows are cut by the masks (Denoiser.prefix_cache)
     with cropped_back(kv, k):
         hidden = denoiser._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], kv)
         frozen = _frozen(kv, start, end)

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .bidirectional import causal_attention, make_bidirectional
-from .prompt_causal import ATTENTION_MODES, prompt_causal_mask
+from .prompt_causal import ATTENTION_MODES, answer_columns, prompt_causal_allowed
+from .windows import decoder_mask
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -135,22 +136,27 @@ class Denoiser(nn.Module):
     def prompt_causal(self) -> bool:
         return self.attention == "prompt_causal"
 
-    def attention_for(self, input_ids: Tensor, attention_mask: Tensor | None, answer_start: Tensor | None):
+    def attention_for(self, input_ids: Tensor, attention_mask, answer_start: Tensor | None):
         """The mask the decoder gets: the 2-D padding mask (transformers' bidirectional path), or with prompt-causal
         attention the 4-D mask built from `answer_start` (required then: without it the prompt would be read
-        bidirectionally, which is not what the model was trained on)."""
-        if not self.prompt_causal or (attention_mask is not None and attention_mask.dim() == 4):
+        bidirectionally, which is not what the model was trained on), cut to the model's sliding windows
+        (lad/modeling/windows.py). A 4-D mask (or per-layer-type masks) is passed on as it is."""
+        if not self.prompt_causal or isinstance(attention_mask, dict) or (
+                attention_mask is not None and attention_mask.dim() == 4):
             return attention_mask
         if answer_start is None:
             raise ValueError("this model reads its prompt causally (attention: prompt_causal): "
                              "pass answer_start, the first answer column of each row")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return prompt_causal_mask(attention_mask, answer_start, self.causal_lm.get_input_embeddings().weight.dtype)
+        answer_start = answer_start.to(attention_mask.device)
+        return decoder_mask(prompt_causal_allowed(attention_mask, answer_start),
+                            answer_columns(answer_start, attention_mask.shape[1]), self.config,
+                            self.causal_lm.get_input_embeddings().weight.dtype)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, answer_start: Tensor | None = None) -> Tensor:
-        if attention_mask is not None and attention_mask.dim() == 2 and position_ids is None:
+        if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 and position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         attention_mask = self.attention_for(input_ids, attention_mask, answer_start)
         out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -172,6 +178,9 @@ class Denoiser(nn.Module):
         follow. With `shift=True` the first answer slot is predicted from the last prompt column: a bidirectional
         model leaves that column out (it is recomputed with the canvas, which it sees); a prompt-causal one keeps
         it and its hidden state, which the canvas cannot change. With prompt-causal attention the cache is exact.
+        Every layer keeps all its columns, sliding-window layers too: transformers cuts their windows in the masks
+        it builds (as LAD's own masks do, lad/modeling/windows.py), while its sliding cache layers would drop old
+        columns and could not be cropped back after a cached forward.
         """
         from transformers import DynamicCache
 
@@ -182,7 +191,7 @@ class Denoiser(nn.Module):
         ids, mask = prompt_ids[:, :length], prompt_mask[:, :length]
         if not length:
             return PrefixCache(None, ids, mask)
-        kv = DynamicCache(config=self.config)
+        kv = DynamicCache()
         with causal_attention(self.model, True) if exact else nullcontext():
             hidden = self._decode(ids, mask, position_ids_from_mask(mask), kv)
         return PrefixCache(kv, ids, mask, hidden[:, -1] if exact and self.shift else None)

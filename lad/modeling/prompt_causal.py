@@ -33,13 +33,19 @@ def answer_start_from(answer_mask: Tensor) -> Tensor:
     return column.masked_fill(~answer_mask, width).min(-1).values
 
 
+def answer_columns(answer_start: Tensor, length: int) -> Tensor:
+    """Bool [B, L]: the columns at or after each row's answer_start (the queries that read both ways)."""
+    index = torch.arange(length, device=answer_start.device)
+    return index[None, :] >= answer_start[:, None]
+
+
 def prompt_causal_allowed(attention_mask: Tensor, answer_start: Tensor) -> Tensor:
     """Bool [B, L, L]: may query q attend to key k (padding keys never)."""
     length = attention_mask.shape[1]
     device = attention_mask.device
     index = torch.arange(length, device=device)
     earlier = index[None, :] <= index[:, None]  # [q, k]: k <= q
-    in_answer = index[None, :, None] >= answer_start.to(device)[:, None, None]  # [B, q, 1]
+    in_answer = answer_columns(answer_start.to(device), length)[:, :, None]  # [B, q, 1]
     return (earlier[None] | in_answer) & attention_mask.bool()[:, None, :]
 
 
@@ -49,7 +55,3 @@ def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
-
-def prompt_causal_mask(attention_mask: Tensor, answer_start: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The additive 4-D mask of prompt-causal attention for a 2-D padding mask."""
-    return additive(prompt_causal_allowed(attention_mask, answer_start), dtype)
