@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kept_contexts import KeptContexts
+
 Request = tuple[Sequence[int], Sequence[int]]
 
 
@@ -56,12 +58,16 @@ def length_chunks(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return chunked(longest_first(lengths), batch_size)
 
 
+def context_order(requests: Sequence[Request]) -> list[int]:
+    """Request indices for scoring with the prefix cache: a question's choices side by side (so that their
+    context runs once), longest contexts first, then longest continuations (ties by index)."""
+    return sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), tuple(requests[i][0]),
+                                                       -len(requests[i][1]), i))
+
+
 def context_chunks(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
-    """Indices cut into chunks of `batch_size` for `context_batch` with the cache: a question's choices side by
-    side (so their context runs once), longest contexts first, then longest continuations (ties by index)."""
-    order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]), tuple(requests[i][0]),
-                                                        -len(requests[i][1]), i))
-    return chunked(order, batch_size)
+    """`context_order` cut into chunks of `batch_size`, for `context_batch` with the cache."""
+    return chunked(context_order(requests), batch_size)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "left",
@@ -106,23 +112,17 @@ class ContextBatch:
 
 
 def context_batch(denoiser, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, device,
-                  cached: bool, stats: dict | None = None) -> ContextBatch:
+                  cached: bool, stats: dict | None = None, kept: KeptContexts | None = None) -> ContextBatch:
     """`pairs` (context, continuation) as a `ContextBatch`; with `cached`, the contexts' keys and values are
-    computed once per distinct context (the choices of one question share theirs) and expanded to the rows.
-    stats["prefix_rows"] counts the contexts run."""
-    contexts, index = {}, []
-    for context, _ in pairs:
-        index.append(contexts.setdefault(tuple(context), len(contexts)))
+    computed once per distinct context (the choices of one question share theirs) and laid out per row; pass
+    the same `kept` to consecutive batches to compute a context once for all of them. stats["prefix_rows"]
+    counts the contexts run."""
     left, left_mask = pad_batch([c for c, _ in pairs], pad_id, side="left", device=device)
     right, right_mask = pad_batch([x for _, x in pairs], pad_id, side="right", device=device)
     cache = None
     if cached:
-        distinct, distinct_mask = pad_batch([list(c) for c in contexts], pad_id, side="left", device=device)
-        cache = denoiser.prefix_cache(distinct, distinct_mask)
-        if len(contexts) < len(pairs):
-            cache = cache.select(torch.tensor(index, device=device))
-        if stats is not None:
-            stats["prefix_rows"] = stats.get("prefix_rows", 0) + len(contexts)
+        kept = KeptContexts() if kept is None else kept
+        cache = kept.cache_for(denoiser, [tuple(c) for c, _ in pairs], pad_id, device, stats)
     return ContextBatch(torch.cat([left, right], 1), torch.cat([left_mask, right_mask], 1), left.shape[1],
                         [len(x) for _, x in pairs], cache)
 

@@ -24,8 +24,9 @@ exactly one forward.
 Batching: contexts are left-padded and continuations right-padded (`ContextBatch`), so every continuation starts at
 one column. Each row follows its own schedule; a row whose schedule is over leaves the batch (later forwards run
 only the rows still being revealed). `prefix_cache` (on by default for prompt-causal runs, where it is exact):
-the contexts' keys and values are computed once per chunk (once per distinct context: a question's choices
-share it) and every reveal step runs only the continuation columns; a context costs one forward, not `iters`.
+the contexts' keys and values are computed once per call (a question's choices side by side share them, also
+across a chunk boundary: lad/scoring/kept_contexts.py) and every reveal step runs only the continuation columns;
+a context costs one forward, not `iters`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from .batching import (check_requests, context_batch, context_chunks, count, device_of, length_chunks, pad_id_of,
                        use_prefix_cache)
+from .kept_contexts import KeptContexts
 
 ORDERS = ("confidence", "l2r")
 
@@ -63,12 +65,12 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
     device, pad_id, mask_id = device_of(denoiser), pad_id_of(denoiser), denoiser.mask_id
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     if cached:  # a question's choices side by side, so that their context is run once
-        chunks = context_chunks(requests, batch_size)
+        chunks, kept = context_chunks(requests, batch_size), KeptContexts()
     else:
-        chunks = length_chunks([len(c) + len(x) for c, x in requests], batch_size)
+        chunks, kept = length_chunks([len(c) + len(x) for c, x in requests], batch_size), None
 
     for chunk in chunks:
-        batch = context_batch(denoiser, [requests[i] for i in chunk], pad_id, device, cached, stats)
+        batch = context_batch(denoiser, [requests[i] for i in chunk], pad_id, device, cached, stats, kept)
         target, attention, lengths = batch.ids, batch.attention_mask, batch.lengths
         rows, width = target.shape
         masked = batch.slots()  # continuation slots not revealed yet

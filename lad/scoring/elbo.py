@@ -22,8 +22,10 @@ lengths still share every draw they can. Without group ids every request is its 
 is_greedy: one extra forward with the whole continuation masked; True when the argmax equals the true token at
 every slot (for L = 1 that forward is the scoring one). NFE per request: M + 1 for L > 1, 1 for L = 1.
 
-`prefix_cache` (on by default for prompt-causal runs, where it is exact): each batch runs its distinct contexts
-once and the M + 1 sequences of a request only their continuation columns against those keys and values.
+`prefix_cache` (on by default for prompt-causal runs, where it is exact): each distinct context runs once for the
+whole call (the requests are ordered so that a question's rows are consecutive, and its keys and values are kept
+across the batches they span: lad/scoring/kept_contexts.py), and the M + 1 sequences of a request run only their
+continuation columns against those keys and values.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batching import (check_batch_size, check_requests, context_batch, count, device_of, longest_first, pad_id_of,
-                       use_prefix_cache)
+from .batching import (check_batch_size, check_requests, context_batch, context_order, count, device_of,
+                       longest_first, pad_id_of, use_prefix_cache)
+from .kept_contexts import KeptContexts
 
 
 def group_generator(seed: int, group: int) -> torch.Generator:
@@ -83,13 +86,17 @@ def score_elbo(denoiser, requests, *, mc_samples: int = 128, seed: int = 0, batc
             return everything
         return torch.cat([elbo_masks(lengths[i], int(mc_samples), group_generator(seed, group_ids[i])), everything])
 
-    order = longest_first([len(c) + len(x) for c, x in requests])
+    if cached:  # a context's rows consecutive, so that it runs once for all the batches they span
+        order, kept = context_order(requests), KeptContexts()
+    else:
+        order, kept = longest_first([len(c) + len(x) for c, x in requests]), None
     loss = [0.0] * len(requests)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     pending: list[tuple[int, Tensor, bool]] = []  # (request, mask over its continuation, is the greedy check)
 
     def run(units: list[tuple[int, Tensor, bool]]) -> None:
-        batch = context_batch(denoiser, [requests[i] for i, _, _ in units], pad_id, device, cached, stats)
+        batch = context_batch(denoiser, [requests[i] for i, _, _ in units], pad_id, device, cached, stats,
+                              kept)
         target, start = batch.ids, batch.context_width
         masked = torch.zeros_like(target, dtype=torch.bool)
         for row, (i, mask, _) in enumerate(units):
