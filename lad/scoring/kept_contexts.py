@@ -1,7 +1,7 @@
 """Contexts' keys and values kept from one batch to the next, so that a scoring run computes each context once.
 
 A scorer with the prefix cache runs each batch's distinct contexts once (`context_batch`). Without keeping them,
-a request whose rows span several batches (score_elbo's M + 1 sequences: 9 batches of 16 at M = 128) runs its
+a request whose rows span several batches (score_elbo's M + 1 sequences per choice: 8 or 9 batches of 16 at M = 128) runs its
 context again in every one. `KeptContexts` holds each context's keys and values on their own (one row, no
 padding) while batches still use it: a batch computes only the contexts it has not seen in the batch before,
 together in one forward, and lays the rows it needs side by side, left-padded to the longest. Scorers order
@@ -22,8 +22,8 @@ from ..modeling.denoiser import PrefixCache
 def split_rows(cache: PrefixCache) -> list[PrefixCache]:
     """One single-row cache per row of a left-padded cache, its padding columns dropped."""
     pieces = []
-    for row, mask in enumerate(cache.attention_mask.bool()):
-        pad = int((~mask).sum())  # left padding: every padded column comes first
+    for row, real in enumerate(cache.attention_mask.bool()):
+        pad = int((~real).sum())  # left padding: every padded column comes first
         ids, mask = cache.ids[row:row + 1, pad:], cache.attention_mask[row:row + 1, pad:]
         last = None if cache.last_hidden is None else cache.last_hidden[row:row + 1]
         if cache.kv is None or ids.shape[1] == 0:
