@@ -86,3 +86,11 @@ def test_tasks_plot_draws_only_variants_scored_on_several_tasks(tmp_path, monkey
     assert report.several_tasks(several) == (["a"], ["arc_easy", "mmlu"])
     path = report.tasks_plot(several, {"a": "C0", "b": "C1"})
     assert path == tmp_path / "ablation_tasks.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_minutes_are_the_faster_of_a_variants_runs():
+    from eval.ablation_report import train_minutes
+
+    assert train_minutes({"wall_s": 600.0}) == 10
+    assert train_minutes({"wall_s": 1800.0, "first_run": {"wall_s": 1200.0}}) == 20  # a rerun on a shared CPU
+    assert train_minutes({"wall_s": 900.0, "first_run": {"wall_s": 1500.0}}) == 15
