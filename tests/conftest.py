@@ -87,6 +87,15 @@ def ids():
     return random_ids
 
 
+def causal_hidden(den, ids, mask):
+    """The denoiser's decoder run causally (adapter on, transformers' own causal mask): how the parent's reading
+    of a prompt looks with the adapter, which a prompt-causal model's prompt positions must reproduce."""
+    from lad.modeling.bidirectional import causal_attention
+
+    with torch.no_grad(), causal_attention(den.model, True):
+        return den.causal_lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
 def with_lora(model, seed=0):
     """A LoRA adapter whose B weights are nonzero, so it really changes the outputs; A and B fixed by `seed`."""
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from lad.modeling.anneal import annealed_allowed
-from lad.modeling.bidirectional import causal_attention
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
 from lad.modeling.denoiser import Denoiser
 from lad.modeling.prompt_causal import answer_start_from, prompt_causal_allowed
@@ -21,7 +20,7 @@ from lad.run import load_run
 from lad.sampling.common import answer_logits, build_canvas, prompt_cache
 from lad.scoring.single import score_single_tokens
 
-from conftest import make_tiny_model, random_ids, train_tiny, with_lora
+from conftest import causal_hidden, make_tiny_model, random_ids, train_tiny, with_lora
 
 MASK_ID = 262
 ATOL = 1e-5
@@ -65,8 +64,7 @@ def test_prompt_positions_are_causal_and_blind_to_the_answer(shift):
     start = torch.tensor([6, 4])
     with torch.no_grad():
         hidden = den.hidden_states(ids, mask, answer_start=start)
-        with causal_attention(den.model, True):
-            causal = den.causal_lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        causal = causal_hidden(den, ids, mask)
         changed = ids.clone()
         changed[0, 6:], changed[1, 4:] = 7, 7  # every answer token
         hidden_changed = den.hidden_states(changed, mask, answer_start=start)

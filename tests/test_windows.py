@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from lad.modeling.anneal import annealed_allowed
-from lad.modeling.bidirectional import causal_attention
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
 from lad.modeling.denoiser import Denoiser
 from lad.modeling.windows import decoder_mask, layer_windows, window_band
 from lad.sampling import STRATEGIES
 from lad.scoring import score_denoise, score_elbo
 
-from conftest import make_tiny_config, make_tiny_model, random_ids, read_metrics, train_tiny, with_lora
+from conftest import (causal_hidden, make_tiny_config, make_tiny_model, random_ids, read_metrics, train_tiny,
+                      with_lora)
 
 MASK_ID = 262
 WINDOW = 4
@@ -65,8 +65,7 @@ def test_the_prompt_reads_as_the_sliding_parent_and_the_answer_as_the_bidirectio
     start = torch.tensor([9, 7])
     with torch.no_grad():
         hidden = den.hidden_states(ids, mask, answer_start=start)
-        with causal_attention(den.model, True):  # transformers' causal sliding-window mask
-            causal = den.causal_lm.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        causal = causal_hidden(den, ids, mask)  # transformers' causal sliding-window mask
         # with no prompt every query reads both ways: LAD's mask equals transformers' bidirectional sliding one
         none = den.hidden_states(ids, mask, answer_start=torch.zeros(2, dtype=torch.long))
         den.attention = "bidirectional"

@@ -1,10 +1,10 @@
 """Contexts' keys and values kept from one batch to the next, so that a scoring run computes each context once.
 
 A scorer with the prefix cache runs each batch's distinct contexts once (`context_batch`). Without keeping them,
-a request whose rows span several batches (score_elbo's M + 1 sequences per choice: 8 or 9 batches of 16 at M = 128) runs its
-context again in every one. `KeptContexts` holds each context's keys and values on their own (one row, no
-padding) while batches still use it: a batch computes only the contexts it has not seen in the batch before,
-together in one forward, and lays the rows it needs side by side, left-padded to the longest. Scorers order
+a request whose rows span several batches (score_elbo's M + 1 sequences per choice: 8 or 9 batches of 16 at
+M = 128) runs its context again in every one. `KeptContexts` holds each context's keys and values on their own
+(one row, no padding) while batches still use it: a batch computes only the contexts the batch before did not
+have, together in one forward, and lays the rows it needs side by side, left-padded to the longest. Scorers order
 requests so that the rows of one context are consecutive (`context_order`), so a context that leaves a batch
 never comes back and is dropped; any other order stays exact, it only computes some contexts again.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..modeling.denoiser import PrefixCache
+from ..modeling.denoiser import PrefixCache, rebuilt_cache
 
 
 def split_rows(cache: PrefixCache) -> list[PrefixCache]:
@@ -26,14 +26,8 @@ def split_rows(cache: PrefixCache) -> list[PrefixCache]:
         pad = int((~real).sum())  # left padding: every padded column comes first
         ids, mask = cache.ids[row:row + 1, pad:], cache.attention_mask[row:row + 1, pad:]
         last = None if cache.last_hidden is None else cache.last_hidden[row:row + 1]
-        if cache.kv is None or ids.shape[1] == 0:
-            pieces.append(PrefixCache(None, ids, mask, last))
-            continue
-        from transformers import DynamicCache
-
-        kv = DynamicCache()
-        for index, layer in enumerate(cache.kv.layers):
-            kv.update(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:], index)
+        empty = cache.kv is None or ids.shape[1] == 0
+        kv = None if empty else rebuilt_cache(cache.kv, lambda t: t[row:row + 1, :, pad:])  # called at once
         pieces.append(PrefixCache(kv, ids, mask, last))
     return pieces
 
