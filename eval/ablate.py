@@ -81,9 +81,10 @@ def train(name: str, overrides: list[str], steps: int, need_weights: bool = True
               "val": [{k: m[k] for k in m if k.startswith("val_") or k == "step"} for m in metrics
                       if "val_loss" in m],
               "train_loss": [m["loss"] for m in metrics if "loss" in m]}
-    if first:  # a rerun for new scores: keep how the first run went, and whether this one reproduced it
-        record["first_run"] = {k: first.get(k) for k in ("wall_s", "val", "date")}
-        record["reproduced_val"] = [v.get("val_loss") for v in first["val"]] == [v.get("val_loss") for v in record["val"]]
+    if first:  # a rerun for new scores: keep how the first run went (not an earlier rerun), and whether this one reproduced it
+        record["first_run"] = first.get("first_run") or {k: first.get(k) for k in ("wall_s", "val", "date")}
+        record["reproduced_val"] = ([v.get("val_loss") for v in record["first_run"]["val"]]
+                                    == [v.get("val_loss") for v in record["val"]])
     done.write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -39,7 +39,7 @@ def test_a_variant_with_weights_is_not_trained_again(tmp_path, monkeypatch):
 
 
 def test_lost_weights_are_retrained_only_when_needed_and_the_rerun_is_checked(tmp_path, monkeypatch):
-    calls = fake_trainer(tmp_path, monkeypatch, [4.0, 4.0, 3.0])
+    calls = fake_trainer(tmp_path, monkeypatch, [4.0, 4.0, 3.0, 3.0])
     ablate.train("mask", [], 2)
     (tmp_path / "runs" / "mask" / "adapter_model.safetensors").unlink()
     assert "first_run" not in ablate.train("mask", [], 2, need_weights=False) and len(calls) == 1
@@ -47,6 +47,9 @@ def test_lost_weights_are_retrained_only_when_needed_and_the_rerun_is_checked(tm
     assert len(calls) == 2 and again["reproduced_val"] is True and again["first_run"]["wall_s"] == 1.5
     (tmp_path / "runs" / "mask" / "adapter_model.safetensors").unlink()
     assert ablate.train("mask", [], 2)["reproduced_val"] is False  # a rerun that drifted says so
+    (tmp_path / "runs" / "mask" / "adapter_model.safetensors").unlink()
+    third = ablate.train("mask", [], 2)  # checked against the first run, not against the drifted rerun before it
+    assert third["reproduced_val"] is False and third["first_run"]["val"] == [{"step": 2, "val_loss": 4.0}]
 
 
 def test_report_tables_put_every_task_next_to_the_parent_and_tolerate_missing_acc_norm():
