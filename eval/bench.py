@@ -139,12 +139,13 @@ def section(records: dict, command: str, quick: bool) -> str:
     any_record = next(iter(records.values()))
     v, m = any_record["versions"], any_record["machine"]
     dates = sorted({r["date"][:10] for r in records.values()})
+    platforms = sorted({r["machine"]["platform"] for r in records.values()})  # parts may run on different hosts
     lmeval = records.get("scoring", {}).get("versions", {}).get("lm_eval", "-")
     lines = []
     if quick:
         lines += ["**Quick smoke run (`--quick`): tiny sizes; these numbers prove the pipeline runs and mean "
                   "nothing about speed or quality.**", ""]
-    lines += [f"Measured {' and '.join(dates)} on {m['platform']} ({m['cpus']} CPUs, {m['memory_gib']} GiB, "
+    lines += [f"Measured {' and '.join(dates)} on {' and '.join(platforms)} ({m['cpus']} CPUs, {m['memory_gib']} GiB, "
               f"{m['threads']} torch threads{', GPU ' + m['gpu'] if m['gpu'] else ''}); LAD {v['lad']}, torch "
               f"{v['torch']}, transformers {v['transformers']}, peft {v['peft']}, lm-eval {lmeval}, Python "
               f"{v['python']}. Last command: `{command}`; each part names its own below (`--only NAME` reruns one "

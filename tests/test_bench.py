@@ -117,7 +117,11 @@ def test_bench_report_reads_the_parts_an_earlier_run_left(tmp_path):
     assert saved_records(tmp_path, skip={}) == {"quality": quality_record("2026-12-04T10:00:00")}
     assert saved_records(tmp_path, skip={"quality": {}}) == {}  # rerun this time: the new record wins
     text = section(saved_records(tmp_path, skip={}), "python -m eval.bench --report", quick=False)
-    assert text.startswith("Measured 2026-12-04 on Linux")
+    assert text.startswith("Measured 2026-12-04 on Linux (")
+    later = {**quality_record("2026-12-05T10:00:00"), "machine": {**quality_record("")["machine"], "platform": "Mac"},
+             "settings": {"tasks": ["arc_easy"], "limit": 2}, "results": {}, "peak_rss_mb": 100}  # a scoring part
+    both = section({"quality": quality_record("2026-12-04T10:00:00"), "scoring": later}, "x", quick=False)
+    assert both.startswith("Measured 2026-12-04 and 2026-12-05 on Linux and Mac (")  # each part's own host
     assert "| confidence (ppl / distinct-2 / s per prompt) | 3.5 / 0.40 / 1.25 | 2.5 / 0.40 / 1.25 |" in text
     assert "`eval/results/{gen_quality.json}`" in text
 
