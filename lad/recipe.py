@@ -3,28 +3,27 @@
 A recipe is a YAML file plus `key=value` overrides (dotted for nested keys, list items by index:
 `noise.objective=structural`, `data.train.0.path=my.jsonl`). Values are parsed as YAML scalars. Every
 problem raises one `RecipeError` that names the file and the key, and suggests the closest key for a typo.
-Defaults live here and nowhere else.
+YAML is read as `yaml.safe_load` reads it, except that a key repeated in one mapping and aliases that expand
+past a recipe's size are errors (`lad.schema.read_yaml`). Every numeric key has a valid range (`RANGES` of
+its dataclass, written out in docs/recipe.md). Defaults live here and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from .modeling.locate import ModelNotFoundError, locate_model
 from .noise import NoiseConfig
+from .schema import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range, RecipeError, YAMLRefused, build, check_ranges,
+                     read_yaml)
 
-
-class RecipeError(ValueError):
-    """A recipe problem: the message names the file and the key."""
+UNIT = Range(0, 1, high_open=True)  # [0, 1)
 
 
 @dataclass
@@ -60,12 +59,10 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    RANGES: ClassVar[dict[str, Range]] = {"r": AT_LEAST_1, "alpha": AT_LEAST_1, "dropout": UNIT}
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r: must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        check_ranges(self)
 
 
 @dataclass
@@ -81,16 +78,12 @@ class DistillSpec:
     seed: int = 0
     limit: int | None = None  # the first N prompts
     keep_cut: bool = False  # also train on answers cut at max_new_tokens (they would teach EOS mid-sentence)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_new_tokens": AT_LEAST_1, "batch_size": AT_LEAST_1, "temperature": ABOVE_0,
+        "top_p": Range(0, 1, low_open=True), "seed": SEED, "limit": AT_LEAST_1}
 
     def validate(self) -> None:
-        for key in ("max_new_tokens", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit: must be >= 1, got {self.limit}")
-        if self.sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got {self.temperature}, "
-                             f"{self.top_p}")
+        check_ranges(self)  # temperature and top_p too when greedy: a recipe that sets them means something
 
 
 @dataclass
@@ -102,8 +95,10 @@ class DataSource:
     max_rows: int | None = None
     separator: str | None = None  # format text: split each text into documents on this (e.g. "<|endoftext|>")
     distill: DistillSpec | None = None  # the parent answers the prompts in `path` (builtin | .txt | .jsonl)
+    RANGES: ClassVar[dict[str, Range]] = {"max_rows": AT_LEAST_1}
 
     def validate(self) -> None:
+        check_ranges(self)
         if not self.path:
             raise ValueError("path: required")
         if self.distill is not None and self.format != "instruction":
@@ -126,14 +121,13 @@ class DataSpec:
     group_by_length: bool = True  # steps of similar-length examples: less padding (~1.5× faster on SmolLM2)
     chat_template: bool | Literal["auto"] = "auto"
     system_prompt: str | None = None
+    RANGES: ClassVar[dict[str, Range]] = {"val_fraction": UNIT, "val_max_examples": AT_LEAST_1,
+                                          "max_length": Range(8)}
 
     def validate(self) -> None:
         if not self.train:
             raise ValueError("train: at least one data source is required")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
-        if self.max_length < 8:
-            raise ValueError(f"max_length: must be >= 8, got {self.max_length}")
+        check_ranges(self)
 
 
 @dataclass
@@ -145,12 +139,13 @@ class OptimSpec:
     eps: float = 1e-8
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
-    grad_clip: float | None = 1.0
+    grad_clip: float | None = 1.0  # null or 0: no clipping
+    RANGES: ClassVar[dict[str, Range]] = {"lr": ABOVE_0, "weight_decay": AT_LEAST_0, "eps": ABOVE_0,
+                                          "warmup_steps": AT_LEAST_0, "grad_clip": AT_LEAST_0}
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        check_ranges(self)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):  # NaN fails `0 <= b` too
             raise ValueError(f"betas: must be two numbers in [0, 1), got {self.betas}")
 
 
@@ -164,16 +159,13 @@ class ReportSpec:
     max_new_tokens: int = 64
     block_length: int | None = None  # confidence: semi-autoregressive blocks of this many tokens
     score_examples: int = 0  # validation answers scored by both models (NLL per token)
+    RANGES: ClassVar[dict[str, Range]] = {"iters": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
+                                          "block_length": AT_LEAST_1, "score_examples": AT_LEAST_0}
 
     def validate(self) -> None:
-        for key in ("iters", "max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.block_length is not None and (self.strategy != "confidence" or self.block_length < 1):
-            raise ValueError(f"block_length: needs strategy confidence and a value >= 1, got {self.block_length} "
-                             f"with {self.strategy}")
-        if self.score_examples < 0:
-            raise ValueError(f"score_examples: must be >= 0, got {self.score_examples}")
+        check_ranges(self)
+        if self.block_length is not None and self.strategy != "confidence":
+            raise ValueError(f"block_length: needs strategy confidence, got {self.strategy}")
 
 
 @dataclass
@@ -208,25 +200,18 @@ class Recipe:
     overwrite: bool = False  # allow an output_dir that already holds files
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     report: ReportSpec = field(default_factory=ReportSpec)  # answers next to the parent's after training
+    RANGES: ClassVar[dict[str, Range]] = {
+        "distill_weight": AT_LEAST_0, "anneal_steps": AT_LEAST_0, "skip_bad_steps": AT_LEAST_0,
+        "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "max_steps": AT_LEAST_1, "epochs": ABOVE_0,
+        "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_1, "log_every": AT_LEAST_1,
+        "seed": SEED}
 
     def validate(self) -> None:
-        for key in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        check_ranges(self)
         if self.max_steps is None and self.epochs is None:
             raise ValueError("max_steps: set max_steps or epochs (or both)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs: must be > 0, got {self.epochs}")
         if not self.lora.enabled and self.model.quantization:
             raise ValueError("model.quantization: 4/8-bit weights need LoRA (lora.enabled: true)")
-        for key in ("distill_weight", "anneal_steps", "skip_bad_steps"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.distill_weight and not self.lora.enabled:
             raise ValueError("distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
         if self.anneal_steps and self.model.attn_implementation == "flash_attention_2":
@@ -240,109 +225,6 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------- building a Recipe from plain data
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + " | ".join(repr(a) for a in typing.get_args(tp))
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting where YAML is ambiguous (1e-4 is a str)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise RecipeError(f"{key}: must not be empty")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key)
-            except RecipeError as err:
-                errors.append(str(err))
-        raise RecipeError(errors[-1]) if len(errors) == 1 else RecipeError(
-            f"{key}: expected {' or '.join(_type_name(o) for o in options if o is not type(None))}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices and type(value) is type(next(c for c in choices if c == value)):
-            return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{key}: expected {_type_name(tp)}, got {value!r}{hint}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
-        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise RecipeError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise RecipeError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise RecipeError(f"{key}: expected a string, got {value!r}")
-    raise RecipeError(f"{key}: unsupported type {tp}")  # pragma: no cover - a schema bug
-
-
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
-    where = prefix or "recipe"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
-            raise RecipeError(f"unknown key {full!r}{hint}")
-        kwargs[key] = _convert(value, hints[key], full)
-    for name in names:  # a section left out is validated too (a recipe without `model:` has no model)
-        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], {}, f"{prefix}.{name}" if prefix else name)
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        try:
-            obj.validate()
-        except RecipeError:
-            raise
-        except ValueError as err:
-            raise RecipeError(f"{prefix + '.' if prefix else ''}{err}") from None
-    return obj
-
-
 # ---------------------------------------------------------------- YAML + overrides
 
 
@@ -353,8 +235,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise RecipeError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = read_yaml(raw) if raw != "" else ""
+    except YAMLRefused as err:
+        raise RecipeError(f"override {item!r}: {err.what}") from None
+    except yaml.YAMLError:  # not YAML: the text itself, e.g. `data.system_prompt=Answer: [briefly`
         value = raw
     return key.split("."), value
 
@@ -424,7 +308,7 @@ def _check_files(recipe: Recipe) -> None:
 
 def from_dict(data: dict, *, source: str = "recipe", base: Path | None = None, check_files: bool = True) -> Recipe:
     try:
-        recipe = _build(Recipe, data)
+        recipe = build(Recipe, data)
         _resolve_paths(recipe, base)
         if check_files:
             _check_files(recipe)
@@ -444,7 +328,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = read_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as err:
             raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except yaml.YAMLError as err:

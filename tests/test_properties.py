@@ -6,7 +6,9 @@ corrupt() on hand-built batches; these add what the training loop relies on:
 - each objective's loss mask and weights follow from its corruption (every changed token is supervised,
   mask rows supervise exactly the masked tokens at 1/(t·n), structural rows every answer token at 1/n);
 - a row's corruption depends only on its own generator, never on the rest of the batch or its padding, which
-  is what makes grad_accum and multi-process training equal a bigger batch.
+  is what makes grad_accum and multi-process training equal a bigger batch;
+- encode_rows, for every row, max_length and truncation policy: no example longer than max_length, no empty
+  answer, prompt and answer cut only as the policy says, every row counted once, and the examples collate.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import dataclasses
 import torch
 from hypothesis import given, settings, strategies as st
 
-from lad.data import Example, collate
+from lad.data import Example, collate, encode_rows, prompt_ids
+from lad.data.formats import instruction_messages
+from lad.modeling.byte_tokenizer import build_byte_tokenizer
 from lad.noise import NoiseConfig, corrupt
 
 PAD, MASK = 0, 1
@@ -157,3 +161,86 @@ def test_a_rows_noise_depends_only_on_its_generator(batch, cfg, levels, seeds):
         assert torch.equal(together.loss_mask[i, :n], alone.loss_mask[0, :n])
         assert torch.equal(together.weights[i, :n], alone.weights[0, :n])
         assert bool(together.structural[i]) == bool(alone.structural[0])
+
+
+# ---------------------------------------------------------------- encode_rows: rows → examples
+
+TOKENIZER = build_byte_tokenizer()  # ids are UTF-8 bytes, so lengths follow the text exactly
+EOS = TOKENIZER.eos_token_id
+TEXT = st.text(alphabet="ab é€\n", max_size=24)  # multi-byte characters: one character, several tokens
+LIMITS = st.integers(2, 48)
+
+
+@st.composite
+def rows_of(draw, fmt):
+    """(rows, each row's full prompt messages and answer text); some answers empty."""
+    rows, parts = [], []
+    system = draw(st.one_of(st.none(), TEXT))
+    for _ in range(draw(st.integers(1, 6))):
+        answer = draw(TEXT)
+        if fmt == "instruction":
+            row = {"instruction": draw(TEXT), "input": draw(st.one_of(st.none(), TEXT)), "output": answer}
+            messages = instruction_messages(row["instruction"], row["input"] or "", system)
+        else:
+            turns = [{"role": role, "content": draw(TEXT)} for role in ["user", "assistant"] * draw(st.integers(0, 2))]
+            row = {"messages": [*turns, {"role": "user", "content": draw(TEXT)},
+                                {"role": "assistant", "content": answer}]}
+            messages = ([{"role": "system", "content": system}] if system else []) + row["messages"][:-1]
+        rows.append(row)
+        parts.append((messages, answer))
+    return rows, parts, system
+
+
+def full_ids(messages, answer, fmt, template):
+    prompt = prompt_ids(messages, TOKENIZER, chat_template=template, role_prefixes=fmt == "chat")
+    return prompt, (list(answer.encode("utf-8")) + [EOS] if answer else [])
+
+
+@SETTINGS
+@given(st.sampled_from(["instruction", "chat"]).flatmap(lambda fmt: st.tuples(st.just(fmt), rows_of(fmt))),
+       LIMITS, st.sampled_from(["right", "left", "drop"]), st.booleans())
+def test_every_encoded_example_fits_and_keeps_an_answer(drawn, max_length, truncation, template):
+    fmt, (rows, parts, system) = drawn
+    examples, stats = encode_rows(rows, TOKENIZER, fmt=fmt, max_length=max_length, truncation=truncation,
+                                  chat_template=template, system_prompt=system, source_name="rows")
+    assert stats.rows == len(rows) == stats.kept + stats.dropped_no_answer + stats.dropped_too_long
+    assert stats.kept == len(examples) and stats.truncated <= stats.kept
+    kept = {int(e.source.rsplit(":", 1)[1]) - 1: e for e in examples}  # "rows:N", N counted from 1
+    truncated = 0
+    for i, (messages, answer) in enumerate(parts):
+        prompt, full = full_ids(messages, answer, fmt, template)
+        fits = len(prompt) + len(full) <= max_length
+        example = kept.get(i)
+        if example is None:  # dropped: no answer, too long under drop, or the prompt leaves no room
+            no_room = truncation == "right" and len(prompt) >= max_length
+            assert not full or not fits and (truncation == "drop" or no_room)
+            continue
+        assert 1 <= len(example.answer_ids) and len(example.prompt_ids) + len(example.answer_ids) <= max_length
+        assert example.answer_ids == full[:len(example.answer_ids)]  # answers lose only their end
+        if fits:  # nothing cut from a row that fits
+            assert (example.prompt_ids, example.answer_ids) == (prompt, full)
+            continue
+        truncated += 1
+        assert truncation != "drop" and len(example.prompt_ids) + len(example.answer_ids) == max_length
+        if truncation == "right":
+            assert example.prompt_ids == prompt
+        else:  # left: the prompt loses its start, and the answer its end only once the prompt is gone
+            assert example.prompt_ids == prompt[len(prompt) - len(example.prompt_ids):]
+            assert example.answer_ids == full or not example.prompt_ids
+    assert stats.truncated == truncated
+    if examples:
+        batch = collate(examples, TOKENIZER.pad_token_id, pad_to_multiple_of=1)
+        assert batch["input_ids"].shape[1] <= max_length
+        assert batch["answer_mask"].sum(1).tolist() == [len(e.answer_ids) for e in examples]
+
+
+@SETTINGS
+@given(st.lists(TEXT, min_size=1, max_size=6), LIMITS)
+def test_packed_text_is_the_whole_stream_in_full_windows(texts, max_length):
+    examples, stats = encode_rows([{"text": t} for t in texts], TOKENIZER, fmt="text", max_length=max_length)
+    documents = [list(t.encode("utf-8")) for t in texts if t]
+    stream = [token for n, doc in enumerate(documents) for token in ([EOS] if n else []) + doc]
+    windows = [e.answer_ids for e in examples]
+    assert stats.kept == len(examples) and all(e.prompt_ids == [] for e in examples)
+    assert all(len(w) == max_length for w in windows[:-1]) and all(2 <= len(w) <= max_length for w in windows)
+    assert [t for w in windows for t in w] == stream[:len(stream) - (len(stream) % max_length == 1)]

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import re
+import time
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lad.recipe import Recipe, RecipeError, dump_recipe, from_dict, load_recipe
+from lad.noise import NoiseConfig
+from lad.recipe import (DataSource, DataSpec, DistillSpec, LoraSpec, ModelSpec, OptimSpec, Recipe, RecipeError,
+                        ReportSpec, dump_recipe, from_dict, load_recipe)
+from lad.schema import Range, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -201,9 +208,49 @@ def test_bad_literal_lists_the_choices():
     ("optim.betas=[0.9]", "optim.betas: must be two numbers in [0, 1), got [0.9]"),
     ("max_steps=0", "max_steps: must be >= 1, got 0"),
     ("epochs=0", "epochs: must be > 0, got 0.0"),
+    # issue 27: every numeric key has a range, NaN and infinity are never in it
+    ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+    ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+    ("epochs=.inf", "epochs: must be a finite number, got inf"),
+    ("distill_weight=nan", "distill_weight: must be a finite number, got nan"),
+    ("noise.t_min=.nan", "noise.t_min: must be in (0, 1), got nan"),
+    ("optim.betas=[.nan, 0.9]", "optim.betas: must be two numbers in [0, 1), got [nan, 0.9]"),
+    ("seed=-1", "seed: must be in [0, 4294967295], got -1"),
+    ("seed=4294967296", "seed: must be in [0, 4294967295], got 4294967296"),
+    ("lora.alpha=0", "lora.alpha: must be >= 1, got 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay: must be >= 0, got -0.1"),
+    ("optim.eps=0", "optim.eps: must be > 0, got 0.0"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps: must be >= 0, got -1"),
+    ("optim.grad_clip=-1", "optim.grad_clip: must be >= 0, got -1.0"),
+    ("data.val_max_examples=0", "data.val_max_examples: must be >= 1, got 0"),
+    ("data.train.0.max_rows=0", "data.train.0.max_rows: must be >= 1, got 0"),
+    ("data.train.0.distill={temperature: 0}", "data.train.0.distill.temperature: must be > 0, got 0.0"),
+    ("data.train.0.distill={top_p: 1.5}", "data.train.0.distill.top_p: must be in (0, 1], got 1.5"),
+    ("data.train.0.distill={seed: -3}", "data.train.0.distill.seed: must be in [0, 4294967295], got -3"),
+    ("report.block_length=0", "report.block_length: must be >= 1, got 0"),
+    ("report.score_examples=-1", "report.score_examples: must be >= 0, got -1"),
 ])
 def test_out_of_range(override, expected):
     assert error([override]) == f"{TINY}: {expected}"
+
+
+def test_edges_of_the_ranges_are_accepted():
+    recipe = load_recipe(TINY, ["seed=4294967295", "optim.grad_clip=0", "optim.weight_decay=0", "lora.alpha=1",
+                                "optim.warmup_steps=0", "data.val_max_examples=1", "data.train.0.max_rows=1"])
+    assert recipe.seed == 2**32 - 1 and recipe.optim.grad_clip == 0.0 and recipe.lora.alpha == 1
+
+
+def test_report_block_length_needs_the_confidence_sampler():
+    assert error(["report.strategy=refine", "report.block_length=4"]) == (
+        f"{TINY}: report.block_length: needs strategy confidence, got refine")
+
+
+def test_a_bool_is_not_a_number_in_python_either():
+    """YAML's `true` is refused by the loader; a dataclass built in Python is checked by validate() too."""
+    with pytest.raises(ValueError, match=r"^r: expected a number, got True$"):
+        LoraSpec(r=True).validate()
+    with pytest.raises(ValueError, match=r"^lr: must be a finite number, got nan$"):
+        OptimSpec(lr=float("nan")).validate()
 
 
 def test_neither_max_steps_nor_epochs():
@@ -280,6 +327,170 @@ def test_check_files_false_skips_file_checks():
 ])
 def test_bad_override_syntax_names_the_file(item, expected):
     assert error([item]) == f"{TINY}: {expected}"
+
+
+# ---------------------------------------------------------------- strict YAML: duplicate keys and aliases
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def tiny_text() -> str:
+    return TINY.read_text(encoding="utf-8").replace("data/tiny_tasks.jsonl", str(TINY_DATA))
+
+
+def test_duplicate_key_names_the_file_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, tiny_text() + "max_steps: 3\n")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    first, last = lines.index("max_steps: 60") + 1, len(lines)
+    assert error([], path) == (f"{path}: line {last}, column 1 malformed YAML: duplicate key 'max_steps' "
+                               f"(first on line {first})")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lr: 1.0e-3\n  eps: 1.0e-8\n  lr: 2.0e-3\n", "lr"),  # nested
+    ("noise: {objective: mask, objective: mixed}\n", "objective"),  # flow style, one line
+    ("data:\n  train:\n    - path: a.jsonl\n      path: b.jsonl\n", "path"),  # inside a list item
+    ("lora: {r: 4}\n'lora': {r: 8}\n", "lora"),  # quoted or not, the same key
+])
+def test_duplicate_keys_anywhere_are_refused(tmp_path, text, key):
+    assert f"duplicate key {key!r}" in error([], write(tmp_path, text))
+
+
+def test_duplicate_key_in_an_override_value():
+    assert error(["noise={objective: mask, objective: structural}"]) == (
+        f"{TINY}: override 'noise={{objective: mask, objective: structural}}': duplicate key 'objective'")
+
+
+def test_anchors_aliases_and_merge_keys_within_bounds_are_fine(tmp_path):
+    text = tiny_text().replace("  train:\n    - path:", "  train:\n    - &source\n      path:")
+    text = text.replace("  val_fraction: 0.1\n", "  validation: [*source, *source]\n")
+    text += "report:\n  <<: &report {iters: 4, max_new_tokens: 8}\n  iters: 2\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.data.validation == recipe.data.train * 2
+    assert (recipe.report.iters, recipe.report.max_new_tokens) == (2, 8)  # a key after a merge overrides it
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path):
+    text = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))  # 10^9 values
+    start = time.perf_counter()
+    message = error([], write(tmp_path, text))
+    assert time.perf_counter() - start < 1.0
+    assert message.endswith("malformed YAML: aliases expand this document past 10000 values (an alias bomb?); "
+                            "write the values out or use fewer aliases")
+    assert "line 4," in message  # where the count ran out: the third level already holds 10^4 values
+
+
+def test_alias_bomb_in_an_override_value():
+    bomb = "[" + ", ".join(["&a [" + ", ".join(["x"] * 100) + "]"] + ["*a"] * 200) + "]"
+    assert error([f"report.prompts={bomb}"]).endswith(": aliases expand this document past 10000 values "
+                                                      "(an alias bomb?); write the values out or use fewer aliases")
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    assert error([], write(tmp_path, "model: &m {config: *m}\n")) == (
+        f"{tmp_path / 'r.yaml'}: line 1, column 20 malformed YAML: alias *m refers to a value that contains it")
+
+
+def test_strict_reader_reads_every_shipped_recipe_as_safe_load_does():
+    for path in ALL_RECIPES:
+        text = path.read_text(encoding="utf-8")
+        assert read_yaml(text) == yaml.safe_load(text), path.name
+
+
+# ---------------------------------------------------------------- every numeric key: its range, documented
+
+
+SECTIONS = {  # docs/recipe.md: (heading, n-th table under it) -> the dataclass that table describes
+    ("Top-level keys", 0): Recipe, ("`report`", 0): ReportSpec, ("`model`", 0): ModelSpec, ("`lora`", 0): LoraSpec,
+    ("`data`", 0): DataSpec, ("`data`", 1): DataSource, ("Self-distilled sources (`distill`)", 0): DistillSpec,
+    ("`noise`", 0): NoiseConfig, ("`optim`", 0): OptimSpec,
+}
+
+
+def documented_ranges() -> dict[type, dict[str, str]]:
+    """{dataclass: {key: Range cell}} from the key tables of docs/recipe.md."""
+    tables: dict[tuple[str, int], dict[str, str]] = {}
+    heading, count = "", 0
+    for line in (REPO / "docs" / "recipe.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            heading, count = line.lstrip("# "), 0
+        elif line.startswith("| Key | Type | Default | Range | Meaning |"):
+            tables[(heading, count)] = table = {}
+            count += 1
+        elif line.startswith("| `") and (heading, count - 1) in tables:
+            cells = [cell.strip() for cell in line.replace("\\|", "/").strip("|").split("|")]
+            tables[(heading, count - 1)][cells[0].strip("`")] = cells[3]
+    return {cls: tables.get(where, {}) for where, cls in SECTIONS.items()}
+
+
+def parse_range(cell: str) -> Range:
+    if match := re.fullmatch(r"(>=?) (\d+)", cell):
+        return Range(int(match[2]), low_open=match[1] == ">")
+    match = re.fullmatch(r"([\[(])(\d+), (\d+)([\])])", cell)
+    assert match, f"not a range: {cell!r}"
+    return Range(int(match[2]), int(match[3]), low_open=match[1] == "(", high_open=match[4] == ")")
+
+
+def numeric_fields(cls) -> dict[str, type]:
+    """{key: int or float} for the keys annotated `int`, `float`, `int | None` or `float | None`."""
+    fields = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        options = {hint} | set(typing.get_args(hint) if typing.get_origin(hint) is not list else ())
+        kind = next((t for t in (int, float) if t in options), None)
+        if kind is not None and name in {f.name for f in dataclasses.fields(cls)}:
+            fields[name] = kind
+    return fields
+
+
+def test_every_key_of_the_schema_is_documented():
+    for cls, rows in documented_ranges().items():
+        assert sorted(rows) == sorted(f.name for f in dataclasses.fields(cls)), cls.__name__
+
+
+def test_every_numeric_key_has_a_documented_range():
+    for cls, rows in documented_ranges().items():
+        for key in numeric_fields(cls):
+            assert rows.get(key), f"{cls.__name__}.{key}: no range in docs/recipe.md"
+            if hasattr(cls, "RANGES"):
+                assert str(cls.RANGES[key]).removeprefix("in ") == rows[key], f"{cls.__name__}.{key}"
+
+
+def _valid(cls):
+    """A valid instance of `cls` (the tiny recipe's, or the defaults)."""
+    recipe = load_recipe(TINY)
+    return {Recipe: recipe, ReportSpec: recipe.report, LoraSpec: recipe.lora, DataSpec: recipe.data,
+            DataSource: recipe.data.train[0], NoiseConfig: recipe.noise, OptimSpec: recipe.optim}.get(cls) or cls()
+
+
+def _accepts(obj, key, value) -> bool:
+    obj = dataclasses.replace(obj, **{key: value})
+    try:
+        obj.validate()
+    except ValueError as err:
+        assert str(err).startswith(f"{key}: "), err
+        return False
+    return True
+
+
+@pytest.mark.parametrize("cls", list(SECTIONS.values()), ids=[c.__name__ for c in SECTIONS.values()])
+def test_validate_enforces_the_documented_range(cls):
+    """At each documented edge, and a step past it, and NaN / infinity for floats, validate() agrees with the docs."""
+    rows, obj = documented_ranges()[cls], _valid(cls)
+    for key, kind in numeric_fields(cls).items():
+        rule = parse_range(rows[key])
+        step = 1 if kind is int else 1e-6
+        cases = {rule.low: not rule.low_open, rule.low - step: False, rule.low + step: True}
+        if rule.high != float("inf"):
+            cases.update({rule.high: not rule.high_open, rule.high + step: False, rule.high - step: True})
+        if kind is float:
+            cases.update({float("nan"): False, float("inf"): False, float("-inf"): False})
+        for value, expected in cases.items():
+            assert _accepts(obj, key, kind(value) if kind is int else value) is expected, (cls.__name__, key, value)
 
 
 # ---------------------------------------------------------------- every shipped recipe, and dump round trip

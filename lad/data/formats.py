@@ -268,7 +268,8 @@ def _fit(prompt: list[int], answer: list[int], max_length: int, truncation: str,
         if truncation == "left":
             cut = min(excess, len(prompt))
             prompt, excess = prompt[cut:], excess - cut
-        answer = answer[: len(answer) - excess] if excess > 0 else answer
+        # a prompt longer than max_length leaves no room (a negative stop would keep a slice of the answer)
+        answer = answer[: max(0, len(answer) - excess)]
         if not answer:
             stats.dropped_no_answer += 1
             return None
