@@ -189,10 +189,35 @@ def serve(app, *, host: str = "127.0.0.1", port: int | None = None, share: bool 
                                                          show_error=True)
 
 
+def address_problem(host: str, port: int | None) -> str | None:
+    """Can the page listen on --host (and --port)? Asked before the model loads, not after."""
+    import errno
+    import socket
+
+    if port is not None and not 0 < port < 65536:
+        return f"--port must be in 1..65535, got {port}"
+    # bound as the server (uvicorn) binds it: IPv6 only for an address with a colon, SO_REUSEADDR
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port or 0))
+        except (socket.gaierror, UnicodeError) as err:
+            return f"--host {host}: not an address or known host name ({getattr(err, 'strerror', None) or err})"
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"--port {port}: already in use on {host}; choose another port, or leave --port out"
+            return f"--host {host}: cannot listen on this address ({err.strerror or err}); 127.0.0.1 serves " \
+                   "this machine, 0.0.0.0 every network interface"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.port is not None and not 0 < args.port < 65536:
-        print(f"{PROG}: error: --port must be in 1..65535, got {args.port}", file=sys.stderr)
+    from .generate import device_problem
+
+    problem = address_problem(args.host, args.port) or device_problem(args.device)
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     try:
         import_gradio()  # before the model loads: fail fast

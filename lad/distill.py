@@ -188,10 +188,14 @@ class OutputFile:
     """The JSONL being written: validates what is already there, appends batches durably, finishes in order."""
 
     def __init__(self, path: str | os.PathLike, settings: dict):
-        self.path, self.settings = Path(path), settings
+        from .safety import FILE, PathError, check_destination
+
+        try:  # normalised; not a folder, not under a file, writable
+            self.path = check_destination(path, kind=FILE, flag="--out")
+        except PathError as err:
+            raise DistillError(str(err)) from None
+        self.settings = settings
         self.done: dict[str, str] = {}  # key -> JSON line
-        if self.path.is_dir():
-            raise DistillError(f"--out {self.path} is a folder, not a file")
         if self.path.exists():
             self._read()
 
@@ -414,9 +418,14 @@ def _run(model, tokenizer, items, keys, todo, sink, settings, batch_size, progre
 # ---------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="Make the AR parent answer prompts; write an "
-                                     "`instruction` dataset (JSONL) that any recipe can train on. Resumable.")
+    parser = _Parser(prog=PROG, description="Make the AR parent answer prompts; write an "
+                     "`instruction` dataset (JSONL) that any recipe can train on. Resumable.")
     parser.add_argument("--model", required=True, help="hub id, folder, .gguf file or pkg://PACKAGE/FILE")
     parser.add_argument("--prompts", required=True, help="'builtin', a .txt file (one per line) or a .jsonl file")
     parser.add_argument("--out", required=True, help="output .jsonl (appended; rerun the same command to resume)")
@@ -437,12 +446,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Numbers the generation would refuse once the model is loaded, refused now and named by their flag."""
+    from .generate import device_problem
+
+    checks = [
+        (args.max_new_tokens < 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.limit is not None and args.limit < 1, f"--limit must be >= 1, got {args.limit}"),
+        (args.temperature is not None and not 0 < args.temperature < float("inf"),
+         f"--temperature must be > 0 (sampling), got {args.temperature}"),
+        (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.top_k is not None and args.top_k < 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
+    ]
+    problem = next((message for bad, message in checks if bad), None) or device_problem(args.device)
+    if problem:
+        raise DistillError(problem)
+
+
 def run(args: argparse.Namespace) -> int:
     given = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_p", "top_k", "seed") if getattr(args, k) is not None]
     if given and not args.sample:
         raise DistillError(f"{', '.join(given)} apply only with --sample (decoding is greedy by default)")
-    if args.limit is not None and args.limit < 1:
-        raise DistillError(f"--limit must be >= 1, got {args.limit}")
+    check_flags(args)
     sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "seed") if getattr(args, k) is not None}
     template = {"auto": "auto", "true": True, "false": False}[args.chat_template]
     result = distill(args.model, args.prompts, args.out, max_new_tokens=args.max_new_tokens,

@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 from .run import RunDirError
+from .sampling import STRATEGIES
 
 USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError)
+AUTO_BATCH_SIZE = 16
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="denoise, elbo: run each context once and only the continuation per step (exact, and on by "
                         "default, for prompt-causal runs; an approximation otherwise)")
-    p.add_argument("--strategy", default="confidence", help="sampler for generative tasks")
+    p.add_argument("--strategy", default="confidence", choices=sorted(STRATEGIES), help="sampler for generative tasks")
     p.add_argument("--baseline", choices=["none", "ar"], default="none",
                    help="ar: score the AR parent (adapter off, causal attention)")
     p.add_argument("--compare", action="store_true", help="score the LAD model and the AR parent side by side")
@@ -74,13 +76,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--apply_chat_template", action="store_true")
     p.add_argument("--bootstrap_iters", type=int, default=1000)
     args = p.parse_args(argv)
-    if args.iters < 1:
-        p.error(f"--iters must be >= 1, got {args.iters}")
-    if args.mc_samples < 1:
-        p.error(f"--mc-samples must be >= 1, got {args.mc_samples}")
+    problem = flag_problem(args)
+    if problem:
+        p.error(problem)
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
+    args.batch_size = batch_size(args.batch_size)
     return args
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """The first flag with a value lm-eval or the scorer would refuse (or misuse) after the model loads."""
+    from .generate import device_problem
+
+    limit, tasks = args.limit, [t for t in args.tasks.split(",") if t.strip()]
+    checks = [
+        (args.iters < 1, f"--iters must be >= 1, got {args.iters}"),
+        (args.mc_samples < 1, f"--mc-samples must be >= 1, got {args.mc_samples}"),
+        (not tasks, f"--tasks {args.tasks!r}: no task names (e.g. --tasks arc_easy,mmlu)"),
+        (limit is not None and not (0 < limit < 1 or 1 <= limit < float("inf") and limit == int(limit)),
+         f"--limit must be a number of examples (>= 1) or a fraction in (0, 1), got {limit}"),
+        (args.num_fewshot is not None and args.num_fewshot < 0, f"--num_fewshot must be >= 0, got {args.num_fewshot}"),
+        (args.bootstrap_iters < 0, f"--bootstrap_iters must be >= 0 (0 = no stderr), got {args.bootstrap_iters}"),
+        (not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}"),
+        (args.compare and args.baseline == "ar",
+         "--compare already scores the AR parent next to the LAD model: drop --baseline ar"),
+        (args.include_path is not None and not Path(args.include_path).exists(),
+         f"--include_path {args.include_path}: no such folder"),
+    ]
+    bad = next((message for wrong, message in checks if wrong), None)
+    return bad or device_problem(args.device) or batch_size_problem(args.batch_size)
+
+
+def is_auto(value: str) -> bool:
+    return value == "auto" or value.startswith("auto:") and value[5:].isdigit()  # lm-eval's auto, auto:N
+
+
+def batch_size_problem(value: str) -> str | None:
+    if is_auto(value) or value.isdigit() and int(value) >= 1:
+        return None
+    return f"--batch_size must be a whole number >= 1 (or auto), got {value!r}"
+
+
+def batch_size(value: str) -> int:
+    """lm-eval's `auto` searches for the largest batch that fits; LAD's scorers take a fixed one: 16, said so."""
+    if is_auto(value):
+        print(f"lad-eval: note: --batch_size {value}: LAD scores in fixed batches; using {AUTO_BATCH_SIZE}",
+              file=sys.stderr)
+        return AUTO_BATCH_SIZE
+    return int(value)
 
 
 def resolve_tasks(names: list[str], args, task_manager):
@@ -195,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_model_dir(args.model)
+        if args.output_path is not None:  # before the evaluation, not after it
+            from .safety import EVAL, check_destination
+
+            check_destination(args.output_path, kind=EVAL, flag="--output_path")
         from lm_eval.utils import make_table
 
         from .scoring.harness import LadLM

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .run import LadInfo, RunDirError, commit_folder, staging_dir
+from .run import LadInfo, RunDirError, staged
 
 PROG = "lad-export"
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,15 +53,18 @@ class ExportResult:
 # ---------------------------------------------------------------- checks before anything is loaded
 
 
-def check_out(run_dir: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
-    run, target = run_dir.resolve(), out.resolve()
+def check_out(run_dir: Path, out: Path, overwrite: bool) -> Path:
+    """The normalised --out, checked by `safety.check_destination`: an existing folder is replaced only when it
+    is an export holding nothing else, never the run itself, a folder inside a run, or a folder with user files."""
+    from .safety import EXPORT, PathError, check_destination, normalised
+
+    run, target = run_dir.resolve(), normalised(out, "--out")
     if target == run or target in run.parents:
         raise ExportError(f"--out {out} would replace the run {run_dir} itself; choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} already holds files: pass --overwrite to replace them, "
-                          "or choose another folder")
+    try:
+        return check_destination(out, kind=EXPORT, flag="--out", overwrite=overwrite)
+    except PathError as err:
+        raise ExportError(str(err)) from None
 
 
 def base_precision(run_dir: Path, info: LadInfo) -> str:
@@ -139,14 +142,14 @@ def export_run(run_dir, out, *, dtype: str = "auto", overwrite: bool = False, we
                say=print) -> ExportResult:
     """Write RUN_DIR's model, adapter merged, to `out` (see the module docstring); `say` gets progress lines."""
     started = time.perf_counter()
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir = Path(run_dir)  # `out` stays as typed until safety.check_destination has seen it
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a folder")
     try:
         info = LadInfo.load(run_dir)
     except RunDirError as err:
         raise ExportError(str(err)) from None
-    check_out(run_dir, out, overwrite)
+    out = check_out(run_dir, out, overwrite)
     dtype = base_precision(run_dir, info) if dtype == "auto" else dtype
     check_dtype(dtype)
     quant = info.base_model.get("quantization")
@@ -167,18 +170,14 @@ def export_run(run_dir, out, *, dtype: str = "auto", overwrite: bool = False, we
               "base_quantization": quant, "lad_version": __version__}
     exported = dataclasses.replace(info, base_model=base, merged=True, step=step, lad_version=__version__,
                                    extra={**info.extra, "export": export})
-    tmp = staging_dir(out)
-    try:
+    with staged(out) as tmp:  # nothing is left behind if any of it fails
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         exported.save(tmp)
         if (run_dir / "recipe.yaml").is_file():
             shutil.copyfile(run_dir / "recipe.yaml", tmp / "recipe.yaml")
         (tmp / "README.md").write_text(model_card(run_dir, exported, out.name), encoding="utf-8")
-        commit_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_out(run_dir, out, overwrite)  # once more, right before an existing export is replaced
     result = ExportResult(out, dtype, info.adapter, None if info.merged else quant,
                           round(time.perf_counter() - started, 2), folder_bytes(out))
     say(f"{PROG}: wrote {out} ({result.bytes / 1e6:.1f} MB, {dtype}) in {result.seconds:.1f} s")
@@ -327,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # the base cannot be downloaded, the disk fails while writing (nothing is left behind)
         print(f"{PROG}: error: {err}".replace("\n", " "), file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -17,6 +17,7 @@ LoRA dropout is seeded from (seed, step, micro-step, rank). A resumed run replay
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 if __name__ == "__main__" and not __package__:
@@ -37,12 +38,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 
 from lad.data import DataError, Example, batch_indices, collate, encode_rows, find_token, load_rows
 from lad.data.distilled import distill_sources
 from lad.distill import DistillError
 from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
-from lad.modeling.adapters import attach_lora, count_parameters, prepare_embeddings
+from lad.modeling.adapters import LoraTargetError, attach_lora, check_lora_targets, count_parameters, prepare_embeddings
 from lad.modeling.anneal import anneal_progress, annealed_allowed
 from lad.modeling.bidirectional import UnsupportedArchitectureError
 from lad.modeling.denoiser import Denoiser, position_ids_from_mask
@@ -53,14 +55,18 @@ from lad.modeling.prompt_causal import answer_columns, answer_start_from, prompt
 from lad.modeling.windows import decoder_mask
 from lad.noise import corrupt, sample_levels, validation_levels
 from lad.recipe import Recipe, RecipeError, dump_recipe, load_recipe
-from lad.run import (LadInfo, RunDirError, commit_folder, latest_checkpoint, load_checkpoint_state,
-                     prepare_output_dir, save_checkpoint, save_weights, staging_dir)
+from lad.resume import (NothingToDo, ResumePlan, apply_changes, check_data, check_progress, data_digest,
+                        history_lines, plan_resume)
+from lad.run import (LadInfo, RunDirError, latest_checkpoint, load_checkpoint_state, prepare_output_dir,
+                     save_checkpoint, save_weights, staged)
+from lad.safety import PathError, run_header
+from lad.stopping import Interrupted, stop_signals
 
 log = logging.getLogger("lad.finetune")
 
 VALIDATION_SEED = 20250101  # fixed, not the run's seed: validation noise is the same in every run
 USER_ERRORS = (RecipeError, DataError, ModelNotFoundError, UnsupportedArchitectureError, MaskTokenError,
-               RunDirError, DistillError, ImportError)
+               RunDirError, DistillError, ImportError, PathError, LoraTargetError)
 
 
 def seed_for(*parts: int) -> int:
@@ -274,6 +280,14 @@ def gpu_memory(device) -> dict:
             "gpu_peak_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20)}
 
 
+def signalled(stop, accelerator) -> bool:
+    """Whether any process got SIGINT/SIGTERM this step (all processes then stop after the same step)."""
+    flag = stop.signum is not None
+    if accelerator.num_processes > 1:
+        flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+    return flag
+
+
 def gather_stats(accelerator, stats: LossStats) -> LossStats:
     """A step's statistics summed over processes (each saw only its own rows), the same on every process."""
     if accelerator.num_processes == 1:
@@ -325,18 +339,25 @@ class Schedule:
 # ---------------------------------------------------------------- main
 
 
-def _train(recipe: Recipe) -> Path:
+def recipe_text(recipe: Recipe, out: Path, plan: ResumePlan | None) -> str:
+    """The run's recipe.yaml: a header that marks the folder as a run, the recipe, and each resume's changes."""
+    return "\n".join([run_header(), dump_recipe(recipe, absolute_paths=True).rstrip("\n"),
+                      *history_lines(out, plan)]) + "\n"
+
+
+def _train(recipe: Recipe, allow_changes: tuple[str, ...] = (), stop=None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(recipe.precision, recipe.precision),
-                              log_with=recipe.report_to or None, project_dir=recipe.output_dir)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     resuming = recipe.resume_from is not None
-    out = Path(recipe.output_dir)
-    if main:
-        prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming, create=False)
+    # every check that reads only files comes first: nothing loads or is written before they pass
+    out = prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming, create=False)
+    plan = plan_resume(recipe, out, yaml.safe_load(dump_recipe(recipe, absolute_paths=True)), allow_changes) \
+        if resuming else ResumePlan(None)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(recipe.precision, recipe.precision),
+                              log_with=recipe.report_to or None, project_dir=str(out))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
     # self-distilled sources: the parent answers their prompts once (cached) before the training model loads
     with accelerator.main_process_first():
@@ -349,8 +370,13 @@ def _train(recipe: Recipe) -> Path:
     eos_id = tokenizer.eos_token_id
     special_ids = set(tokenizer.all_special_ids) | {mask.id}
     schedule = Schedule(len(train_set), recipe, world, [len(e.prompt_ids) + len(e.answer_ids) for e in train_set])
+    if recipe.lora.enabled:
+        check_lora_targets(model, recipe.lora)
+    check_progress(plan, schedule.total_steps, out)
+    digest = data_digest(train_set, val_set)
+    check_data(plan, digest)
     if main:  # only now, with model and data checked, is anything written
-        prepare_output_dir(recipe.output_dir, overwrite=recipe.overwrite, resuming=resuming)
+        prepare_output_dir(str(out), overwrite=recipe.overwrite, resuming=resuming)
     accelerator.wait_for_everyone()
 
     base_ref = dataclasses.asdict(recipe.model)
@@ -359,10 +385,9 @@ def _train(recipe: Recipe) -> Path:
         if ref and ref != "bytes" and not ref.startswith("pkg://") and os.path.exists(os.path.expanduser(ref)):
             base_ref[key] = os.path.abspath(os.path.expanduser(ref))
     if recipe.model.init == "scratch" and recipe.lora.enabled:  # the random base must travel with the run
-        if main:
-            tmp = staging_dir(out / "base")
-            model.save_pretrained(tmp, safe_serialization=True)
-            commit_folder(tmp, out / "base")
+        if main and not (plan.checkpoint is not None and (out / "base").is_dir()):  # a resume keeps its own
+            with staged(out / "base") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
         base_ref.update(name_or_path="./base", init="pretrained", config={}, tokenizer=None)
     model = add_trainable(model, recipe, mask)
     denoiser = Denoiser(model, mask.id, recipe.shift, recipe.attention)
@@ -376,18 +401,16 @@ def _train(recipe: Recipe) -> Path:
     scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
 
     start_step, best_val, tokens_seen, skipped = 0, float("inf"), 0, 0
-    if resuming:
-        folder = latest_checkpoint(out) if recipe.resume_from == "latest" else Path(recipe.resume_from)
-        if folder is None:
-            log.warning("resume_from=latest: no usable checkpoint in %s, starting from step 0", out)
-        else:
-            state = load_checkpoint_state(folder, model=denoiser.model, optimizer=optimizer, scheduler=scheduler)
-            start_step, best_val, tokens_seen = state["step"], state.get("best_val", best_val), state.get("tokens", 0)
-            skipped = state.get("skipped_steps", 0)
-            log.info("resumed from %s at step %d", folder, start_step)
+    if plan.checkpoint is not None:
+        state = load_checkpoint_state(plan.checkpoint, model=denoiser.model, optimizer=optimizer, scheduler=scheduler)
+        start_step, best_val, tokens_seen = state["step"], state.get("best_val", best_val), state.get("tokens", 0)
+        skipped = state.get("skipped_steps", 0)
+        apply_changes(plan, optimizer, scheduler, recipe)
+        changed = "; ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in plan.changes.items())
+        log.info("resumed from %s at step %d%s", plan.checkpoint, start_step, f" (changed: {changed})" if changed else "")
     if main:
         tokenizer.save_pretrained(out)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe, absolute_paths=True), encoding="utf-8")
+        (out / "recipe.yaml").write_text(recipe_text(recipe, out, plan), encoding="utf-8")
         log.info("model: %s | trainable %s of %s parameters (%.2f%%) | mask %r (id %d%s) | shift=%s",
                  recipe.model.name_or_path or "scratch", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  mask.token, mask.id, ", added" if mask.added else "", recipe.shift)
@@ -405,6 +428,9 @@ def _train(recipe: Recipe) -> Path:
         kept = [line for line in metric_lines(out / "metrics.jsonl") if json.loads(line)["step"] <= start_step]
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
+    if main and plan.changes:  # a resume that changed settings says so where the curves are read
+        metrics.write(json.dumps({"step": start_step, "resumed_from": str(plan.checkpoint), "changes": plan.changes})
+                      + "\n")
 
     def record(entry: dict) -> None:
         if main:
@@ -414,7 +440,7 @@ def _train(recipe: Recipe) -> Path:
             accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
     def progress() -> dict:  # what a checkpoint's state.json carries besides the step, for an exact resume
-        return {"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped}
+        return {"best_val": best_val, "tokens": tokens_seen, "skipped_steps": skipped, "data_digest": digest}
 
     def validate(step: int) -> None:
         nonlocal best_val
@@ -427,10 +453,9 @@ def _train(recipe: Recipe) -> Path:
         if summary["val_loss"] < best_val:
             best_val = summary["val_loss"]
             if main:
-                tmp = staging_dir(out / "best")
-                save_weights(accelerator.unwrap_model(denoiser).model, tmp)
-                dataclasses.replace(info, step=step, extra={"val_loss": best_val}).save(tmp)
-                commit_folder(tmp, out / "best")
+                with staged(out / "best") as tmp:
+                    save_weights(accelerator.unwrap_model(denoiser).model, tmp)
+                    dataclasses.replace(info, step=step, extra={"val_loss": best_val}).save(tmp)
 
     if recipe.eval_every and start_step == 0:
         validate(0)  # the starting point, so a run's curve shows what training bought
@@ -438,6 +463,8 @@ def _train(recipe: Recipe) -> Path:
     bar = tqdm(total=schedule.total_steps, initial=start_step, disable=not main, desc="lad", dynamic_ncols=True)
     rows_per_micro = recipe.batch_size
     t_last, tok_last = time.perf_counter(), 0
+    if stop is not None:
+        stop.deferred = True  # a signal now ends the loop after this step's checkpoint
     for step in range(start_step, schedule.total_steps):
         indices = schedule.step_indices(step)
         levels = sample_levels(len(indices), recipe.noise.t_min,
@@ -510,6 +537,16 @@ def _train(recipe: Recipe) -> Path:
             if main:
                 save_checkpoint(out, done, model=accelerator.unwrap_model(denoiser).model, optimizer=optimizer,
                                 scheduler=scheduler, state=progress(), info=info, keep=recipe.keep_checkpoints)
+        if stop is not None and signalled(stop, accelerator):
+            bar.close()
+            accelerator.wait_for_everyone()
+            path = out / "checkpoints" / f"step-{done:06d}"
+            if main and not path.is_dir():
+                save_checkpoint(out, done, model=accelerator.unwrap_model(denoiser).model, optimizer=optimizer,
+                                scheduler=scheduler, state=progress(), info=info, keep=recipe.keep_checkpoints)
+            raise Interrupted(stop.signum or signal.SIGINT, done, path)
+    if stop is not None:
+        stop.deferred = False
     bar.close()
     if start_step < schedule.total_steps:  # (resumed from the final checkpoint: its validation is logged)
         validate(schedule.total_steps)
@@ -546,13 +583,14 @@ def report(denoiser, tokenizer, val_set: list[Example], recipe: Recipe, info: La
     print(result.text(), flush=True)
 
 
-def train(recipe: Recipe) -> Path:
+def train(recipe: Recipe, *, allow_changes: tuple[str, ...] = (), stop=None) -> Path:
     """Run one training job; Accelerate's process-wide state is reset afterwards so a Python session (a
-    notebook, the tests) can train again with other settings."""
+    notebook, the tests) can train again with other settings. allow_changes: TUNABLE keys (lad/resume.py)
+    a resume may change; stop: a `stopping.StopRequest` that ends the loop cleanly on SIGINT/SIGTERM."""
     from accelerate.state import AcceleratorState
 
     try:
-        return _train(recipe)
+        return _train(recipe, tuple(allow_changes), stop)
     finally:
         AcceleratorState._reset_state(reset_partial_state=False)
 
@@ -567,7 +605,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an output_dir that already holds files")
     parser.add_argument("--resume", action="store_true", help="same as resume_from=latest")
     parser.add_argument("--print-recipe", action="store_true", help="print the validated recipe and exit")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="on resume, apply a changed optimisation setting (optim.lr, optim.warmup_steps, "
+                             "optim.scheduler, optim.weight_decay, optim.grad_clip, batch_size, grad_accum); "
+                             "repeatable")
     return parser.parse_intermixed_args(argv)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues an interrupted run: the same arguments, resume_from=latest, no overwrite."""
+    import shlex
+
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")
+            and not a.startswith(("overwrite=", "resume_from="))]
+    program = "lad-finetune" if not sys.argv[0].endswith("finetune.py") else f"accelerate launch {sys.argv[0]}"
+    return f"{program} {shlex.join(kept)} resume_from=latest"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,9 +634,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_recipe:
             print(dump_recipe(recipe), end="")
             return 0
-        train(recipe)
+        from lad.resume import TUNABLE
+
+        for key in args.allow_change:
+            if key not in TUNABLE:
+                raise RecipeError(f"--allow-change {key}: not a setting a resume may change (one of "
+                                  f"{', '.join(TUNABLE)})")
+        with stop_signals() as stop:
+            train(recipe, allow_changes=args.allow_change, stop=stop)
     except USER_ERRORS as err:
         print(f"lad-finetune: error: {err}", file=sys.stderr)
+        return 2
+    except NothingToDo as done:
+        print(f"lad-finetune: {done}", file=sys.stderr)
+        return 0
+    except Interrupted as stop:
+        if stop.step is None:
+            print(f"\nlad-finetune: interrupted ({stop}) before training started; nothing to resume", file=sys.stderr)
+        else:
+            print(f"\nlad-finetune: interrupted ({stop}) after step {stop.step}, saved as {stop.checkpoint}; "
+                  f"continue with: {resume_command(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return 128 + stop.signum
+    except OSError as err:  # disk full, read-only, permission denied while writing
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"lad-finetune: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
         print(f"lad-finetune: error: {err}", file=sys.stderr)

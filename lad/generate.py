@@ -196,17 +196,78 @@ def check_args(args: argparse.Namespace) -> None:
         (args.max_new_tokens is not None and args.max_new_tokens < 1,
          f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.temperature is not None and args.temperature < 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.temperature is not None and not args.temperature >= 0,  # NaN too
+         f"--temperature must be >= 0, got {args.temperature}"),
         (args.top_k is not None and args.top_k < 0, f"--top-k must be >= 0, got {args.top_k}"),
         (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.pause < 0, f"--pause must be >= 0, got {args.pause}"),
+        (args.noise_start is not None and not 0 <= args.noise_start <= 1,
+         f"--noise-start must be in [0, 1], got {args.noise_start}"),
+        (args.early_stop is not None and args.early_stop < 0,
+         f"--early-stop must be >= 0 (0 = off), got {args.early_stop}"),
+        (args.block_length is not None and args.block_length < 1,
+         f"--block-length must be >= 1, got {args.block_length}"),
+        (args.threshold is not None and not args.threshold >= 0, f"--threshold must be >= 0, got {args.threshold}"),
+        (args.seed is not None and not -2**63 <= args.seed < 2**64,
+         f"--seed must be a 64-bit integer, got {args.seed}"),
+        (not 0 <= args.pause < float("inf"), f"--pause must be a number of seconds >= 0, got {args.pause}"),
         (not args.prompt and not args.prompts_file, "give at least one --prompt or a --prompts-file"),
-        ((args.device or "").startswith("cuda") and not torch.cuda.is_available(),
-         f"--device {args.device}: no CUDA GPU is available to PyTorch here"),
     ]
     for bad, message in checks:
         if bad:
             raise GenerateError(message)
+    problem = device_problem(args.device)
+    if problem:
+        raise GenerateError(problem)
+
+
+def device_problem(device: str | None, flag: str = "--device") -> str | None:
+    """Why `device` cannot run the model here (None when it can): checked before anything loads."""
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return f"{flag} {device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"{flag} {device}: no CUDA GPU is available to PyTorch here"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return f"{flag} {device}: MPS is not available to PyTorch here"
+    return None
+
+
+def check_strategy_options(strategy: str | None, options: dict) -> None:
+    """Flag combinations the strategy would refuse once the model is loaded, refused now and named by flag."""
+    params = inspect.signature(get_strategy(strategy)).parameters if strategy else {}
+    if "block_cache" in params and options.get("block_cache") and options.get("prefix_cache") is False:
+        raise GenerateError("--block-cache needs the prompt's cache: do not combine it with --no-prefix-cache")
+    block = options.get("block_length")
+    if "block_length" not in params or block is None:
+        return
+    n = options.get("max_new_tokens", params["max_new_tokens"].default)
+    iters = options.get("iters", params["iters"].default)
+    default = "" if "max_new_tokens" in options else f", {strategy}'s default"
+    if n % block:
+        raise GenerateError(f"--block-length {block} must divide --max-new-tokens ({n}{default})")
+    if iters < n // block:
+        raise GenerateError(f"--iters {iters} is fewer than the {n // block} blocks of --block-length {block}: "
+                            "every block needs at least one forward")
+
+
+def check_before_loading(args: argparse.Namespace, options: dict) -> None:
+    """What the run's lad.json settles before the model loads: the default strategy's options, and whether
+    --ar has a parent to answer with (a lad.json that cannot be read is reported by the loading)."""
+    from types import SimpleNamespace
+
+    from .run import LadInfo, RunDirError, check_parent
+
+    try:
+        info = LadInfo.load(args.model)
+    except RunDirError:
+        info = None
+    strategy = args.strategy or (default_strategy(SimpleNamespace(lad_info=info)) if info else None)
+    check_strategy_options(strategy, options)
+    if args.ar and info is not None:
+        check_parent(info, args.model)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -265,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     options = given_options(args)
+    check_before_loading(args, options)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, tokenizer = load(args.model, device=device, weights=args.weights)
     args.strategy = args.strategy or default_strategy(denoiser)

@@ -22,14 +22,18 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from .integrity import (checkpoint_files_problem, files_problem, json_kind, lad_field_problem, lad_json_problem,
+                        safetensors_problem, tokenizer_files_problem)
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +78,20 @@ class LadInfo:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RunDirError(f"{path}: unreadable ({err})") from None
-        if data.get("format", 0) > LAD_FORMAT:
+        if not isinstance(data, dict):
+            raise RunDirError(f"{path}: expected a JSON object of LAD settings, got {json_kind(data)}")
+        if "format" not in data:
+            raise RunDirError(f"{path}: missing format (not a lad.json written by LAD?)")
+        if lad_field_problem("format", data["format"]) is None and data["format"] > LAD_FORMAT:
             raise RunDirError(f"{path}: written by a newer LAD (format {data['format']}); upgrade LAD to read it")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]
         if missing:
             raise RunDirError(f"{path}: missing {', '.join(missing)}")
+        problem = lad_json_problem(data)  # every field of the right type (lad/integrity.py)
+        if problem:
+            raise RunDirError(f"{path}: {problem}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -131,25 +142,54 @@ def staging_dir(final: Path) -> Path:
     return tmp
 
 
+def write_failure(err: BaseException, where: Path) -> OSError | None:
+    """An OSError naming `where` for a failed write (disk full, read-only, no permission), whatever library
+    raised it (safetensors and torch.save wrap the OS error in their own); None for anything else."""
+    if isinstance(err, OSError):
+        return err if err.filename else OSError(err.errno, err.strerror or str(err), str(where))
+    found = re.search(r"os error (\d+)|(No space left on device|Read-only file system|Permission denied)", str(err))
+    if found is None:
+        return None
+    code = int(found.group(1)) if found.group(1) else {"No space left on device": 28, "Read-only file system": 30,
+                                                        "Permission denied": 13}[found.group(2)]
+    return OSError(code, os.strerror(code), str(where))
+
+
+@contextmanager
+def staged(final: Path):
+    """Write a folder atomically: yields a staging folder, renamed to `final` when the block succeeds. On any
+    failure the staging folder is removed (nothing half-written is left), and a failed write becomes an
+    OSError naming `final`."""
+    tmp = staging_dir(final)
+    try:
+        yield tmp
+        commit_folder(tmp, final)
+    except BaseException as err:  # Ctrl-C included: the staging folder goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_failure(err, final) if isinstance(err, Exception) else None
+        if failure is None or failure is err:
+            raise
+        raise failure from None
+
+
 # ---------------------------------------------------------------- output directory
 
 
 def prepare_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, create: bool = True) -> Path:
-    """Refuse to write over a folder that holds files unless told to (never lose a user's run).
+    """Refuse to write over a folder that holds files unless told to, and never over one LAD did not write
+    (`safety.check_destination`: never lose a user's files or run). Returns the normalised folder.
 
-    With create=False it only checks (call it before loading anything, then again to create)."""
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"output_dir {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not resuming:
-        if not overwrite:
-            what = "a LAD run" if (out / "lad.json").exists() or (out / CHECKPOINTS).exists() else "files"
-            raise RunDirError(f"output_dir {out} already holds {what}: pass overwrite=true to replace it, "
-                              "resume_from=latest to continue it, or choose another output_dir")
-        if create:
-            shutil.rmtree(out)
+    With create=False it only checks (call it before loading anything, then again to create). A run that is
+    replaced is deleted only now, after the new run's model and data have loaded."""
+    from .safety import RUN, check_destination, replace_folder, run_header
+
+    out = check_destination(output_dir, kind=RUN, flag="output_dir", overwrite=overwrite, resuming=resuming)
     if create:
+        if out.is_dir() and any(out.iterdir()) and not resuming:
+            replace_folder(out, RUN)
         out.mkdir(parents=True, exist_ok=True)
+        if not (out / "recipe.yaml").exists():  # marks the folder as a run from its first moment
+            (out / "recipe.yaml").write_text(run_header() + "\n", encoding="utf-8")
     return out
 
 
@@ -164,14 +204,13 @@ def save_weights(model, folder: Path) -> None:
 def save_checkpoint(output_dir: Path, step: int, *, model, optimizer, scheduler, state: dict, info: LadInfo,
                     keep: int) -> Path:
     final = output_dir / CHECKPOINTS / f"step-{step:06d}"
-    tmp = staging_dir(final)
-    save_weights(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    dataclasses.replace(info, step=step).save(tmp)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    write_json(tmp / "state.json", {**state, "step": step, "files": files})
-    commit_folder(tmp, final)
+    with staged(final) as tmp:
+        save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        dataclasses.replace(info, step=step).save(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json(tmp / "state.json", {**state, "step": step, "files": files})
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -218,10 +257,26 @@ def load_checkpoint_state(folder: Path, *, model, optimizer, scheduler) -> dict:
     problem = checkpoint_problem(folder)
     if problem:
         raise RunDirError(f"checkpoint {folder} is unusable: {problem}")
+    problem = checkpoint_files_problem(folder)  # same sizes, other bytes (lad/integrity.py)
+    if problem:
+        raise RunDirError(problem + OLDER)
     load_trainable_weights(model, folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    for name, part in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        path = folder / name
+        try:
+            saved = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError):
+            raise RunDirError(f"{path}: not a readable PyTorch file, truncated or corrupt{OLDER}") from None
+        try:
+            part.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+            why = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise RunDirError(f"{path}: does not fit this run's {name[:-3]} ({why}); was the checkpoint written "
+                              "with another recipe?") from None
     return json.loads((folder / "state.json").read_text(encoding="utf-8"))
+
+
+OLDER = "; resume from an older checkpoint (resume_from=PATH)"
 
 
 def load_trainable_weights(model, folder: Path) -> None:
@@ -231,6 +286,7 @@ def load_trainable_weights(model, folder: Path) -> None:
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
+        check_safetensors(adapter)
         result = set_peft_model_state_dict(model, load_file(adapter))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -239,7 +295,29 @@ def load_trainable_weights(model, folder: Path) -> None:
     full = folder / "model.safetensors"
     if not full.is_file():
         raise RunDirError(f"{folder}: no adapter_model.safetensors or model.safetensors")
+    check_safetensors(full)
     model.load_state_dict(load_file(full), strict=False)
+
+
+def check_safetensors(path: Path) -> None:
+    problem = safetensors_problem(path)
+    if problem:
+        raise RunDirError(f"{path}: {problem}")
+
+
+def load_tokenizer(run_dir: Path):
+    """The tokenizer saved in the run; a missing or corrupt tokenizer file is a RunDirError naming it."""
+    from transformers import AutoTokenizer
+
+    problem = tokenizer_files_problem(run_dir)
+    if problem:
+        raise RunDirError(problem)
+    try:
+        return AutoTokenizer.from_pretrained(run_dir)
+    except Exception as err:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
+        name = "tokenizer.json" if (run_dir / "tokenizer.json").is_file() else "tokenizer files"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{run_dir / name}: the run's tokenizer does not load ({first})") from None
 
 
 # ---------------------------------------------------------------- loading a run for sampling and scoring
@@ -346,8 +424,6 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
     weights: "final" (the run's top level), "best", or a checkpoint folder name / path.
     base: ModelSpec fields to override when loading the weights (export reloads a QLoRA base unquantized).
     """
-    from transformers import AutoTokenizer
-
     from .modeling.denoiser import Denoiser
     from .modeling.load import load_model
 
@@ -363,9 +439,13 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
         raise RunDirError(f"{run_dir} is an exported model: it holds one set of weights (weights='final')")
     if weights != "final" and not folder.is_dir():
         raise RunDirError(f"weights {weights!r}: no such folder in {run_dir} or on disk")
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    tokenizer = load_tokenizer(run_dir)
     check_tokenizer_matches(info, tokenizer, run_dir)
     spec = merged_spec(run_dir, info) if info.merged else base_spec(run_dir, info)
+    for where in dict.fromkeys([run_dir if info.merged else folder, Path(spec.name_or_path or folder)]):
+        problem = files_problem(where) if where.is_dir() else None  # the weights, and a local base: before loading
+        if problem:
+            raise RunDirError(problem)
     model = load_model(dataclasses.replace(spec, **(base or {})), vocab_size=info.vocab_size)
     if model.get_input_embeddings().weight.shape[0] < info.vocab_size:
         model.resize_token_embeddings(info.vocab_size, mean_resizing=False)

@@ -221,6 +221,18 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "--port must be in 1..65535" in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, capsys):
+    """Not after loading the model (the folder given is not even a run: the port is checked first)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["--model", str(tmp_path / "nowhere"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lad-demo: error: --port {port}: already in use on 127.0.0.1; choose another port, or leave " \
+                  "--port out"
+
+
 def test_missing_gradio_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now raises ImportError
     with pytest.raises(SystemExit, match=re.escape("pip install 'lad[demo]'")):

@@ -130,3 +130,19 @@ def test_two_processes_shard_requests_and_agree(run_dir, data_dir, tmp_path):
     assert two["config"]["processes"] == 2 and one["config"]["processes"] == 1
     for metric in ("acc,none", "acc_norm,none"):
         assert one["results"]["arc_easy"][metric] == pytest.approx(two["results"]["arc_easy"][metric], abs=1e-9)
+
+
+def test_lm_eval_options_that_stay_valid(capsys):
+    """lm-eval's own forms keep working: a fraction < 1 as --limit, a whole number >= 1 as a count, and
+    --batch_size auto (LAD scores in fixed batches: it uses 16 and says so on stderr)."""
+    from lad.evaluation import parse_args
+
+    base = ["--model", "runs/x", "--tasks", "arc_easy"]
+    assert parse_args([*base, "--limit", "0.25"]).limit == 0.25
+    assert parse_args([*base, "--limit", "3"]).limit == 3
+    assert parse_args([*base, "--batch_size", "8"]).batch_size == 8
+    capsys.readouterr()
+    for value in ("auto", "auto:4"):
+        assert parse_args([*base, "--batch_size", value]).batch_size == 16
+        assert capsys.readouterr().err == (f"lad-eval: note: --batch_size {value}: LAD scores in fixed batches; "
+                                           "using 16\n")

@@ -265,15 +265,20 @@ def test_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert siblings(tmp_path / "o") == ["notarun"]
 
 
-def test_refuses_an_occupied_out_unless_overwrite(runs, tmp_path, capsys):
+def test_refuses_an_occupied_out_and_replaces_only_an_earlier_export(runs, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     line = refused(capsys, [str(runs["noshift"]), "--out", str(out)])
-    assert "already holds files: pass --overwrite" in line
+    assert "already holds files: choose another folder" in line
+    line = refused(capsys, [str(runs["noshift"]), "--out", str(out), "--overwrite"])  # the user's files stay
+    assert "it holds files LAD did not write (notes.txt)" in line
     assert visible_files(out) == ["notes.txt"] and siblings(out) == ["o"]
+    (out / "notes.txt").unlink()
+    assert main([str(runs["noshift"]), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert "already holds a LAD export: pass --overwrite" in refused(capsys, [str(runs["noshift"]), "--out", str(out)])
     assert main([str(runs["noshift"]), "--out", str(out), "--overwrite", "--dtype", "fp32"]) == 0
-    assert "notes.txt" not in visible_files(out) and LadInfo.load(out).merged and siblings(out) == ["o"]
+    assert LadInfo.load(out).merged and siblings(out) == ["o"]
 
 
 def test_refuses_writing_over_the_run_itself(runs, capsys):

@@ -279,7 +279,7 @@ def test_non_empty_output_dir_exits_2_and_keeps_files(tmp_path):
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"lad-finetune: error: output_dir {out} already holds files")
-    assert "overwrite=true" in last
+    assert "choose another folder" in last
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["notes.txt", "sub", "sub/data.bin"]
     assert (out / "notes.txt").read_text(encoding="utf-8") == "my notes"
     assert (out / "sub" / "data.bin").read_bytes() == b"\x00\x01"

@@ -191,7 +191,7 @@ def test_bad_jsonl_row_and_bad_strategy_option(run_dir, tmp_path, capsys):
     code, _, err = cli(capsys, "--model", run_dir, "--prompts-file", str(rows))
     assert code == 2 and "p.jsonl:2: needs a string field 'prompt'" in one_error_line(err)
     code, _, err = cli(capsys, "--model", run_dir, "--prompt", "x", "--noise-start", "2")
-    assert code == 2 and "noise_start" in one_error_line(err)
+    assert code == 2 and "--noise-start must be in [0, 1], got 2.0" in one_error_line(err)  # named as typed
 
 
 def test_unknown_strategy_and_missing_prompt(capsys, tmp_path):

@@ -15,6 +15,7 @@ from lad import __version__
 from lad.run import (CHECKPOINTS, LAD_FORMAT, LadInfo, RunDirError, checkpoint_problem, commit_folder,
                      latest_checkpoint, list_checkpoints, load_checkpoint_state, load_run, prepare_output_dir,
                      save_checkpoint, staging_dir)
+from lad.safety import PathError
 
 
 def make_info(**changes) -> LadInfo:
@@ -92,31 +93,34 @@ def test_prepare_output_dir_creates_missing_and_accepts_empty(tmp_path):
 
 def test_prepare_output_dir_refuses_non_empty(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
-    with pytest.raises(RunDirError) as info:
-        prepare_output_dir(str(tmp_path), overwrite=False, resuming=False)
-    message = str(info.value)
-    assert "already holds files" in message and "overwrite=true" in message and "resume_from=latest" in message
+    for overwrite in (False, True):  # files LAD did not write: overwrite=true is no way out either
+        with pytest.raises(PathError) as info:
+            prepare_output_dir(str(tmp_path), overwrite=overwrite, resuming=False)
+        message = str(info.value)
+        assert ("already holds files: choose another folder" in message if not overwrite else
+                "it holds files LAD did not write (notes.txt)" in message)
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
 
 def test_prepare_output_dir_names_an_existing_run(tmp_path):
     make_info().save(tmp_path)
-    with pytest.raises(RunDirError, match="already holds a LAD run: pass overwrite=true"):
+    with pytest.raises(PathError, match="already holds a LAD run: pass overwrite=true"):
         prepare_output_dir(str(tmp_path), overwrite=False, resuming=False)
 
 
 def test_prepare_output_dir_refuses_a_file(tmp_path):
     (tmp_path / "out").write_text("x", encoding="utf-8")
-    with pytest.raises(RunDirError, match="is not a folder"):
+    with pytest.raises(PathError, match="is not a folder"):
         prepare_output_dir(str(tmp_path / "out"), overwrite=True, resuming=False)
 
 
 def test_prepare_output_dir_overwrite_removes_old_files(tmp_path):
     out = tmp_path / "run"
     (out / CHECKPOINTS / "step-000010").mkdir(parents=True)
-    (out / "old.txt").write_text("old", encoding="utf-8")
+    (out / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
     assert prepare_output_dir(str(out), overwrite=True, resuming=False) == out
-    assert out.is_dir() and list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["recipe.yaml"]  # the new run's marker, written at once
+    assert (out / "recipe.yaml").read_text().startswith("# lad-finetune run recipe")
 
 
 def test_prepare_output_dir_resuming_keeps_files(tmp_path):
@@ -325,3 +329,86 @@ def test_load_checkpoint_state_refuses_broken_checkpoint(tmp_path):
     (folder / "scheduler.pt").unlink()
     with pytest.raises(RunDirError, match="unusable: scheduler.pt is missing"):
         load_checkpoint_state(folder, model=training[0], optimizer=training[1], scheduler=training[2])
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("adapter_model.safetensors", "garbage", "not a readable safetensors file, truncated or corrupt"),
+    ("optimizer.pt", "garbage", "not a readable PyTorch file, truncated or corrupt"),
+    ("optimizer.pt", "flip", "not a readable PyTorch file, truncated or corrupt"),  # CRC of one stored tensor
+    ("scheduler.pt", "garbage", "not a readable PyTorch file, truncated or corrupt"),
+])
+def test_load_checkpoint_state_names_an_overwritten_file(tmp_path, name, damage, message):
+    """Same size as state.json records (checkpoint_problem passes), contents damaged: one RunDirError naming the
+    file, raised before any weight, moment or learning rate of the model is touched."""
+    training = make_training()
+    train_steps(*training, 3)  # the optimizer holds moments
+    folder = save(tmp_path, 3, training)
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    if damage == "garbage":
+        data = bytearray(b"\xff" * len(data))
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:  # flip one byte inside the first tensor's stored data
+            entry = next(i for i in archive.infolist() if "/data/" in i.filename)
+            with archive.open(entry) as fh:
+                start = data.index(fh.read(), entry.header_offset)
+        data[start] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert checkpoint_problem(folder) is None
+    fresh = make_training()
+    before = fresh[0].linear.weight.detach().clone()
+    with pytest.raises(RunDirError) as info:
+        load_checkpoint_state(folder, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2])
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert torch.equal(fresh[0].linear.weight, before) and fresh[2].last_epoch == 0
+
+
+def test_load_checkpoint_state_names_an_optimizer_of_another_model(tmp_path, monkeypatch):
+    import lad.run
+
+    monkeypatch.setattr(lad.run, "load_trainable_weights",  # TinyModel is not a PeftModel
+                        lambda model, f: model.load_state_dict(load_file(str(f / "adapter_model.safetensors"))))
+    training = make_training()
+    folder = save(tmp_path, 3, training)
+    other = torch.nn.Linear(2, 2)
+    torch.save(torch.optim.SGD([other.weight, other.bias, torch.nn.Parameter(torch.ones(1))], lr=0.1).state_dict(),
+               folder / "optimizer.pt")
+    state = json.loads((folder / "state.json").read_text())
+    state["files"]["optimizer.pt"] = (folder / "optimizer.pt").stat().st_size
+    (folder / "state.json").write_text(json.dumps(state))
+    fresh = make_training()
+    with pytest.raises(RunDirError, match=r"optimizer.pt: does not fit this run's optimizer \(.*\); was the "):
+        load_checkpoint_state(folder, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shift", "yes", 'shift: expected true or false, got "yes"'),
+    ("mask_token_id", "5", 'mask_token_id: expected an integer, got "5"'),
+    ("vocab_size", True, "vocab_size: expected an integer, got true"),
+    ("base_model", 3, "base_model: expected a JSON object, got 3"),
+    ("base_model", {"name_or_path": 7}, "base_model.name_or_path: expected a string or null, got 7"),
+    ("noise", [], "noise: expected a JSON object, got []"),
+    ("chat_template", "yes", 'chat_template: expected true, false or "raw", got "yes"'),
+    ("attention", "sideways", 'attention: expected "bidirectional" or "prompt_causal", got "sideways"'),
+    ("adapter", "qlora", 'adapter: expected "lora" or "full", got "qlora"'),
+    ("format", "1", 'format: expected an integer, got "1"'),
+    ("format", 0, "format: must be >= 1, got 0"),
+    ("step", -1, "step: must be >= 0, got -1"),
+    ("mask_token_id", 266, "mask_token_id: must be in [0, vocab_size 266), got 266"),
+])
+def test_lad_info_refuses_fields_of_the_wrong_type(tmp_path, field, value, message):
+    data = {**dataclasses.asdict(make_info()), field: value}
+    (tmp_path / "lad.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(RunDirError) as info:
+        LadInfo.load(tmp_path)
+    assert str(info.value) == f"{tmp_path / 'lad.json'}: {message}"
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "got a list"), ('"a run"', "got a string"),
+                                           ("null", "got null")])
+def test_lad_info_refuses_json_that_is_not_an_object(tmp_path, text, message):
+    (tmp_path / "lad.json").write_text(text, encoding="utf-8")
+    with pytest.raises(RunDirError, match=f"expected a JSON object of LAD settings, {message}"):
+        LadInfo.load(tmp_path)

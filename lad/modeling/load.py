@@ -145,11 +145,17 @@ def build_scratch_model(spec: ModelSpec, vocab_size: int, seed: int = 0):
     options = dict(spec.config)
     model_type = options.pop("model_type", "llama")
     options.setdefault("vocab_size", vocab_size)
-    config = AutoConfig.for_model(model_type, **options)
-    config._attn_implementation = spec.attn_implementation
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(spec.dtype))
+    try:  # any value transformers cannot build from (0 heads, a string width, ...) is the recipe's error
+        config = AutoConfig.for_model(model_type, **options)
+        config._attn_implementation = spec.attn_implementation
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(spec.dtype))
+    except (Exception, MemoryError) as err:  # transformers' config validation raises its own Exception types
+        while err.__cause__ is not None:  # the innermost error says what is wrong
+            err = err.__cause__
+        raise UnsupportedArchitectureError(f"model.config: no {model_type} model can be built from it "
+                                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
     return model
 
 
