@@ -2,7 +2,7 @@
 
 With the prefix cache (prompt-causal runs), `score_elbo` used to run a request's context once per batch of its
 M + 1 sequences (9 batches of 16 at M = 128); `KeptContexts` now runs each distinct context once per call
-(lad/scoring/kept_contexts.py). This times both on the same requests, alternating, and reports median seconds,
+(lad/modeling/cache.py). This times both on the same requests, alternating, and reports median seconds,
 the speedup, the contexts run (`prefix_rows`) and the largest difference between the two scores (float rounding
 only). "per_batch" is the old behaviour: the same class forgetting everything between batches.
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import command_line, environment, load_denoiser, write_record  # noqa: E402
 
 import lad.scoring.elbo as elbo  # noqa: E402
-from lad.scoring.kept_contexts import KeptContexts  # noqa: E402
+from lad.modeling.cache import KeptContexts  # noqa: E402
 
 
 class PerBatch(KeptContexts):

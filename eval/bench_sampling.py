@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "sampling_bench.json"))
     args = parser.parse_args(argv)
 
-    from lad.sampling import STRATEGIES
+    from lad.sampling import STRATEGIES, split_options
 
     quiet()
     started = time.perf_counter()
@@ -172,15 +172,16 @@ def main(argv: list[str] | None = None) -> int:
                 methods[f"{label}+pc"] = (name, {**extra, "prefix_cache": True})
             if args.block_cache and name in ("confidence", "threshold"):
                 methods[f"{label}+bc"] = (name, {**extra, "block_cache": True})
+    methods = {label: (name, split_options(name, {**options, **extra})[0]) for label, (name, extra) in methods.items()}
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     for _ in range(args.warmup):  # untimed: first-touch allocations and kernels for these shapes
         for name, extra in methods.values():
-            run_once(STRATEGIES[name], denoiser, tokenizer, batches, {**options, **extra})
+            run_once(STRATEGIES[name], denoiser, tokenizer, batches, extra)
     records = {label: [] for label in methods}
     for repeat in range(args.repeats):  # round robin, so a slow spell on the machine hits every method alike
         for label, (name, extra) in methods.items():
             t0 = time.perf_counter()
-            records[label] += run_once(STRATEGIES[name], denoiser, tokenizer, batches, {**options, **extra})
+            records[label] += run_once(STRATEGIES[name], denoiser, tokenizer, batches, extra)
             print(f"  repeat {repeat + 1}/{args.repeats} {label}: {time.perf_counter() - t0:.1f} s", flush=True)
     results = {label: summarise(records[label], args.max_new_tokens) for label in methods}
     agree = {}
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             cached_option = next((k for k in ("prefix_cache", "block_cache") if extra.get(k)), None)
             if cached_option:
                 plain = {k: v for k, v in extra.items() if k != cached_option}
-                agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, {**options, **plain},
+                agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, plain,
                                          eos_ids, cached_option)
                 results[label]["agreement"] = agree[label]
                 results[label]["speedup_vs_uncached"] = \

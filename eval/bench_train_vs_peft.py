@@ -8,8 +8,9 @@ other), the same LoRA config and seed, AdamW with the recipe's settings, and the
 encodes for the recipe. Three arms run round robin, one optimizer step each per round (the order rotates), so a
 slow spell on a shared machine hits all alike; the first `--skip` rounds are warm-up:
 
-    lad        finetune.py's step: corrupt → Denoiser (LM head only at supervised tokens) → weighted CE →
-               backward → clip → AdamW; batches in its length-grouped order (`Schedule`)
+    lad        finetune.py's own `train_step` (lad/training/step.py): corrupt (+ annealed attention) → Denoiser
+               (LM head only at supervised tokens) → weighted CE (+ KL) → backward → clip → AdamW; batches in
+               its length-grouped order (`Schedule`); one process, no autocast, the LR held constant
     peft       a plain PEFT step: causal model(input_ids, attention_mask, labels) on shuffled batches padded
                to the longest (labels -100 on prompt and padding) → backward → clip → AdamW
     peft_same  the PEFT step on LAD's batches, padded as LAD pads them: lad / peft_same isolates the
@@ -44,8 +45,9 @@ ARMS = ("lad", "peft", "peft_same")
 
 def build(recipe, arm: str):
     """(model to train, optimizer, tokenizer, mask, examples): a fresh base, LoRA attached as finetune.py does."""
-    from lad.finetune import add_trainable, build_optimizer, load_data, load_model
     from lad.modeling.denoiser import Denoiser
+    from lad.training.build import add_trainable, build_optimizer, load_model
+    from lad.training.data import load_data
 
     torch.manual_seed(recipe.seed)  # LoRA's random init: identical in both arms
     model, tokenizer, mask = load_model(recipe)
@@ -58,27 +60,24 @@ def build(recipe, arm: str):
     return model, build_optimizer(recipe, model), tokenizer, mask, examples
 
 
-def lad_step(denoiser, optimizer, recipe, examples, step: int, ids: dict) -> int:
-    """One optimizer step exactly as finetune.py takes it (one process, no Accelerate wrapper); real tokens."""
-    from lad.finetune import forward_loss, make_batch, replacement_pool, seed_for
-    from lad.noise import corrupt, sample_levels
+def lad_stepper(denoiser, optimizer, recipe, tokenizer, mask):
+    """`step(examples, index) -> real tokens`: finetune.py's `train_step` itself, so the arm cannot drift from
+    training. One process (no DDP); mixed_precision "no" and a constant LR, as in the peft arm: both run in the
+    loaded dtype, and the rate does not change a step's work."""
+    from accelerate import Accelerator
 
-    levels = sample_levels(len(examples), recipe.noise.t_min,
-                           torch.Generator().manual_seed(seed_for(recipe.seed, step)), recipe.noise.stratified)
-    pool = replacement_pool(examples, ids["special"])
-    tokens = 0
-    for first in range(0, len(examples), recipe.batch_size):
-        rows = list(range(first, min(first + recipe.batch_size, len(examples))))
-        batch = make_batch([examples[j] for j in rows], recipe, ids["pad"], ids["eos"])
-        gens = [torch.Generator().manual_seed(seed_for(recipe.seed, step, j)) for j in rows]
-        corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[rows], recipe.noise, ids["mask"], gens,
-                             replace_pool=pool)
-        loss_sum, _ = forward_loss(denoiser, batch, corruption, ids["mask"], ids["device"], distill_weight=recipe.distill_weight,
-                                   parent=denoiser.parent_logits_at)
-        (loss_sum / len(examples)).backward()
-        tokens += int(batch["attention_mask"].sum())
-    finish(denoiser, optimizer, recipe)
-    return tokens
+    from lad.training.data import TokenIds
+    from lad.training.step import train_step
+
+    accelerator = Accelerator(cpu=next(denoiser.parameters()).device.type == "cpu", mixed_precision="no")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    ids = TokenIds.of(tokenizer, mask.id)
+
+    def step(examples, index: int) -> int:
+        outcome = train_step(accelerator, denoiser, optimizer, scheduler, recipe, examples, index, ids)
+        return outcome.stats.input_tokens
+
+    return step
 
 
 def peft_step(model, optimizer, recipe, examples, ids: dict, pad_to_multiple_of: int = 1) -> int:
@@ -100,6 +99,7 @@ def peft_step(model, optimizer, recipe, examples, ids: dict, pad_to_multiple_of:
 
 
 def finish(model, optimizer, recipe) -> None:
+    """The peft arm's update: clip to the recipe's norm, step, clear the gradients."""
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                    recipe.optim.grad_clip or float("inf"))
     optimizer.step()
@@ -109,7 +109,7 @@ def finish(model, optimizer, recipe) -> None:
 def orders(recipe, examples) -> dict:
     """Batches per step: LAD's length-grouped `Schedule`, and plain shuffled batches (no grouping)."""
     from lad.data import batch_indices
-    from lad.finetune import Schedule
+    from lad.training.data import Schedule
 
     schedule = Schedule(len(examples), recipe, 1, [len(e.prompt_ids) + len(e.answer_ids) for e in examples])
     plain = batch_indices(len(examples), schedule.per_step, seed=recipe.seed, epoch=0, drop_last=True)
@@ -130,8 +130,8 @@ def run(recipe, arms: list[str], rounds: int, skip: int) -> dict:
         assert getattr(models["peft"][0].config, "is_causal", True) is not False, "the PEFT arm became bidirectional"
     _, _, tokenizer, mask, examples = next(iter(models.values()))
     ids = {"pad": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-           "eos": tokenizer.eos_token_id, "mask": mask.id, "special": set(tokenizer.all_special_ids) | {mask.id},
            "device": next(next(iter(models.values()))[0].parameters()).device}
+    lad_step = lad_stepper(*models["lad"][:2], recipe, tokenizer, mask) if "lad" in models else None
     order = orders(recipe, examples)
     loaded, load_peak = rss_mb(), reset_peak_rss()  # from here the peak is the training steps
     steps = {arm: [] for arm in arms}
@@ -142,7 +142,7 @@ def run(recipe, arms: list[str], rounds: int, skip: int) -> dict:
             model, optimizer = models["lad" if arm == "lad" else "peft"][:2]
             started = time.perf_counter()
             if arm == "lad":
-                tokens = lad_step(model, optimizer, recipe, batch, step, ids)
+                tokens = lad_step(batch, step)
             else:
                 tokens = peft_step(model, optimizer, recipe, batch, ids, 8 if arm == "peft_same" else 1)
             seconds = time.perf_counter() - started

@@ -140,7 +140,7 @@ def load_denoiser(model: str | None, device: str = "cpu"):
         from lad.generate import load
 
         denoiser, tokenizer = load(model, device=device)
-        return denoiser, tokenizer, denoiser.lad_info.chat_template, f"run {model}"
+        return denoiser, tokenizer, denoiser.info.chat_template, f"run {model}"
     from lad.modeling.denoiser import Denoiser
     from lad.modeling.load import load_base
     from lad.modeling.mask_token import resolve_mask_token
@@ -191,27 +191,16 @@ def distinct_n(answers: list[list[int]], n: int) -> float | None:
 
 
 @torch.no_grad()
-def answer_nll(logits_fn, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8,
-               device: str | torch.device = "cpu") -> list[float]:
-    """Summed negative log-likelihood of each answer given its prompt under a causal LM.
+def answer_nll(denoiser, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8) -> list[float]:
+    """Summed negative log-likelihood of each answer given its prompt under the run's AR parent (adapter off,
+    causal attention): `lad.scoring.ar.score_ar`, the scorer lad-eval's parent uses; 0 for an empty answer."""
+    from lad.scoring.ar import score_ar
 
-    logits_fn(ids, attention_mask) -> [B, L, V] next-token logits (index i predicts token i+1), e.g.
-    `Denoiser.parent_logits`. Sequences are right-padded, which a causal model never sees."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [p + a for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
-        logp = logits_fn(ids.to(device), mask.to(device)).float().log_softmax(-1).cpu()
-        for i, (p, a) in enumerate(zip(prompts[start:start + batch_size], answers[start:start + batch_size])):
-            if not a:
-                out.append(0.0)
-                continue
-            steps = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # the positions predicting the answer
-            out.append(-float(logp[i, steps, torch.tensor(a)].sum()))
+    scored = [i for i, a in enumerate(answers) if a]
+    values = score_ar(denoiser, [(prompts[i], answers[i]) for i in scored], batch_size=batch_size) if scored else []
+    out = [0.0] * len(answers)
+    for i, (logprob, _) in zip(scored, values):
+        out[i] = -logprob
     return out
 
 
@@ -229,8 +218,7 @@ def answer_quality(denoiser, tokenizer, prompts: list[str], answers: list[list[i
     from lad.sampling.common import render_prompt
 
     rendered = [render_prompt(tokenizer, p, chat_template) for p in prompts]
-    device = next(denoiser.parameters()).device
-    nll = answer_nll(denoiser.parent_logits, rendered, answers, device=device)
+    nll = answer_nll(denoiser, rendered, answers)
     lengths = [len(a) for a in answers]
     return {"parent_ppl": perplexity(nll, lengths), "distinct_1": distinct_n(answers, 1),
             "distinct_2": distinct_n(answers, 2), "mean_answer_tokens": statistics.mean(lengths) if lengths else 0,

@@ -14,13 +14,27 @@ COMMANDS = {
 }
 
 
+def usage() -> str:
+    return "usage: lad COMMAND [ARGS ...]   (lad COMMAND --help for its options)\n\ncommands:\n" + \
+        "".join(f"  {name:<10} {text}\n" for name, (_, text) in COMMANDS.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: lad COMMAND [ARGS ...]\n\ncommands:")
-        for name, (_, text) in COMMANDS.items():
-            print(f"  {name:<10} {text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"lad {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        from .console import did_you_mean
+
+        print(f"lad: error: unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}; commands: "
+              f"{', '.join(COMMANDS)} (see lad --help)", file=sys.stderr)
+        return 2
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])

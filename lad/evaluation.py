@@ -18,16 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+from .console import Parser
 from .run import RunDirError
 from .sampling import STRATEGIES
 
 USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError)
 AUTO_BATCH_SIZE = 16
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,7 +45,7 @@ def check_model_dir(path: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a LAD run directory (or exported model folder)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
     p.add_argument("--iters", type=int, default=16, help="reveal steps for --score denoise / generation")
@@ -59,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="denoise, elbo: run each context once and only the continuation per step (exact, and on by "
                         "default, for prompt-causal runs; an approximation otherwise)")
-    p.add_argument("--strategy", default="confidence", choices=sorted(STRATEGIES), help="sampler for generative tasks")
+    p.add_argument("--strategy", default=None, choices=sorted(STRATEGIES),
+                   help="sampler for generative tasks (default: the run's own, as lad-generate reads it)")
     p.add_argument("--baseline", choices=["none", "ar"], default="none",
                    help="ar: score the AR parent (adapter off, causal attention)")
     p.add_argument("--compare", action="store_true", help="score the LAD model and the AR parent side by side")

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .run import LadInfo, RunDirError, staged
+from .console import Parser, guarded, quiet_libraries
+from .atomic import staged
+from .run import LadInfo, RunDirError
 
 PROG = "lad-export"
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -293,13 +295,9 @@ def model_card(run_dir: Path, info: LadInfo, title: str) -> str:
 # ---------------------------------------------------------------- CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(prog=PROG, description="Merge a LAD run's adapter into a standalone diffusion model folder.")
+    parser = Parser(prog=PROG, description="Merge a LAD run's adapter into a standalone diffusion model folder.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a LAD run directory (holds lad.json)")
     parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="the folder to write")
     parser.add_argument("--dtype", default="auto", choices=["auto", *SAVE_DTYPES],
@@ -314,21 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed as one line
         return int(done.code or 0)
-    from .generate import _quiet_libraries
-    from .modeling.bidirectional import UnsupportedArchitectureError
-    from .modeling.locate import ModelNotFoundError
-
-    _quiet_libraries()
-    try:
+    quiet_libraries()
+    # ExportError and RunDirError are ValueErrors; an OSError is a base that cannot be fetched or a disk that
+    # fails while writing (nothing is left behind)
+    def work() -> int:
         export_run(args.run_dir, args.out, dtype=args.dtype, overwrite=args.overwrite, weights=args.weights)
-    except (ValueError, ModelNotFoundError, UnsupportedArchitectureError) as err:  # ExportError, RunDirError
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the base cannot be downloaded, the disk fails while writing (nothing is left behind)
-        print(f"{PROG}: error: {err}".replace("\n", " "), file=sys.stderr)
-        return 2
-    return 0
+        return 0
 
+    return guarded(PROG, work, on_interrupt="nothing was written")
 
 if __name__ == "__main__":
     sys.exit(main())

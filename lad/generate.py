@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .sampling import STRATEGIES, Generation, default_strategy, get_strategy
+from .console import Parser, guarded, quiet_libraries
+from .sampling import STRATEGIES, Generation, default_strategy, get_strategy, split_options, strategy_options
 from .sampling.common import eos_token_ids
 from .sampling.render import LiveView, decode_pieces
 
@@ -42,12 +43,11 @@ class GenerateError(ValueError):
 
 
 def load(model: str | os.PathLike, *, device: str | torch.device | None = None, weights: str = "final"):
-    """Load a run for repeated `generate` calls: (denoiser, tokenizer). The denoiser remembers the run's
-    `lad.json` (as `denoiser.lad_info`), so prompts are rendered as training rendered them."""
+    """Load a run for repeated `generate` calls: (denoiser, tokenizer). The denoiser holds the run's settings
+    (`denoiser.info`, from lad.json), so prompts are rendered as training rendered them."""
     from .run import load_run
 
-    denoiser, tokenizer, info = load_run(model, device=device, weights=weights)
-    denoiser.lad_info = info
+    denoiser, tokenizer, _ = load_run(model, device=device, weights=weights)
     return denoiser, tokenizer
 
 
@@ -56,8 +56,7 @@ def _chat_template(denoiser, options: dict) -> bool | str:
         value = options.pop("chat_template")
         return value if value == "raw" else bool(value)
     options.pop("chat_template", None)
-    info = getattr(denoiser, "lad_info", None)
-    return info.chat_template if info is not None else True
+    return denoiser.info.chat_template if denoiser.info is not None else True
 
 
 def generate(model, prompts: list[str] | str, *, strategy: str | None = None, tokenizer=None,
@@ -85,8 +84,16 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
         tokenizer = tokenizer or loaded_tokenizer
     elif tokenizer is None:
         raise GenerateError("generate(denoiser, ...) needs tokenizer=; or pass a run directory")
-    fn = get_strategy(strategy or default_strategy(model))
+    strategy = strategy or default_strategy(model)
     chat_template = _chat_template(model, options)
+    try:
+        _, others = split_options(strategy, options)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
+    if others:
+        owners = ", ".join(s for s in STRATEGIES if set(others) <= strategy_options(s)) or "other strategies"
+        raise GenerateError(f"strategy {strategy!r} does not take {', '.join(sorted(others))} (options of {owners})")
+    fn = get_strategy(strategy)
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
         out += fn(model, tokenizer, prompts[start:start + batch_size], chat_template=chat_template,
@@ -97,16 +104,11 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
 def ar_generate(denoiser, tokenizer, prompts: list[str], *, chat_template: bool = True, **options) -> list[Generation]:
     """The AR parent's answers (adapter off, causal attention, HF `generate` with its KV cache): the `ar`
     strategy, given the same options (those it does not use are ignored)."""
-    return get_strategy("ar")(denoiser, tokenizer, prompts, chat_template=chat_template, **options)
+    return get_strategy("ar")(denoiser, tokenizer, prompts, chat_template=chat_template,
+                              **split_options("ar", options)[0])
 
 
-def strategy_parameters(name: str) -> set[str]:
-    """Keyword options the strategy reads (the rest it swallows in **_unused)."""
-    fn = get_strategy(name)
-    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
-
-
-def trace_dict(gen: Generation, tokenizer, mask_id: int, cache: dict | None = None) -> dict:
+def trace_dict(gen: Generation, tokenizer, cache: dict | None = None) -> dict:
     """`Generation.to_dict()` plus each step's decoded token strings ("pieces"; null where masked)."""
     out = gen.to_dict()
     cache = {} if cache is None else cache
@@ -118,10 +120,6 @@ def trace_dict(gen: Generation, tokenizer, mask_id: int, cache: dict | None = No
 
 # ---------------------------------------------------------------- CLI
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # CLI flag → strategy keyword; default None means "not given: the strategy's own default"
@@ -135,7 +133,7 @@ OPTION_FLAGS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG, description="Generate answers from a LAD run by iterative denoising.",
         epilog="Options a strategy does not use are ignored (with a note on stderr); options not given keep the "
                "strategy's defaults. See docs/sampling.md.")
@@ -256,15 +254,13 @@ def check_strategy_options(strategy: str | None, options: dict) -> None:
 def check_before_loading(args: argparse.Namespace, options: dict) -> None:
     """What the run's lad.json settles before the model loads: the default strategy's options, and whether
     --ar has a parent to answer with (a lad.json that cannot be read is reported by the loading)."""
-    from types import SimpleNamespace
-
     from .run import LadInfo, RunDirError, check_parent
 
     try:
         info = LadInfo.load(args.model)
     except RunDirError:
         info = None
-    strategy = args.strategy or (default_strategy(SimpleNamespace(lad_info=info)) if info else None)
+    strategy = args.strategy or (info.strategy if info else None)
     check_strategy_options(strategy, options)
     if args.ar and info is not None:
         check_parent(info, args.model)
@@ -298,19 +294,6 @@ def given_options(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in OPTION_FLAGS if getattr(args, key) is not None}
 
 
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("peft").setLevel(logging.ERROR)
-
-
 def _plain(index: int | None, gen: Generation, ar: Generation | None) -> str:
     lines = [] if index is None else [f"[{index}] {gen.prompt}"]
     if ar is None:
@@ -330,14 +313,14 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     denoiser, tokenizer = load(args.model, device=device, weights=args.weights)
     args.strategy = args.strategy or default_strategy(denoiser)
-    used = strategy_parameters(args.strategy)
-    unused = [OPTION_FLAGS[k] for k in options if k not in used]
-    if unused:
-        print(f"{PROG}: note: strategy {args.strategy!r} does not use {', '.join(unused)}", file=sys.stderr)
+    options, others = split_options(args.strategy, options)
+    if others:  # flags of another strategy: noted and left out, so one command line serves every strategy
+        print(f"{PROG}: note: strategy {args.strategy!r} does not use {', '.join(OPTION_FLAGS[k] for k in others)}",
+              file=sys.stderr)
     if args.ar:
         from .run import check_parent
 
-        check_parent(denoiser.lad_info, args.model)
+        check_parent(denoiser.info, args.model)
     view = None
     if args.show:
         stream = sys.stderr if args.json else sys.stdout
@@ -356,11 +339,11 @@ def run(args: argparse.Namespace) -> int:
             view.reset([f"[{start + i + 1}]" for i in range(len(batch))] if numbered else None)
         gens = generate(denoiser, batch, strategy=args.strategy, tokenizer=tokenizer, batch_size=len(batch),
                         on_step=view, trace=args.json, **options)
-        ars = ar_generate(denoiser, tokenizer, batch, chat_template=denoiser.lad_info.chat_template,
+        ars = ar_generate(denoiser, tokenizer, batch, chat_template=denoiser.info.chat_template,
                           **options) if args.ar else [None] * len(batch)
         for i, (gen, ar) in enumerate(zip(gens, ars)):
             if args.json:
-                record = {**trace_dict(gen, tokenizer, denoiser.mask_id, cache), "options": options}
+                record = {**trace_dict(gen, tokenizer, cache), "options": options}
                 if ar is not None:
                     record["ar"] = ar.to_dict(with_steps=False)
                 print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -375,19 +358,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_libraries()
-    from .modeling.bidirectional import UnsupportedArchitectureError
-    from .modeling.locate import ModelNotFoundError
-
-    try:
-        return run(args)
+    quiet_libraries()
     # GenerateError and lad.run.RunDirError are ValueErrors; strategies refuse bad options (--noise-start 2) so too
-    except (ValueError, ModelNotFoundError, UnsupportedArchitectureError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return guarded(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from .modeling.attention import MODES
+from .noise import OBJECTIVES
+
+def _one_of(values: tuple[str, ...]) -> str:
+    quoted = [f'"{v}"' for v in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
 # what each lad.json field must hold: (check, what the error says is expected)
 _INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
@@ -17,11 +25,10 @@ _STR = (lambda v: isinstance(v, str), "a string")
 _MAPPING = (lambda v: isinstance(v, dict), "a JSON object")
 LAD_FIELDS = {
     "base_model": _MAPPING, "mask_token": _STR, "mask_token_id": _INT, "mask_token_added": _BOOL, "vocab_size": _INT,
-    "shift": _BOOL, "objective": (lambda v: v in ("mask", "structural", "mixed"), '"mask", "structural" or "mixed"'),
+    "shift": _BOOL, "objective": (lambda v: v in OBJECTIVES, _one_of(OBJECTIVES)),
     "noise": _MAPPING, "adapter": (lambda v: v in ("lora", "full"), '"lora" or "full"'), "merged": _BOOL,
     "chat_template": (lambda v: isinstance(v, bool) or v == "raw", 'true, false or "raw"'), "max_length": _INT,
-    "eos_padding": _BOOL, "attention": (lambda v: v in ("bidirectional", "prompt_causal"),
-                                        '"bidirectional" or "prompt_causal"'),
+    "eos_padding": _BOOL, "attention": (lambda v: v in MODES, _one_of(MODES)),
     "step": _INT, "lad_version": _STR, "format": _INT, "extra": _MAPPING,
 }
 

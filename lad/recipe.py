@@ -18,6 +18,9 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from . import defaults
+from .modeling.attention import BIDIRECTIONAL
+from .modeling.attention import MODES as ATTENTION_MODES
 from .modeling.locate import ModelNotFoundError, locate_model
 from .noise import NoiseConfig
 from .schema import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range, RecipeError, YAMLRefused, build, check_ranges,
@@ -154,9 +157,9 @@ class ReportSpec:
     """What `lad/finetune.py` prints after training (lad/report.py); nothing when `prompts` is empty."""
 
     prompts: list[str] = field(default_factory=list)  # answered by the new denoiser and by the AR parent
-    strategy: Literal["refine", "confidence", "threshold"] = "confidence"
-    iters: int = 16
-    max_new_tokens: int = 64
+    strategy: Literal["refine", "confidence", "threshold"] | None = None  # None: the run's own (lad/defaults.py)
+    iters: int = defaults.ITERS
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
     block_length: int | None = None  # confidence: semi-autoregressive blocks of this many tokens
     score_examples: int = 0  # validation answers scored by both models (NLL per token)
     RANGES: ClassVar[dict[str, Range]] = {"iters": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
@@ -164,7 +167,7 @@ class ReportSpec:
 
     def validate(self) -> None:
         check_ranges(self)
-        if self.block_length is not None and self.strategy != "confidence":
+        if self.block_length is not None and self.strategy not in ("confidence", None):
             raise ValueError(f"block_length: needs strategy confidence, got {self.strategy}")
 
 
@@ -176,10 +179,10 @@ class Recipe:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     optim: OptimSpec = field(default_factory=OptimSpec)
     mask_token: str = "auto"  # auto: a spare reserved special token, else add <|mask|>; or name one
-    shift: bool = False  # false: token i predicted at position i (LAD); true: at i-1 (Dream/DiffuLLaMA)
+    shift: bool = defaults.SHIFT  # false: token i predicted at position i (LAD); true: at i-1 (Dream/DiffuLLaMA)
     # bidirectional: every token sees every token; prompt_causal: the prompt is read causally as the parent read
-    # it and never sees the answer, the answer sees everything (lad/modeling/prompt_causal.py)
-    attention: Literal["bidirectional", "prompt_causal"] = "bidirectional"
+    # it and never sees the answer, the answer sees everything (lad/modeling/attention.py)
+    attention: Literal[ATTENTION_MODES] = defaults.ATTENTION  # the modes lad/modeling/attention.py declares
     eos_padding: bool = False  # pad answers with EOS inside the loss (LLaDA); off: it teaches EOS floods
     distill_weight: float = 0.0  # + weight·KL(causal parent || denoiser) where the parent is a valid target
     anneal_steps: int = 0  # causal → bidirectional attention over the first N steps (DiffuLLaMA); 0: switch at once
@@ -217,7 +220,7 @@ class Recipe:
         if self.anneal_steps and self.model.attn_implementation == "flash_attention_2":
             raise ValueError("anneal_steps: annealing builds 4-D attention masks, which flash_attention_2 cannot "
                              "take; use attn_implementation: sdpa")
-        if self.attention == "prompt_causal" and self.model.attn_implementation == "flash_attention_2":
+        if self.attention != BIDIRECTIONAL and self.model.attn_implementation == "flash_attention_2":
             raise ValueError("attention: prompt_causal builds 4-D attention masks, which flash_attention_2 cannot "
                              "take; use attn_implementation: sdpa")
 

@@ -9,6 +9,8 @@ parent's fit to this data the conversion kept, before any benchmark is run.
 
 from __future__ import annotations
 
+from .defaults import ITERS, MAX_NEW_TOKENS
+
 import json
 import textwrap
 from dataclasses import asdict, dataclass
@@ -53,14 +55,18 @@ def nll_per_token(scores: list[tuple[float, bool]], requests) -> float:
     return -sum(logprob for logprob, _ in scores) / max(tokens, 1)
 
 
-def make_report(denoiser, tokenizer, prompts: list[str], examples, *, strategy: str = "confidence", iters: int = 16,
-                max_new_tokens: int = 64, chat_template: bool | str = True, seed: int = 0,
+def make_report(denoiser, tokenizer, prompts: list[str], examples, *, strategy: str | None = None, iters: int = ITERS,
+                max_new_tokens: int = MAX_NEW_TOKENS, chat_template: bool | str = True, seed: int = 0,
                 parent: bool = True, block_length: int | None = None) -> Report:
-    """Answer `prompts` with the denoiser and with the AR parent (greedy), and score `examples` (prompt_ids,
-    answer_ids) under both. `parent=False` (a from-scratch base, a full fine-tune) leaves the AR side out."""
+    """Answer `prompts` with the denoiser (`strategy`: default the run's own, as lad-generate reads it) and with
+    the AR parent (greedy), and score `examples` (prompt_ids, answer_ids) under both. `parent=False` (a
+    from-scratch base, a full fine-tune) leaves the AR side out."""
     from .generate import ar_generate, generate
+    from .sampling import default_strategy
     from .scoring.ar import score_ar
     from .scoring.denoise import score_denoise
+
+    strategy = strategy or default_strategy(denoiser)
 
     answers = []
     if prompts:

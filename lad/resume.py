@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from .integrity import checkpoint_files_problem
-from .run import RunDirError, checkpoint_problem, latest_checkpoint, list_checkpoints
+from .checkpoints import checkpoint_problem, latest_checkpoint, list_checkpoints
+from .run import RunDirError
 
 log = logging.getLogger("lad.resume")
 

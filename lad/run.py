@@ -1,4 +1,5 @@
-"""The run directory: `lad.json`, atomic checkpoints, resume, and `load_run`.
+"""The run directory: `lad.json` (`LadInfo`), the output folder, and `load_run` (atomic writes: lad/atomic.py;
+checkpoints and resume: lad/checkpoints.py).
 
 Layout of `output_dir`:
 
@@ -22,18 +23,17 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import re
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .integrity import (checkpoint_files_problem, files_problem, json_kind, lad_field_problem, lad_json_problem,
-                        safetensors_problem, tokenizer_files_problem)
+from .integrity import (files_problem, json_kind, lad_field_problem, lad_json_problem, safetensors_problem,
+                        tokenizer_files_problem)
+
+from .atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,20 @@ class LadInfo:
     lad_version: str = __version__
     format: int = LAD_FORMAT
     extra: dict = field(default_factory=dict)
+
+    @property
+    def strategy(self) -> str:
+        """The sampler this run is best read with (lad/defaults.py: from the objective it trained on)."""
+        from .defaults import strategy_for
+
+        return strategy_for(self.objective)
+
+    @property
+    def score_order(self) -> str:
+        """The reveal order lad-eval scores this run with by default."""
+        from .defaults import SCORE_ORDER
+
+        return SCORE_ORDER
 
     def save(self, folder: str | os.PathLike) -> None:
         write_json(Path(folder) / "lad.json", dataclasses.asdict(self))
@@ -98,80 +112,6 @@ class LadInfo:
 # ---------------------------------------------------------------- atomic files and folders
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-
-
-def commit_folder(tmp: Path, final: Path) -> None:
-    """fsync every file of `tmp`, then rename it to `final` (replacing an older `final`)."""
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            _fsync_file(path)
-    _fsync_dir(tmp)
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def staging_dir(final: Path) -> Path:
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def write_failure(err: BaseException, where: Path) -> OSError | None:
-    """An OSError naming `where` for a failed write (disk full, read-only, no permission), whatever library
-    raised it (safetensors and torch.save wrap the OS error in their own); None for anything else."""
-    if isinstance(err, OSError):
-        return err if err.filename else OSError(err.errno, err.strerror or str(err), str(where))
-    found = re.search(r"os error (\d+)|(No space left on device|Read-only file system|Permission denied)", str(err))
-    if found is None:
-        return None
-    code = int(found.group(1)) if found.group(1) else {"No space left on device": 28, "Read-only file system": 30,
-                                                        "Permission denied": 13}[found.group(2)]
-    return OSError(code, os.strerror(code), str(where))
-
-
-@contextmanager
-def staged(final: Path):
-    """Write a folder atomically: yields a staging folder, renamed to `final` when the block succeeds. On any
-    failure the staging folder is removed (nothing half-written is left), and a failed write becomes an
-    OSError naming `final`."""
-    tmp = staging_dir(final)
-    try:
-        yield tmp
-        commit_folder(tmp, final)
-    except BaseException as err:  # Ctrl-C included: the staging folder goes
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(err, final) if isinstance(err, Exception) else None
-        if failure is None or failure is err:
-            raise
-        raise failure from None
-
-
 # ---------------------------------------------------------------- output directory
 
 
@@ -194,109 +134,6 @@ def prepare_output_dir(output_dir: str, *, overwrite: bool, resuming: bool, crea
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def save_weights(model, folder: Path) -> None:
-    """PEFT adapter (adapter_*.safetensors) or, for full fine-tuning, the whole model as safetensors."""
-    model.save_pretrained(folder, safe_serialization=True)
-
-
-def save_checkpoint(output_dir: Path, step: int, *, model, optimizer, scheduler, state: dict, info: LadInfo,
-                    keep: int) -> Path:
-    final = output_dir / CHECKPOINTS / f"step-{step:06d}"
-    with staged(final) as tmp:
-        save_weights(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        dataclasses.replace(info, step=step).save(tmp)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_json(tmp / "state.json", {**state, "step": step, "files": files})
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))  # by number: step-1000000 is newer than step-999999
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a checkpoint cannot be used, or None when it is complete."""
-    state_path = folder / "state.json"
-    if not state_path.is_file():
-        return "no state.json (interrupted while saving?)"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return "state.json is corrupt"
-    for name, size in state.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, expected {size}"
-    return None
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint; broken ones are reported and skipped."""
-    for folder in reversed(list_checkpoints(output_dir)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        log.warning("skipping checkpoint %s: %s", folder, problem)
-    return None
-
-
-def load_checkpoint_state(folder: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer and scheduler from `folder`; returns its state.json."""
-    problem = checkpoint_problem(folder)
-    if problem:
-        raise RunDirError(f"checkpoint {folder} is unusable: {problem}")
-    problem = checkpoint_files_problem(folder)  # same sizes, other bytes (lad/integrity.py)
-    if problem:
-        raise RunDirError(problem + OLDER)
-    load_trainable_weights(model, folder)
-    for name, part in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
-        path = folder / name
-        try:
-            saved = torch.load(path, weights_only=True)
-        except (pickle.UnpicklingError, EOFError, RuntimeError, OSError):
-            raise RunDirError(f"{path}: not a readable PyTorch file, truncated or corrupt{OLDER}") from None
-        try:
-            part.load_state_dict(saved)
-        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-            why = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise RunDirError(f"{path}: does not fit this run's {name[:-3]} ({why}); was the checkpoint written "
-                              "with another recipe?") from None
-    return json.loads((folder / "state.json").read_text(encoding="utf-8"))
-
-
-OLDER = "; resume from an older checkpoint (resume_from=PATH)"
-
-
-def load_trainable_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    adapter = folder / "adapter_model.safetensors"
-    if adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        check_safetensors(adapter)
-        result = set_peft_model_state_dict(model, load_file(adapter))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RunDirError(f"{adapter}: weights do not match the model ({unexpected[:3]} ...)")
-        return
-    full = folder / "model.safetensors"
-    if not full.is_file():
-        raise RunDirError(f"{folder}: no adapter_model.safetensors or model.safetensors")
-    check_safetensors(full)
-    model.load_state_dict(load_file(full), strict=False)
 
 
 def check_safetensors(path: Path) -> None:
@@ -460,8 +297,10 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
         model = weights_fitting(lambda: PeftModel.from_pretrained(model, folder), folder, spec)
         check_adapter_covers(model, folder, spec)
     elif trained is not None:
+        from .checkpoints import load_trainable_weights
+
         weights_fitting(lambda: load_trainable_weights(model, folder), folder, spec)
-    denoiser = Denoiser(model, info.mask_token_id, info.shift, info.attention).eval()
+    denoiser = Denoiser(model, info.mask_token_id, info.shift, info.attention, info=info).eval()
     if device is not None:
         denoiser.to(device)
     return denoiser, tokenizer, info

@@ -37,7 +37,7 @@ def test_prepare_embeddings_keeps_the_size_for_a_reserved_token(byte_tokenizer):
     before = weight.detach().clone()
     mask = resolve_mask_token(byte_tokenizer)
     assert not mask.added
-    prepare_embeddings(model, byte_tokenizer, mask)
+    prepare_embeddings(model, byte_tokenizer)
     assert model.get_input_embeddings().weight is weight
     assert torch.equal(weight, before)
     assert model.config.vocab_size == 266
@@ -45,7 +45,8 @@ def test_prepare_embeddings_keeps_the_size_for_a_reserved_token(byte_tokenizer):
 
 def test_prepare_embeddings_never_shrinks_a_larger_vocabulary(byte_tokenizer):
     model = make_tiny_model(vocab_size=300)  # models often pad their vocabulary beyond the tokenizer
-    prepare_embeddings(model, byte_tokenizer, resolve_mask_token(byte_tokenizer, "<|new|>"))
+    resolve_mask_token(byte_tokenizer, "<|new|>")  # adds a token: the tokenizer grows to 267
+    prepare_embeddings(model, byte_tokenizer)
     assert len(byte_tokenizer) == 267
     assert model.get_input_embeddings().weight.shape == (300, 32)
     assert model.get_output_embeddings().weight.shape == (300, 32)
@@ -59,7 +60,7 @@ def test_prepare_embeddings_adds_the_new_row_at_the_mean(tied):
     old_out = model.get_output_embeddings().weight.detach().clone()
     mask = resolve_mask_token(tok)
     assert mask == MaskToken("<|mask|>", 262, added=True)
-    prepare_embeddings(model, tok, mask)
+    prepare_embeddings(model, tok)
     new_in = model.get_input_embeddings().weight
     assert new_in.shape == (263, 32)
     assert model.get_output_embeddings().weight.shape == (263, 32)
@@ -71,7 +72,7 @@ def test_prepare_embeddings_adds_the_new_row_at_the_mean(tied):
     else:
         assert torch.equal(model.get_output_embeddings().weight[:262], old_out)
     # a second call is a no-op
-    prepare_embeddings(model, tok, mask)
+    prepare_embeddings(model, tok)
     assert model.get_input_embeddings().weight.shape == (263, 32)
     # the resized model runs on the mask id
     with torch.no_grad():
@@ -93,7 +94,7 @@ def test_added_mask_token_trains_only_its_embedding_row(tied):
     tok = build_byte_tokenizer(reserved=0)
     model = make_tiny_model(vocab_size=len(tok), tie_word_embeddings=tied).train()
     mask = resolve_mask_token(tok)
-    prepare_embeddings(model, tok, mask)
+    prepare_embeddings(model, tok)
     raw_embedding = model.get_input_embeddings().weight.detach().clone()
     peft = attach_lora(model, SPEC, mask)
     trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
@@ -133,7 +134,7 @@ def test_added_mask_token_trains_only_its_embedding_row(tied):
 def test_reserved_mask_token_leaves_the_embeddings_frozen(byte_tokenizer):
     model = make_tiny_model().train()
     mask = resolve_mask_token(byte_tokenizer)
-    prepare_embeddings(model, byte_tokenizer, mask)
+    prepare_embeddings(model, byte_tokenizer)
     peft = attach_lora(model, SPEC, mask)
     assert all("lora_A" in n or "lora_B" in n for n, p in peft.named_parameters() if p.requires_grad)
     in0, out0 = effective_rows(peft)
@@ -182,7 +183,7 @@ def test_count_parameters(byte_tokenizer):
     tok = build_byte_tokenizer(reserved=0)
     model = make_tiny_model(vocab_size=len(tok))
     mask = resolve_mask_token(tok)
-    prepare_embeddings(model, tok, mask)
+    prepare_embeddings(model, tok)
     base_total = sum(p.numel() for p in model.parameters())
     peft = attach_lora(model, SPEC, mask)
     assert count_parameters(peft) == (lora + h, base_total + lora + h)  # + the mask row's delta

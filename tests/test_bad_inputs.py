@@ -298,7 +298,7 @@ CASES += [
 # issue 27: recipe values and YAML (duplicate keys, aliases, numeric ranges)
 CASES += [
     ("yaml-duplicate-key", F, ft(recipe="{ws}/dup.yaml"),
-     ["dup.yaml: line 43, column 1 malformed YAML: duplicate key 'max_steps' (first on line 38)"]),
+     ["dup.yaml: line 46, column 1 malformed YAML: duplicate key 'max_steps' (first on line 41)"]),
     ("yaml-duplicate-key-in-override", F, ft("noise={objective: mask, objective: structural}"),
      ["override 'noise={objective: mask, objective: structural}': duplicate key 'objective'"]),
     ("yaml-alias-bomb", F, ft(recipe="{ws}/laughs.yaml"),

@@ -30,7 +30,7 @@ def test_parent_perplexity_matches_a_hand_computation():
     prompts = [[10, 11, 12], [20, 21, 22, 23, 24]]
     answers = [[30, 31], [40, 41, 42, 43]]
     denoiser = Denoiser(make_tiny_model(seed=3), mask_id=265)  # bidirectional; parent_logits must undo it
-    nll = answer_nll(denoiser.parent_logits, prompts, answers, batch_size=2)
+    nll = answer_nll(denoiser, prompts, answers, batch_size=2)
     reference = make_tiny_model(seed=3)  # the same weights, never patched: the causal model by hand
     for p, a, got in zip(prompts, answers, nll):
         with torch.no_grad():
@@ -38,7 +38,7 @@ def test_parent_perplexity_matches_a_hand_computation():
         want = -sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(a))
         assert got == pytest.approx(want, abs=1e-4)
     assert perplexity(nll, [2, 4]) == pytest.approx(math.exp(sum(nll) / 6))
-    assert answer_nll(denoiser.parent_logits, [[1, 2]], [[]]) == [0.0]
+    assert answer_nll(denoiser, [[1, 2]], [[]]) == [0.0]
     assert perplexity([0.0], [0]) is None
 
 

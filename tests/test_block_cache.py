@@ -1,4 +1,4 @@
-"""Block K/V cache (Fast-dLLM's dual cache, lad/modeling/block_cache.py): the rest of the answer frozen while a block
+"""Block K/V cache (Fast-dLLM's dual cache, lad/modeling/cache.py): the rest of the answer frozen while a block
 is decoded. Exact right after a refresh and, in a one-layer model, always (a column's keys and values there depend on
 its own token and position only, so frozen columns are what a full forward would compute); these tests pin the
 mechanism (key order, padding, positions, the shift's extra column) and the samplers' wiring with those facts."""
@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lad.generate import given_options, parse_args, strategy_parameters
-from lad.modeling.block_cache import refresh, window_logits
+from lad.generate import given_options, parse_args
+from lad.sampling import strategy_options
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
+from lad.modeling.cache import refresh_block, window_logits
 from lad.modeling.denoiser import Denoiser
 from lad.sampling import STRATEGIES
 
@@ -55,7 +56,7 @@ def test_refresh_is_the_prompt_cached_forward_and_a_window_right_after_it_agrees
     full = den(ids, mask, positions=answer, cache=prefix).view(2, 12, -1)
     for start, end in ((0, 4), (4, 8), (8, 12)):
         block = slots(ids, width + start, width + end)
-        logits, cache = refresh(den, ids, mask, block, prefix, width + start, width + end)
+        logits, cache = refresh_block(den, ids, mask, block, prefix, width + start, width + end)
         torch.testing.assert_close(logits.view(2, end - start, -1), full[:, start:end], atol=ATOL, rtol=0)
         again = window_logits(den, ids, mask, block, cache)
         torch.testing.assert_close(again, logits, atol=ATOL, rtol=0)
@@ -72,13 +73,13 @@ def test_one_layer_window_after_the_block_changed_equals_the_full_forward(shift,
     prefix = den.prefix_cache(ids[:, :width], mask[:, :width])
     start, end = width + 4, width + 8
     block = slots(ids, start, end)
-    _, cache = refresh(den, ids, mask, block, prefix, start, end)
+    _, cache = refresh_block(den, ids, mask, block, prefix, start, end)
     changed = ids.clone()
     changed[:, start:end] = torch.randint(10, 250, (2, 4), generator=torch.Generator().manual_seed(9))
     expected = den(changed, mask, positions=block, cache=prefix)
     torch.testing.assert_close(window_logits(den, changed, mask, block, cache), expected, atol=ATOL, rtol=0)
     two = denoiser(shift, attention, layers=2)  # with two layers the frozen columns are stale: not equal
-    _, cache = refresh(two, ids, mask, block, two.prefix_cache(ids[:, :width], mask[:, :width]), start, end)
+    _, cache = refresh_block(two, ids, mask, block, two.prefix_cache(ids[:, :width], mask[:, :width]), start, end)
     stale = window_logits(two, changed, mask, block, cache)
     assert (stale - two(changed, mask, positions=block, cache=two.prefix_cache(ids[:, :width], mask[:, :width]))
             ).abs().max() > 1e-4
@@ -120,8 +121,8 @@ def test_block_cache_needs_the_prompt_cache_and_reaches_the_samplers_from_the_cl
     with pytest.raises(ValueError, match="prefix_cache=False"):
         STRATEGIES["confidence"](denoiser(False, "bidirectional"), build_byte_tokenizer(), ["hi"], max_new_tokens=4,
                                  iters=4, block_length=2, block_cache=True, prefix_cache=False)
-    assert {"block_cache", "prefix_cache"} <= set(strategy_parameters("confidence")) & set(strategy_parameters("threshold"))
-    assert "block_cache" not in strategy_parameters("refine")
+    assert {"block_cache", "prefix_cache"} <= set(strategy_options("confidence")) & set(strategy_options("threshold"))
+    assert "block_cache" not in strategy_options("refine")
     assert given_options(parse_args(["--model", "r", "--prompt", "x", "--block-cache"])) == {"block_cache": True}
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from lad.finetune import main
-from lad.run import checkpoint_problem, list_checkpoints
+from lad.checkpoints import checkpoint_problem, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes" / "tiny.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lad import demo_view as view
+from lad.demo import view
 from lad.demo import DemoModel, Frame, import_gradio, main
 from lad.generate import ar_generate, generate, load
 from lad.sampling import Step
@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(run_dir):
     denoiser, tokenizer = load(run_dir)
-    return DemoModel(denoiser, tokenizer, denoiser.lad_info.chat_template)
+    return DemoModel(denoiser, tokenizer, denoiser.info.chat_template)
 
 
 def frames(model, prompt="What is 2+2?", pause=0.0, compare=False, **settings) -> list[Frame]:
@@ -153,19 +153,19 @@ def test_errors_end_as_a_message_in_the_page(model, prompt, change, message):
 def test_an_exported_model_has_no_parent_to_compare_with(model, monkeypatch):
     import dataclasses
 
-    monkeypatch.setattr(model.denoiser, "lad_info", dataclasses.replace(model.denoiser.lad_info, merged=True))
+    monkeypatch.setattr(model.denoiser, "info", dataclasses.replace(model.denoiser.info, merged=True))
     for out in (frames(model, compare=True), frames(model, strategy="ar")):
         assert out[-1].status.startswith("**Error:** ") and "exported (merged) model" in out[-1].status
     assert frames(model)[-1].status.startswith("**LAD** (refine)")  # the denoiser itself still runs
 
 
 def test_an_unexpected_failure_is_shown_and_the_next_run_works(model, monkeypatch):
-    import lad.demo
+    import lad.demo.model
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(lad.demo, "get_strategy", lambda name: broken)
+    monkeypatch.setattr(lad.demo.model, "get_strategy", lambda name: broken)
     assert frames(model)[-1].status == "**Error:** RuntimeError: out of memory, say"
     monkeypatch.undo()
     assert frames(model)[-1].status.startswith("**LAD** (refine)")
@@ -300,7 +300,7 @@ def test_page_in_a_real_browser(model, tmp_path):
     ends a slow run; an empty prompt shows an error. Screenshots go to test-artifacts/."""
     playwright = browser_or_skip()
     from lad.demo import serve
-    from lad.demo_app import build_app
+    from lad.demo.app import build_app
 
     prompt = "What is 2+2?"
     (gen,) = generate(model.denoiser, prompt, tokenizer=model.tokenizer, iters=6, max_new_tokens=16)

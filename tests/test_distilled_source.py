@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import lad.distill
+import lad.distill.answers
 from lad.data.distilled import cache_file
 from lad.finetune import main
 from lad.recipe import load_recipe
@@ -42,7 +42,7 @@ def test_distilled_source_is_answered_once_then_read_from_the_cache(setup, monke
     def no_load(*args, **kwargs):
         raise AssertionError("the cached answers should have been reused")
 
-    monkeypatch.setattr(lad.distill, "_load", no_load)
+    monkeypatch.setattr(lad.distill.answers, "_load", no_load)
     assert main([TINY, f"output_dir={tmp_path / 'b'}", *overrides]) == 0  # same recipe: no parent forward
     assert [json.loads(line) for line in target.read_text().splitlines()] == rows
     monkeypatch.undo()

@@ -108,7 +108,7 @@ def test_metrics_show_learning(run_a):
 
 
 def test_checkpoints_at_save_every(run_a):
-    from lad.run import checkpoint_problem, latest_checkpoint, list_checkpoints
+    from lad.checkpoints import checkpoint_problem, latest_checkpoint, list_checkpoints
 
     assert [p.name for p in list_checkpoints(run_a)] == ["step-000020", "step-000040"]
     for folder, step in zip(list_checkpoints(run_a), (20, STEPS)):
@@ -153,7 +153,8 @@ def test_adapter_loads_with_peft(run_a):
 def test_load_run_matches_the_training_time_model(run_a):
     from lad.finetune import add_trainable, load_model
     from lad.modeling.denoiser import Denoiser
-    from lad.run import load_run, load_trainable_weights
+    from lad.checkpoints import load_trainable_weights
+    from lad.run import load_run
 
     denoiser, tokenizer, info = load_run(run_a)
     assert isinstance(denoiser, Denoiser) and not denoiser.training

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lad.finetune as finetune
+import lad.training.step as training_step  # `train_step` calls its forward_loss
 from conftest import FAST, read_adapter as adapter, read_metrics as metrics, train_tiny as train
 from lad.finetune import main
 
@@ -75,7 +75,7 @@ def test_recipe_checks_the_levers(capsys):
 
 def poison(monkeypatch, at_steps: set[int]):
     """Make the training loss NaN at the given optimizer steps (validation is left alone)."""
-    real, calls = finetune.forward_loss, {"n": 0}
+    real, calls = training_step.forward_loss, {"n": 0}
 
     def forward_loss(denoiser, *args, **kwargs):
         loss, stats = real(denoiser, *args, **kwargs)
@@ -86,7 +86,7 @@ def poison(monkeypatch, at_steps: set[int]):
                 return loss * float("nan"), stats
         return loss, stats
 
-    monkeypatch.setattr(finetune, "forward_loss", forward_loss)
+    monkeypatch.setattr(training_step, "forward_loss", forward_loss)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -133,5 +133,6 @@ def test_report_prints_answers_next_to_the_parent_and_scores_both(tmp_path, caps
 
     from lad.generate import generate
 
-    again = generate(str(out), ["What is 2+2?"], strategy="confidence", iters=4, max_new_tokens=8, seed=0)
+    again = generate(str(out), ["What is 2+2?"], iters=4, max_new_tokens=8, seed=0)  # the run's own sampler
     assert again[0].text == saved["answers"][0]["lad"]  # the report shows what the saved run generates
+    assert again[0].strategy == saved["strategy"] == "refine"  # the tiny recipe's mixed noise: as lad-generate

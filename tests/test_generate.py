@@ -257,9 +257,13 @@ def test_default_strategy_follows_the_objective(run_dir, capsys, tmp_path):
 
     from lad.sampling import default_strategy
 
+    from lad.run import LadInfo
+
     for objective, expected in (("mask", "confidence"), ("mixed", "refine"), ("structural", "refine")):
-        assert default_strategy(SimpleNamespace(lad_info=SimpleNamespace(objective=objective))) == expected
-    assert default_strategy(object()) == "refine"  # a bare denoiser: no run info
+        info = LadInfo(base_model={}, mask_token="m", mask_token_id=5, mask_token_added=False, vocab_size=9,
+                       shift=False, objective=objective, noise={})
+        assert default_strategy(SimpleNamespace(info=info)) == info.strategy == expected
+    assert default_strategy(SimpleNamespace(info=None)) == "confidence"  # no run settings: LAD's default objective
     code, out, _ = cli(capsys, "--model", run_dir, "--prompt", "hi", "--iters", "2", "--max-new-tokens", "4", "--json")
     (record,) = json_lines(out)
     assert code == 0 and record["strategy"] == "refine"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lad.generate import generate, given_options, parse_args, strategy_parameters
+from lad.generate import generate, given_options, parse_args
+from lad.sampling import strategy_options
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
-from lad.modeling.denoiser import Denoiser, PrefixCache, position_ids_from_mask
+from lad.modeling.cache import PrefixCache
+from lad.modeling.denoiser import Denoiser, position_ids_from_mask
 from lad.sampling import STRATEGIES
 from lad.sampling.common import answer_logits, build_canvas, prompt_cache
 
@@ -177,6 +179,8 @@ def test_cached_forward_refuses_what_it_cannot_compute():
 class PrefixBlind(torch.nn.Module):
     """The Denoiser run as a full forward with the prefix-blind mask (what the cache computes exactly)."""
 
+    prefix_cache_exact = False
+
     def __init__(self, den: Denoiser, width: int):
         super().__init__()
         self.den, self.k = den, width - den.shift
@@ -223,8 +227,8 @@ def test_samplers_with_prefix_cache(name):
 
 def test_prefix_cache_option_reaches_the_samplers_from_the_cli_and_api():
     for name in DIFFUSION:
-        assert "prefix_cache" in strategy_parameters(name)
-    assert "prefix_cache" not in strategy_parameters("ar")
+        assert "prefix_cache" in strategy_options(name)
+    assert "prefix_cache" not in strategy_options("ar")
     args = parse_args(["--model", "runs/x", "--prompt", "hi", "--prefix-cache"])
     assert given_options(args) == {"prefix_cache": True}
     assert "prefix_cache" not in given_options(parse_args(["--model", "runs/x", "--prompt", "hi"]))

@@ -15,7 +15,7 @@ import torch
 from lad.modeling.anneal import annealed_allowed
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
 from lad.modeling.denoiser import Denoiser
-from lad.modeling.prompt_causal import answer_start_from, prompt_causal_allowed
+from lad.modeling.attention import answer_start_from, prompt_causal_allowed
 from lad.run import load_run
 from lad.sampling.common import answer_logits, build_canvas, prompt_cache
 from lad.scoring.single import score_single_tokens

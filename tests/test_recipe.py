@@ -45,7 +45,7 @@ def test_tiny_recipe_loads_with_its_values():
     assert recipe.optim.warmup_steps == 5
     assert (recipe.batch_size, recipe.max_steps, recipe.eval_every, recipe.save_every) == (16, 60, 20, 20)
     # keys the recipe leaves out take the schema defaults
-    assert recipe.grad_accum == 1 and recipe.keep_checkpoints == 2 and recipe.shift is False
+    assert recipe.grad_accum == 1 and recipe.keep_checkpoints == 2 and recipe.shift is False  # tiny sets it
     assert recipe.epochs is None and recipe.resume_from is None and recipe.overwrite is False
     # the data path is relative to the recipe file, and is resolved to an existing file
     (source,) = recipe.data.train

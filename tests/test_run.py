@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lad import __version__
-from lad.run import (CHECKPOINTS, LAD_FORMAT, LadInfo, RunDirError, checkpoint_problem, commit_folder,
-                     latest_checkpoint, list_checkpoints, load_checkpoint_state, load_run, prepare_output_dir,
-                     save_checkpoint, staging_dir)
+from lad.atomic import commit_folder, staging_dir
+from lad.checkpoints import (checkpoint_problem, latest_checkpoint, list_checkpoints, load_checkpoint_state,
+                             save_checkpoint)
+from lad.run import CHECKPOINTS, LAD_FORMAT, LadInfo, RunDirError, load_run, prepare_output_dir
 from lad.safety import PathError
 
 
@@ -302,7 +303,7 @@ def test_latest_checkpoint_none(tmp_path):
 
 
 def test_load_checkpoint_state_restores_weights_optimizer_scheduler(tmp_path, monkeypatch):
-    import lad.run
+    import lad.checkpoints
 
     training = make_training()
     train_steps(*training, 3)
@@ -313,7 +314,7 @@ def test_load_checkpoint_state_restores_weights_optimizer_scheduler(tmp_path, mo
 
     fresh = make_training()
     # TinyModel is not a PeftModel: read its adapter file as a plain state dict
-    monkeypatch.setattr(lad.run, "load_trainable_weights",
+    monkeypatch.setattr(lad.checkpoints, "load_trainable_weights",
                         lambda model, f: model.load_state_dict(load_file(str(f / "adapter_model.safetensors"))))
     state = load_checkpoint_state(folder, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2])
     assert state["step"] == 3 and state["tokens"] == 30
@@ -366,9 +367,9 @@ def test_load_checkpoint_state_names_an_overwritten_file(tmp_path, name, damage,
 
 
 def test_load_checkpoint_state_names_an_optimizer_of_another_model(tmp_path, monkeypatch):
-    import lad.run
+    import lad.checkpoints
 
-    monkeypatch.setattr(lad.run, "load_trainable_weights",  # TinyModel is not a PeftModel
+    monkeypatch.setattr(lad.checkpoints, "load_trainable_weights",  # TinyModel is not a PeftModel
                         lambda model, f: model.load_state_dict(load_file(str(f / "adapter_model.safetensors"))))
     training = make_training()
     folder = save(tmp_path, 3, training)

@@ -246,11 +246,11 @@ def test_allowed_changes_are_applied_and_recorded(tmp_path, capsys):
 
 
 def test_ctrl_c_stops_after_a_checkpoint_and_the_resumed_run_is_bitwise_the_same(tmp_path, monkeypatch, capsys):
-    import lad.finetune as finetune
+    import lad.training.step as training_step  # where `train_step` gathers each step's statistics
 
     args = ["max_steps=6", "save_every=4", "eval_every=2"]
     reference = train_tiny(tmp_path / "reference", *args)
-    real, calls = finetune.gather_stats, []
+    real, calls = training_step.gather_stats, []
 
     def ctrl_c_at_step_3(accelerator, stats):  # a real SIGINT to this process, in the middle of step 3
         calls.append(1)
@@ -258,7 +258,7 @@ def test_ctrl_c_stops_after_a_checkpoint_and_the_resumed_run_is_bitwise_the_same
             os.kill(os.getpid(), signal.SIGINT)
         return real(accelerator, stats)
 
-    monkeypatch.setattr(finetune, "gather_stats", ctrl_c_at_step_3)
+    monkeypatch.setattr(training_step, "gather_stats", ctrl_c_at_step_3)
     out = tmp_path / "run"
     capsys.readouterr()
     assert lad_finetune([TINY_RECIPE, f"output_dir={out}", *args]) == 130
@@ -268,7 +268,7 @@ def test_ctrl_c_stops_after_a_checkpoint_and_the_resumed_run_is_bitwise_the_same
     assert len(hint) == 1 and "after step 3" in hint[0] and f"output_dir={out}" in hint[0]
     assert hint[0].endswith("resume_from=latest") and (out / "checkpoints" / "step-000003").is_dir()
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
-    monkeypatch.setattr(finetune, "gather_stats", real)
+    monkeypatch.setattr(training_step, "gather_stats", real)
     assert lad_finetune([TINY_RECIPE, f"output_dir={out}", *args, "resume_from=latest"]) == 0
     a, b = read_adapter(out), read_adapter(reference)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)

@@ -16,7 +16,7 @@ from torch import nn
 from lad.finetune import main as finetune
 from lad.modeling.denoiser import Denoiser
 from lad.run import load_run
-from lad.sampling import STRATEGIES, ar, confidence, get_strategy, refine, threshold
+from lad.sampling import STRATEGIES, ar, confidence, get_strategy, refine, split_options, threshold
 from lad.sampling.common import eos_token_ids, render_prompt, settled
 from lad.sampling.confidence import num_transfer_tokens
 from lad.sampling.refine import remask_fraction
@@ -50,6 +50,8 @@ def shift_run(runs):
 
 class FakeDenoiser(nn.Module):
     """Logits for answer slot j are `table[j]` whatever the canvas; counts its forwards."""
+
+    prefix_cache_exact = False  # a bidirectional run's answer to the Denoiser's question
 
     def __init__(self, table: torch.Tensor, mask_id: int):
         super().__init__()
@@ -96,7 +98,7 @@ def test_registry():
 def test_deterministic_and_batch_equals_single(run, name):
     denoiser, tokenizer = run
     fn = STRATEGIES[name]
-    options = dict(max_new_tokens=8, iters=4, block_length=4)
+    options, _ = split_options(name, dict(max_new_tokens=8, iters=4, block_length=4))
     for sampling in (dict(temperature=0.0), dict(temperature=1.0, top_k=50, top_p=0.95)):
         batch = fn(denoiser, tokenizer, PROMPTS, seed=3, **options, **sampling)
         again = fn(denoiser, tokenizer, PROMPTS, seed=3, **options, **sampling)
@@ -402,8 +404,9 @@ def test_stop_at_eos_same_text_fewer_forwards(run, strategy, block_length):
     runs = {}
     for stop in (False, True):
         model = fake(tokenizer, tokens, probs)
-        out = sample(model, tokenizer, ["x"], max_new_tokens=8, iters=8, block_length=block_length,
-                     threshold=0.9, stop_at_eos=stop, trace=True)[0]
+        options, _ = split_options(strategy, dict(max_new_tokens=8, iters=8, block_length=block_length,
+                                                  threshold=0.9, stop_at_eos=stop, trace=True))
+        out = sample(model, tokenizer, ["x"], **options)[0]
         runs[stop] = (out, model.calls)
     full, early = runs[False][0], runs[True][0]
     assert early.text == full.text == "ab" and early.token_ids == full.token_ids

@@ -8,10 +8,10 @@ while the cache follows them.
 import pytest
 import torch
 
+from lad.modeling.cache import KeptContexts, split_rows, stacked
 from lad.modeling.denoiser import Denoiser
 from lad.scoring import score_denoise, score_elbo
 from lad.scoring.batching import context_batch, pad_batch, use_prefix_cache
-from lad.scoring.kept_contexts import KeptContexts, split_rows, stacked
 
 from conftest import make_tiny_model, with_lora
 

@@ -12,7 +12,7 @@ from ..recipe import LoraSpec
 from .mask_token import MaskToken
 
 
-def prepare_embeddings(model: nn.Module, tokenizer, mask: MaskToken) -> None:
+def prepare_embeddings(model: nn.Module, tokenizer) -> None:
     """Resize the embeddings when the tokenizer grew (a new mask token); the new row starts at the mean."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
@@ -53,7 +53,8 @@ def check_lora_targets(model: nn.Module, spec: LoraSpec) -> None:
         try:
             found = any(re.fullmatch(targets, name) for name in names)
         except re.error as err:
-            raise LoraTargetError(f"lora.target_modules: {targets!r} is not a valid regular expression ({err})") from None
+            raise LoraTargetError(f"lora.target_modules: {targets!r} is not a valid regular expression "
+                                  f"({err})") from None
         missing = [] if found else [targets]
         if missing and any(n.endswith("." + targets) for n in names):
             raise LoraTargetError(f"lora.target_modules: a single string is a regular expression the whole layer name "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .prompt_causal import additive
+from .windows import additive
 
 
 def anneal_progress(step: int, anneal_steps: int) -> float:

@@ -36,16 +36,19 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "is_causal") and m is not model and hasattr(m, "config")]
 
 
+def check_model_type(model_type: str | None, where: str | None = None) -> None:
+    """Refuse an architecture LAD cannot make bidirectional (called with the config alone before weights load,
+    and on the loaded model by `check_supported`)."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{where + ': ' if where else ''}model_type {model_type!r} is not supported; LAD makes attention "
+            f"bidirectional for {', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders)")
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise a clear error unless LAD knows how to make this architecture bidirectional."""
     inner = _inner(model)
-    config = getattr(inner, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not supported: LAD makes attention bidirectional for "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders)"
-        )
+    check_model_type(getattr(getattr(inner, "config", None), "model_type", None))
     if not _attention_modules(inner):
         raise UnsupportedArchitectureError(f"no attention module with an `is_causal` flag found in {type(inner).__name__}")
 

@@ -13,55 +13,27 @@ It computes the LM head only at the positions asked for: the head is a large sha
 models, and training needs only the supervised positions. It is an `nn.Module`, so Accelerate can wrap it
 in DDP and gradients flow through `forward`. `as_parent()` runs the same weights as the causal AR parent.
 
-Prefix K/V cache (sampling only; docs/sampling.md): `prefix_cache(prompt_ids, prompt_mask)` runs the prompt
-alone once and keeps its keys and values; `forward(..., cache=...)` then runs only the columns after the cached
-prefix against them. The prefix does not see the rest of the canvas, so this equals a full forward whose mask
-forbids the prefix's rows from attending to later columns: it only approximates the bidirectional forward, and
-it is exact for prompt-causal attention (`attention="prompt_causal"`, whose prompt never sees the canvas).
+Prefix K/V cache (lad/modeling/cache.py; docs/sampling.md): `prefix_cache(prompt_ids, prompt_mask)` runs the
+prompt alone once and keeps its keys and values; `forward(..., cache=...)` then runs only the columns after the
+cached prefix against them (`decode_into` is the cached decoder call every cache of cache.py makes). The prefix
+does not see the rest of the canvas, so this equals a full forward whose mask forbids the prefix's rows from
+attending to later columns: it only approximates the bidirectional forward, and it is exact for prompt-causal
+attention (`attention="prompt_causal"`, whose prompt never sees the canvas).
 With `shift=True` the prediction for the first answer slot is read from the last prompt token: a bidirectional
 model recomputes that column with the canvas, a prompt-causal one keeps its hidden state in the cache.
 """
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .bidirectional import causal_attention, make_bidirectional
-from .prompt_causal import ATTENTION_MODES, answer_columns, prompt_causal_allowed
+from .cache import PrefixCache, cache_keyword, hidden_after_prefix, position_ids_from_mask
+from . import attention as modes
 from .windows import decoder_mask
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """0, 1, 2, ... over real tokens, so left padding does not move positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def rebuilt_cache(kv, take):
-    """A new transformers DynamicCache whose every layer holds `take(keys)` and `take(values)` of `kv`'s layer
-    (tensors [B, heads, columns, head_dim]): rows or columns picked from a cache, which stays unchanged."""
-    from transformers import DynamicCache
-
-    out = DynamicCache()
-    for index, layer in enumerate(kv.layers):
-        out.update(take(layer.keys), take(layer.values), index)
-    return out
-
-
-@contextmanager
-def cropped_back(kv, length: int):
-    """Crop the K/V cache `kv` back to its first `length` columns when the block ends, however it ends: a cached
-    forward appends the columns it computed, which the next forward must not see."""
-    try:
-        yield kv
-    finally:
-        grown = kv.get_seq_length() - length
-        if grown > 0:
-            kv.crop(-grown)
 
 
 def previous_positions(positions: Tensor, who: str) -> Tensor:
@@ -73,53 +45,15 @@ def previous_positions(positions: Tensor, who: str) -> Tensor:
     return source
 
 
-@dataclass
-class PrefixCache:
-    """Keys and values of a canvas's first `length` columns, computed with those columns alone.
-
-    `ids` and `attention_mask` ([B, length]) are the cached columns; every cached forward checks that its canvas
-    starts with them. `kv` is a transformers `DynamicCache` of exactly `length` positions (None when `length` is
-    0: then there is nothing to reuse and the forward is the full one); cached forwards append to it and crop it
-    back, so it never grows.
-    """
-
-    kv: object
-    ids: Tensor
-    attention_mask: Tensor
-    last_hidden: Tensor | None = None  # [B, H] of the last cached column (prompt-causal + shift: it predicts slot 0)
-
-    @property
-    def length(self) -> int:
-        return self.ids.shape[1]
-
-    @property
-    def forwards(self) -> int:
-        """Forwards spent building it (0 or 1): reported apart from the sampler's NFE."""
-        return int(self.length > 0)
-
-    def select(self, rows: Tensor) -> PrefixCache:
-        """A new cache of rows `rows` (LongTensor; repeats allowed, e.g. one context for each of its answers);
-        this one is unchanged."""
-        rows = rows.to(self.ids.device)
-        kv = None if self.kv is None else rebuilt_cache(self.kv, lambda t: t[rows.to(t.device)])
-        last = self.last_hidden[rows.to(self.last_hidden.device)] if self.last_hidden is not None else None
-        return PrefixCache(kv, self.ids[rows], self.attention_mask[rows], last)
-
-
-def _cache_keyword(decoder: nn.Module) -> str:
-    """transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old name is deprecated)."""
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
 class Denoiser(nn.Module):
-    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, attention: str = "bidirectional"):
+    def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, attention: str = "bidirectional",
+                 info=None):
         super().__init__()
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         self.model = model  # a transformers CausalLM, or a PeftModel around one
         self.mask_id = int(mask_id)
         self.shift = bool(shift)
-        self.attention = attention  # "prompt_causal": see lad/modeling/prompt_causal.py
+        self.attention = modes.check_mode(attention)  # lad/modeling/attention.py
+        self.info = info  # the run's settings (`run.LadInfo`, from lad.json): the one owner samplers, scorers ask
         make_bidirectional(model)
 
     # -- the parts of the wrapped model we call directly
@@ -134,25 +68,27 @@ class Denoiser(nn.Module):
 
     @property
     def prompt_causal(self) -> bool:
-        return self.attention == "prompt_causal"
+        return self.attention == modes.PROMPT_CAUSAL
 
-    def attention_for(self, input_ids: Tensor, attention_mask, answer_start: Tensor | None):
-        """The mask the decoder gets: the 2-D padding mask (transformers' bidirectional path), or with prompt-causal
-        attention the 4-D mask built from `answer_start` (required then: without it the prompt would be read
-        bidirectionally, which is not what the model was trained on), cut to the model's sliding windows
-        (lad/modeling/windows.py). A 4-D mask (or per-layer-type masks) is passed on as it is."""
-        if not self.prompt_causal or isinstance(attention_mask, dict) or (
-                attention_mask is not None and attention_mask.dim() == 4):
+    @property
+    def prefix_cache_exact(self) -> bool:
+        """Whether a prompt K/V cache changes nothing for this model (its prompt never sees the answer)."""
+        return modes.prefix_cache_exact(self.attention)
+
+    def attention_for(self, input_ids: Tensor, attention_mask, answer_start: Tensor | None,
+                      annealed: Tensor | None = None):
+        """The mask the decoder gets, for any mode: the 2-D padding mask (transformers' bidirectional path), or the
+        4-D mask of the run's mode (prompt-causal needs `answer_start`: without it the prompt would be read
+        bidirectionally, which is not what the model was trained on), combined with an annealing draw
+        (`annealed`, training only), cut to the model's sliding windows (lad/modeling/windows.py). A 4-D mask (or
+        per-layer-type masks) is passed on as it is."""
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() == 4):
             return attention_mask
-        if answer_start is None:
-            raise ValueError("this model reads its prompt causally (attention: prompt_causal): "
-                             "pass answer_start, the first answer column of each row")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        answer_start = answer_start.to(attention_mask.device)
-        return decoder_mask(prompt_causal_allowed(attention_mask, answer_start),
-                            answer_columns(answer_start, attention_mask.shape[1]), self.config,
-                            self.causal_lm.get_input_embeddings().weight.dtype)
+        padding = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = modes.allowed(self.attention, padding, answer_start, annealed)
+        if mask is None:
+            return attention_mask
+        return decoder_mask(*mask, self.config, self.causal_lm.get_input_embeddings().weight.dtype)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, answer_start: Tensor | None = None) -> Tensor:
@@ -163,11 +99,13 @@ class Denoiser(nn.Module):
                                            position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def _decode(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, kv) -> Tensor:
-        """Hidden states of `input_ids`, appending their keys and values to the cache `kv`."""
+    def decode_into(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, kv) -> Tensor:
+        """Hidden states of the columns `input_ids`, attending to the keys and values already in the transformers
+        cache `kv` and appending theirs to it (the caches of lad/modeling/cache.py crop it back). `attention_mask`
+        covers the cached columns, then these; `position_ids` are these columns' own, from the whole canvas."""
         decoder = self.causal_lm.get_decoder()
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                      **{_cache_keyword(decoder): kv})
+                      **{cache_keyword(decoder): kv})
         return out.last_hidden_state
 
     def prefix_cache(self, prompt_ids: Tensor, prompt_mask: Tensor | None = None) -> PrefixCache:
@@ -193,26 +131,8 @@ class Denoiser(nn.Module):
             return PrefixCache(None, ids, mask)
         kv = DynamicCache()
         with causal_attention(self.model, True) if exact else nullcontext():
-            hidden = self._decode(ids, mask, position_ids_from_mask(mask), kv)
+            hidden = self.decode_into(ids, mask, position_ids_from_mask(mask), kv)
         return PrefixCache(kv, ids, mask, hidden[:, -1] if exact and self.shift else None)
-
-    def _cached_hidden(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-                       cache: PrefixCache) -> Tensor:
-        """Hidden states of the columns after the cached prefix ([B, L - length, H]), attending to the prefix's
-        cached keys and values and bidirectionally among themselves; the cache is cropped back afterwards."""
-        k = cache.length
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.dim() != 2:
-            raise ValueError("a cached forward takes a 2-D attention mask (padding) over the whole canvas")
-        if input_ids.shape[1] <= k or not (torch.equal(input_ids[:, :k], cache.ids.to(input_ids.device))
-                                          and torch.equal(attention_mask[:, :k].bool(),
-                                                          cache.attention_mask.to(attention_mask.device).bool())):
-            raise ValueError(f"the canvas does not start with the cached prefix ({k} columns)")
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-        with cropped_back(cache.kv, k):  # back to the prefix alone, however the forward ended
-            return self._decode(input_ids[:, k:], attention_mask, position_ids[:, k:], cache.kv)
 
     def head(self, hidden: Tensor) -> Tensor:
         logits = self.causal_lm.get_output_embeddings()(hidden)
@@ -235,7 +155,7 @@ class Denoiser(nn.Module):
         if cache is not None and cache.length:
             if positions is None:
                 raise ValueError("a cached forward needs `positions` (the tokens to predict)")
-            hidden = self._cached_hidden(input_ids, attention_mask, position_ids, cache)
+            hidden = hidden_after_prefix(self, input_ids, attention_mask, position_ids, cache)
             return self.head_at(hidden, cache.length, positions, cache.last_hidden)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, answer_start)
         if positions is None:

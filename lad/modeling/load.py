@@ -20,7 +20,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..recipe import ModelSpec
-from .bidirectional import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+from .bidirectional import UnsupportedArchitectureError, check_model_type
 from .byte_tokenizer import build_byte_tokenizer
 from .locate import ModelNotFoundError, locate_model
 
@@ -157,14 +157,6 @@ def build_scratch_model(spec: ModelSpec, vocab_size: int, seed: int = 0):
         raise UnsupportedArchitectureError(f"model.config: no {model_type} model can be built from it "
                                            f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
     return model
-
-
-def check_model_type(model_type: str | None, where: str) -> None:
-    """Refuse an architecture LAD cannot make bidirectional before spending time loading its weights."""
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"{where}: model_type {model_type!r} is not supported; LAD makes attention bidirectional for "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-family decoders)")
 
 
 def load_model(spec: ModelSpec, folder: str | None = None, vocab_size: int | None = None, seed: int = 0):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .prompt_causal import additive
 
 
 def layer_windows(config) -> dict[str, int | None]:
@@ -47,3 +46,10 @@ def decoder_mask(allowed: Tensor, bidirectional_rows: Tensor, config, dtype: tor
         cut = allowed if window is None else allowed & window_band(allowed.shape[-1], bidirectional_rows, window)
         masks[kind] = additive(cut, dtype)
     return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive 4-D mask [B, 1, L, L] from a bool [B, L, L] (0 = may attend, dtype's min = may not), the form
+    transformers uses as is. Fully masked rows (a padding query) get a uniform, finite softmax, never NaN."""
+    mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)

@@ -18,6 +18,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import Canvas, Step, eos_token_ids, finish, render_prompt, row_generators, sample_tokens
 
 
@@ -54,9 +55,9 @@ class _Sampler(LogitsProcessor):
 
 
 @torch.no_grad()
-def ar(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
-       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, chat_template: bool = True, on_step=None,
-       trace: bool = False, **_unused):
+def ar(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
+       seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, chat_template: bool = True,
+       on_step=None, trace: bool = False):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:

@@ -16,7 +16,7 @@ iteration only the answer slots against its cached keys and values (`answer_logi
 approximation for a bidirectional model (the prompt no longer sees the canvas; docs/sampling.md), exact for a
 prompt-causal one. The default (None) is on exactly when it is exact. That prompt pass is not counted in `nfe`;
 `Generation.prefix_forwards` reports it. `block_cache=True` (confidence, threshold; Fast-dLLM's dual cache,
-lad/modeling/block_cache.py) also freezes the rest of the answer while a block is decoded, so that a forward
+lad/modeling/cache.py) also freezes the rest of the answer while a block is decoded, so that a forward
 runs the block's columns alone; it implies the prompt's cache.
 """
 
@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from ..data.formats import prompt_ids
+from ..modeling.attention import answer_start_at
+from ..modeling.cache import refresh_block, window_logits
 
 
 @dataclass
@@ -82,7 +84,7 @@ class Canvas:
     @property
     def answer_start(self) -> Tensor:
         """[B] the first answer column of every row (P): where prompt-causal attention stops being causal."""
-        return torch.full((self.ids.shape[0],), self.prompt_width, dtype=torch.long, device=self.ids.device)
+        return answer_start_at(self.prompt_width, self.ids.shape[0], self.ids.device)
 
     @property
     def positions(self) -> Tensor:
@@ -137,7 +139,7 @@ def sampler_cache(denoiser, canvas: Canvas, prefix_cache: bool | None, block_cac
             raise ValueError("block_cache needs the prompt's cache: do not combine it with prefix_cache=False")
         prefix_cache = True
     if prefix_cache is None:
-        prefix_cache = getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
+        prefix_cache = denoiser.prefix_cache_exact
     return prompt_cache(denoiser, canvas) if prefix_cache else None
 
 
@@ -154,15 +156,14 @@ def answer_logits(denoiser, canvas: Canvas, cache=None) -> Tensor:
 
 def block_logits(denoiser, canvas: Canvas, prefix, start: int, end: int, block=None):
     """([B, end - start, V] float logits of answer slots start..end-1, the block cache) with a block cache
-    (lad/modeling/block_cache.py): `block=None` refreshes it (one forward over the whole answer against the prompt's
+    (lad/modeling/cache.py): `block=None` refreshes it (one forward over the whole answer against the prompt's
     cache `prefix`, keeping every other column's K/V), else only the block's columns run against those."""
-    from ..modeling.block_cache import refresh, window_logits
-
     width, rows = canvas.prompt_width, canvas.ids.shape[0]
     positions = torch.zeros_like(canvas.ids, dtype=torch.bool)
     positions[:, width + start:width + end] = True
     if block is None:
-        flat, block = refresh(denoiser, canvas.ids, canvas.attention_mask, positions, prefix, width + start, width + end)
+        flat, block = refresh_block(denoiser, canvas.ids, canvas.attention_mask, positions, prefix, width + start,
+                                    width + end)
     else:
         flat = window_logits(denoiser, canvas.ids, canvas.attention_mask, positions, block)
     return flat.view(rows, end - start, flat.shape[-1]).float(), block

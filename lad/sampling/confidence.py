@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache,
                      settled)
 
@@ -61,11 +62,11 @@ def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tupl
 
 
 @torch.no_grad()
-def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, block_length: int | None = None,
-               remask: str = "confidence", delay_eos: bool = False, prefix_cache: bool | None = None,
-               block_cache: bool = False, stop_at_eos: bool = True, chat_template: bool = True, on_step=None,
-               trace: bool = False, **_unused):
+def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
+               seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               block_length: int | None = None, remask: str = "confidence", delay_eos: bool = False,
+               prefix_cache: bool | None = None, block_cache: bool = False, stop_at_eos: bool = True,
+               chat_template: bool = True, on_step=None, trace: bool = False):
     block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters, block_length)
     if remask not in REMASK:
         raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")

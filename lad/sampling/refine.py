@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens,
                      sampler_cache)
 
@@ -58,10 +59,10 @@ def _check(iters: int, noise_start: float, schedule: str, remask: str, retention
 
 
 @torch.no_grad()
-def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
-           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, noise_start: float = 0.5,
+def refine(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
+           seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, noise_start: float = 0.5,
            schedule: str = "linear", remask: str = "random", retention: str = "none", early_stop: int = 2,
-           prefix_cache: bool | None = None, chat_template: bool = True, on_step=None, trace: bool = False, **_unused):
+           prefix_cache: bool | None = None, chat_template: bool = True, on_step=None, trace: bool = False):
     _check(iters, noise_start, schedule, remask, retention)
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)

@@ -16,7 +16,7 @@ Rows advance independently: a row whose block is complete moves on to its next b
 the others finish theirs, so a prompt's output is the same alone or in a batch. NFE counts the batch's forwards.
 Fast-dLLM also caches K/V: `prefix_cache=True` computes the prompt's keys and values once and runs only the answer
 slots in every forward (an approximation: the prompt does not see the canvas; docs/sampling.md); finished blocks
-are still recomputed. NFE is unchanged. `block_cache=True` is Fast-dLLM's dual cache (lad/modeling/block_cache.py):
+are still recomputed. NFE is unchanged. `block_cache=True` is Fast-dLLM's dual cache (lad/modeling/cache.py):
 a block's first forward runs the whole answer and keeps everything else's keys and values, its later forwards
 run the block's columns alone. The rows of a batch then share one block: a row that finishes early waits (its
 canvas unchanged, its budget unspent) until every row has, so its output is still the same alone or in a batch,
@@ -31,17 +31,18 @@ import time
 
 import torch
 
+from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache,
                      settled)
 from .confidence import blocks_of
 
 
 @torch.no_grad()
-def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, iters: int = 16, seed: int = 0,
-              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
+def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
+              seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
               block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool | None = None,
               block_cache: bool = False, stop_at_eos: bool = True, chat_template: bool = True, on_step=None,
-              trace: bool = False, **_unused):
+              trace: bool = False):
     tau = threshold
     block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
     if not tau >= 0:  # also refuses NaN

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kept_contexts import KeptContexts
+from ..modeling.attention import answer_start_at
+from ..modeling.cache import KeptContexts
 
 Request = tuple[Sequence[int], Sequence[int]]
 
@@ -102,7 +103,7 @@ class ContextBatch:
 
     @property
     def answer_start(self) -> Tensor:
-        return torch.full((self.ids.shape[0],), self.context_width, dtype=torch.long, device=self.ids.device)
+        return answer_start_at(self.context_width, self.ids.shape[0], self.ids.device)
 
     def slots(self) -> Tensor:
         """Bool [B, C + X]: each row's continuation columns."""
@@ -131,7 +132,7 @@ def use_prefix_cache(denoiser, prefix_cache: bool | None) -> bool:
     """As given, or when None on exactly when it is exact: a prompt-causal model's context never sees its
     continuation, so computing the context alone once changes nothing (docs/scoring.md)."""
     if prefix_cache is None:
-        return getattr(denoiser, "attention", "bidirectional") == "prompt_causal"
+        return denoiser.prefix_cache_exact
     return bool(prefix_cache)
 
 

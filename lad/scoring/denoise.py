@@ -25,25 +25,20 @@ Batching: contexts are left-padded and continuations right-padded (`ContextBatch
 one column. Each row follows its own schedule; a row whose schedule is over leaves the batch (later forwards run
 only the rows still being revealed). `prefix_cache` (on by default for prompt-causal runs, where it is exact):
 the contexts' keys and values are computed once per call (a question's choices side by side share them, also
-across a chunk boundary: lad/scoring/kept_contexts.py) and every reveal step runs only the continuation columns;
-a context costs one forward, not `iters`.
+across a chunk boundary: `KeptContexts`, lad/modeling/cache.py) and every reveal step runs only the continuation
+columns; a context costs one forward, not `iters`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..modeling.cache import KeptContexts
+from ..sampling.confidence import num_transfer_tokens  # the samplers' reveal schedule, shared
 from .batching import (check_requests, context_batch, context_chunks, count, device_of, length_chunks, pad_id_of,
                        use_prefix_cache)
-from .kept_contexts import KeptContexts
 
 ORDERS = ("confidence", "l2r")
-
-
-def num_transfer_tokens(length: int, steps: int) -> list[int]:
-    """LLaDA's get_num_transfer_tokens: `length` reveals over `steps` iterations (remainder to the first ones)."""
-    base, remainder = divmod(length, steps)
-    return [base + (1 if i < remainder else 0) for i in range(steps)]
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ every slot (for L = 1 that forward is the scoring one). NFE per request: M + 1 f
 
 `prefix_cache` (on by default for prompt-causal runs, where it is exact): each distinct context runs once for the
 whole call (the requests are ordered so that a question's rows are consecutive, and its keys and values are kept
-across the batches they span: lad/scoring/kept_contexts.py), and the M + 1 sequences of a request run only their
-continuation columns against those keys and values.
+across the batches they span: `KeptContexts`, lad/modeling/cache.py), and the M + 1 sequences of a request run only
+their continuation columns against those keys and values.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..modeling.cache import KeptContexts
 from .batching import (check_batch_size, check_requests, context_batch, context_order, count, device_of,
                        longest_first, pad_id_of, use_prefix_cache)
-from .kept_contexts import KeptContexts
 
 
 def group_generator(seed: int, group: int) -> torch.Generator:

@@ -22,15 +22,33 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from ..run import load_run
+from ..sampling import default_strategy
 
 
 @register_model("lad")
 class LadLM(TemplateLM):
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """`lm_eval --model lad --model_args ...`: every key must be one of LadLM's own (a misspelling is an error,
+        not silently dropped). max_batch_size is accepted and unused: LAD scores in fixed batches."""
+        import difflib
+        import inspect
+
+        from lm_eval.utils import simple_parse_args_string
+
+        known = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        for key in simple_parse_args_string(arg_string):
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"--model_args: lad takes no {key!r}{hint}; its arguments: {', '.join(known)}")
+        return super().create_from_arg_string(arg_string, additional_config)
+
     def __init__(self, pretrained: str | None = None, *, denoiser=None, tokenizer=None, info=None,
                  baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "l2r",
                  mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
-                 weights: str = "final", strategy: str = "confidence", max_length: int | None = None,
-                 prefix_cache: bool | str | None = None, **_ignored):
+                 weights: str = "final", strategy: str | None = None, max_length: int | None = None,
+                 prefix_cache: bool | str | None = None, max_batch_size: int | None = None):
         super().__init__()
         if baseline not in ("none", "ar"):
             raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
@@ -47,7 +65,8 @@ class LadLM(TemplateLM):
         self.tokenizer = tokenizer
         self.info = info
         self.baseline, self.score, self.iters, self.order = baseline, score, int(iters), order
-        self.mc_samples, self.seed, self.strategy = int(mc_samples), int(seed), strategy
+        self.mc_samples, self.seed = int(mc_samples), int(seed)
+        self.strategy = strategy or default_strategy(self.denoiser)  # generative tasks: the run's own sampler
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or getattr(info, "max_length", None) or 2048)
         # None: the scorers' default (on exactly when exact: prompt-causal runs); model_args pass strings

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..modeling.attention import answer_start_at
 from .batching import count, device_of, pad_batch, pad_id_of
 
 
@@ -37,7 +38,7 @@ def score_single_tokens(denoiser, requests, *, causal: bool = False, batch_size:
             positions = torch.zeros_like(ids, dtype=torch.bool)
             positions[:, -1] = True
             logits = denoiser(ids, attention, positions=positions,
-                              answer_start=torch.full((len(chunk),), ids.shape[1] - 1, device=device))
+                              answer_start=answer_start_at(ids.shape[1] - 1, len(chunk), device))
         log_probs = logits.float().log_softmax(-1)
         count(stats, rows=len(chunk))
         for row, context in enumerate(chunk):

@@ -13,8 +13,8 @@ import html
 import math
 from typing import NamedTuple
 
-from .sampling import STRATEGIES
-from .sampling.render import MASK_GLYPH, visible
+from ..sampling import STRATEGIES
+from ..sampling.render import MASK_GLYPH, visible
 
 STYLES = {
     "masked": "background:#fecaca;color:#b91c1c;",

@@ -1,6 +1,6 @@
 """The Gradio page of `lad-demo`: prompt, Run/Stop, the LAD panel, the AR parent's panel, settings.
 
-Only layout and wiring live here; what a Run shows comes from `DemoModel.stream` (lad/demo.py). Each browser
+Only layout and wiring live here; what a Run shows comes from `DemoModel.stream` (lad/demo/model.py). Each browser
 session has its own stop flag (keyed by Gradio's session hash), so Stop ends that session's run only.
 Element ids (`lad-prompt`, `lad-run`, `lad-stop`, `lad-status`, `lad-view`, `ar-view`, ...) are what the
 browser test drives.
@@ -8,9 +8,10 @@ browser test drives.
 
 import threading  # no `from __future__ import annotations`: Gradio must see the real `gr.Request` hints
 
-from . import demo_view as view
-from .demo import DemoModel, import_gradio
-from .sampling import STRATEGIES, default_strategy
+from ..defaults import ITERS, MAX_NEW_TOKENS
+from ..sampling import STRATEGIES, default_strategy
+from . import view
+from .model import DemoModel, import_gradio
 
 LEGEND = ('<span style="{masked}padding:0 4px;border-radius:3px">░ masked</span> '
           '<span style="{changed}padding:0 4px;border-radius:3px">changed this step</span> '
@@ -18,7 +19,7 @@ LEGEND = ('<span style="{masked}padding:0 4px;border-radius:3px">░ masked</spa
 
 
 def describe(model: DemoModel) -> str:
-    info = getattr(model.denoiser, "lad_info", None)
+    info = model.denoiser.info
     if info is None:
         return ""
     base = info.base_model.get("name_or_path") or info.base_model.get("init", "")
@@ -51,8 +52,8 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             with gr.Row():
                 strategy = gr.Dropdown(list(STRATEGIES), value=default_strategy(model.denoiser), label="Strategy",
                                        elem_id="lad-strategy")
-                iterations = gr.Slider(1, 128, value=16, step=1, label="Iterations", elem_id="lad-iters")
-                max_new = gr.Slider(1, 256, value=32, step=1, label="Max new tokens", elem_id="lad-max-new")
+                iterations = gr.Slider(1, 128, value=ITERS, step=1, label="Iterations", elem_id="lad-iters")
+                max_new = gr.Slider(1, 256, value=MAX_NEW_TOKENS, step=1, label="Max new tokens", elem_id="lad-max-new")
                 seed = gr.Number(0, precision=0, label="Seed", elem_id="lad-seed")
             with gr.Row():
                 no_noise = gr.Checkbox(False, label="Disable intermediate noising (noise start 0)",
