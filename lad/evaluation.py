@@ -219,8 +219,9 @@ def save(results_by_name: dict[str, dict], table: str, output_path: str) -> Path
     folder = out.parent if out.suffix == ".json" else out
     folder.mkdir(parents=True, exist_ok=True)
     target = out if out.suffix == ".json" else folder / f"results_{stamp}.json"
-    if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another --output_path")
+    for path in (target, target.with_suffix(".md")):
+        if path.exists():  # checked before the evaluation too; a file made meanwhile is still never overwritten
+            raise FileExistsError(f"{path} already exists; choose another --output_path")
     payload = {name: {k: v for k, v in res.items() if k != "samples"} for name, res in results_by_name.items()}
     target.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     target.with_suffix(".md").write_text(table + "\n", encoding="utf-8")

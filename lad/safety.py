@@ -129,8 +129,10 @@ def check_destination(raw, *, kind: str, flag: str, overwrite: bool = False, res
     if kind in (FILE, EVAL) and (kind == FILE or path.suffix == ".json"):
         if path.is_dir():
             raise PathError(f"{flag} {raw}: is a folder, not a file")
-        if kind == EVAL and path.exists():
-            raise PathError(f"{flag} {raw}: already exists; choose another file (lad-eval never overwrites results)")
+        for target in (path, path.with_suffix(".md")) if kind == EVAL else ():  # lad-eval writes both
+            if target.exists():
+                raise PathError(f"{flag} {raw}: {target.name} already exists; choose another file (lad-eval never "
+                                "overwrites results)")
         return path
     if path.exists() and not path.is_dir():
         raise PathError(f"{flag} {raw} exists and is not a folder")

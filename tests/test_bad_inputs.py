@@ -94,6 +94,7 @@ def ws(tmp_path_factory) -> Path:
     (root / "notes" / "todo.txt").write_text("keep me", encoding="utf-8")
     (root / "a_file").write_text("not a folder", encoding="utf-8")
     (root / "results.json").write_text("{}", encoding="utf-8")
+    (root / "summary.md").write_text("my notes", encoding="utf-8")  # lad-eval would write summary.json + .md
     (root / "not_a_run").mkdir()
     (root / "not_a_run" / "adapter_config.json").write_text("{}", encoding="utf-8")
     # bases a run does not fit, and pickle-only weights
@@ -292,7 +293,8 @@ CASES += [
     ("export-empty-out", X, ["{ws}/run", "--out", ""], ["--out: empty path"]),
     ("distill-out-under-a-file", D, ["--model", "{ws}/pickle_base", "--prompts", "builtin", "--out", "{ws}/a_file/d.jsonl"],
      ["a_file is a file, not a folder"]),
-    ("eval-output-path-exists", E, ev("run", "--output_path", "{ws}/results.json"), ["results.json: already exists"]),
+    ("eval-output-path-exists", E, ev("run", "--output_path", "{ws}/results.json"), ["results.json already exists"]),
+    ("eval-output-path-md-exists", E, ev("run", "--output_path", "{ws}/summary.json"), ["summary.md already exists"]),
     ("eval-output-path-under-a-file", E, ev("run", "--output_path", "{ws}/a_file/out"), ["a_file is a file, not a folder"]),
 ]
 # issue 27: recipe values and YAML (duplicate keys, aliases, numeric ranges)

@@ -124,8 +124,11 @@ def test_files_and_results_are_never_overwritten_and_parents_must_be_folders(tmp
     with pytest.raises(PathError, match="is a folder, not a file"):
         check_destination(tmp_path, kind=FILE, flag="--out")
     (tmp_path / "results.json").write_text("{}")
-    with pytest.raises(PathError, match="already exists"):
+    with pytest.raises(PathError, match="results.json already exists"):
         check_destination(tmp_path / "results.json", kind=EVAL, flag="--output_path")
+    (tmp_path / "mine.md").write_text("my notes")  # lad-eval writes NAME.json and NAME.md
+    with pytest.raises(PathError, match="mine.md already exists"):
+        check_destination(tmp_path / "mine.json", kind=EVAL, flag="--output_path")
     assert check_destination(tmp_path / "new.jsonl", kind=FILE, flag="--out") == tmp_path.resolve() / "new.jsonl"
 
 
