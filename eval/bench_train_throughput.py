@@ -3,8 +3,8 @@
 Runs `lad-finetune RECIPE max_steps=N` in-process for each recipe, skips the first steps (warm-up), and
 prints a table of median tokens/s and seconds per step; writes eval/results/train_throughput.json.
 
-    python eval/bench_train_throughput.py                       # tiny + smollm2_135m
-    python eval/bench_train_throughput.py --recipes recipes/tiny.yaml --steps 40
+    python -m eval.bench_train_throughput                       # tiny + smollm2_135m
+    python -m eval.bench_train_throughput --recipes recipes/tiny.yaml --steps 40
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ Reported: median real (non-padding) tokens/s per step of each arm and the ratios
 each of lad and peft also runs alone in a child process (`--only ARM`) that records its own peak RSS during the
 training steps (the peak is reset after loading; the loading's own peak is kept apart as load_peak_rss_mb).
 
-    python eval/bench_train_vs_peft.py                                  # recipes/smollm2_135m_corpora.yaml
-    python eval/bench_train_vs_peft.py --recipe recipes/tiny.yaml --steps 6 --skip 2
+    python -m eval.bench_train_vs_peft                                  # recipes/smollm2_135m_corpora.yaml
+    python -m eval.bench_train_vs_peft --recipe recipes/tiny.yaml --steps 6 --skip 2
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The real conversion (issues 5 and 11): one longer SmolLM2-135M run scored against its AR parent.
 
     accelerate launch lad/finetune.py recipes/smollm2_135m_hour.yaml    # distil the parent once, then 160 steps
-    python eval/conversion.py --run runs/smollm2_135m_hour              # score it (resumable)
-    python eval/conversion.py --report                                  # table + plot → docs/results.md
+    python -m eval.conversion --run runs/smollm2_135m_hour              # score it (resumable)
+    python -m eval.conversion --report                                  # table + plot → docs/results.md
 
 The final weights are scored on every dev task in each order, next to the AR parent on the same prompts
 (`--baseline ar`); then every kept checkpoint on the curve task (ARC-Easy, first order given) for dev accuracy

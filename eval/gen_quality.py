@@ -7,8 +7,8 @@ started from), distinct-1/2 (low = repetitive; a degenerate answer can have a lo
 mean answer length, NFE and seconds per prompt. The AR parent's own answers are the reference line. Writes
 eval/results/gen_quality.json and the plot docs/img/gen_quality.png.
 
-    python eval/gen_quality.py --model runs/NAME                          # 16 prompts, 64 new tokens
-    python eval/gen_quality.py --prompts 2 --max-new-tokens 16 --iters 2 4     # smoke run, SmolLM2 no adapter
+    python -m eval.gen_quality --model runs/NAME                          # 16 prompts, 64 new tokens
+    python -m eval.gen_quality --prompts 2 --max-new-tokens 16 --iters 2 4     # smoke run, SmolLM2 no adapter
 """
 
 from __future__ import annotations

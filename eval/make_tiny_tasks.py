@@ -1,7 +1,7 @@
 """Write recipes/data/tiny_tasks.jsonl: a small, learnable instruction task set for the CI recipe.
 
 Each row asks for a deterministic transformation of a few words (repeat, reverse, uppercase, first letters),
-so a tiny model's loss falls quickly and the task is checkable. Run: python eval/make_tiny_tasks.py
+so a tiny model's loss falls quickly and the task is checkable. Run: python -m eval.make_tiny_tasks
 """
 
 import json

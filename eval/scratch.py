@@ -1,8 +1,8 @@
 """A short from-scratch CPU run of a recipe (issue 8), its samples, and the docs/scratch.md section built from it.
 
-    python eval/scratch.py train --recipe recipes/scratch_tinystories.yaml --steps 150 \
+    python -m eval.scratch train --recipe recipes/scratch_tinystories.yaml --steps 150 \
         --data ../shared/data/train/tinystories_sample.txt [key=value ...]
-    python eval/scratch.py report                  # the plot and docs/scratch.md section from every record
+    python -m eval.scratch report                  # the plot and docs/scratch.md section from every record
 
 `train` runs `lad-finetune` on the recipe (runs/scratch/NAME, output in eval/results/scratch/NAME/train.log),
 then samples the finished run with the confidence sampler in semi-autoregressive blocks, with low-confidence and
@@ -130,7 +130,7 @@ def section(records: list[dict]) -> str:
 def report(_args) -> None:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*/record.json"))]
     if not records:
-        raise SystemExit(f"no records under {RESULTS}: run `python eval/scratch.py train ...` first")
+        raise SystemExit(f"no records under {RESULTS}: run `python -m eval.scratch train ...` first")
     print(f"wrote {plot(records).relative_to(REPO)}")
     splice_file(DOC, section(records), START, END)
     print(f"updated {DOC.relative_to(REPO)}")

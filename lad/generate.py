@@ -122,14 +122,11 @@ def trace_dict(gen: Generation, tokenizer, cache: dict | None = None) -> dict:
 
 
 
-# CLI flag → strategy keyword; default None means "not given: the strategy's own default"
-OPTION_FLAGS = {
-    "iters": "--iters", "max_new_tokens": "--max-new-tokens", "seed": "--seed", "temperature": "--temperature",
-    "top_k": "--top-k", "top_p": "--top-p", "noise_start": "--noise-start", "schedule": "--schedule",
-    "remask": "--remask", "retention": "--retention", "early_stop": "--early-stop",
-    "block_length": "--block-length", "threshold": "--threshold", "delay_eos": "--delay-eos",
-    "prefix_cache": "--prefix-cache", "block_cache": "--block-cache", "stop_at_eos": "--stop-at-eos",
-}
+NOT_FLAGS = {"chat_template", "on_step", "trace"}  # options the CLI sets itself (from the run, --show, --json)
+# every other option a strategy declares (its signature) is a flag of the same name; default None: "not given, the
+# strategy's own default". A test checks that each one has its flag, so a new option cannot go missing here.
+OPTION_FLAGS = {name: "--" + name.replace("_", "-")
+                for name in sorted(set().union(*(strategy_options(s) for s in STRATEGIES)) - NOT_FLAGS)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

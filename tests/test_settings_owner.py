@@ -88,3 +88,19 @@ def test_sampler_options_are_declared_once_and_unknown_ones_are_errors(run):
         refine(None, None, ["hi"], block_length=2)
     with pytest.raises(ValueError, match="lad takes no 'iter' \\(did you mean 'iters'\\?\\)"):
         LadLM.create_from_arg_string(f"pretrained={folder},iter=3")
+
+
+def test_the_cli_and_the_demo_take_their_options_from_the_strategies():
+    from lad.demo import view
+    from lad.generate import NOT_FLAGS, OPTION_FLAGS, parse_args
+    from lad.sampling import STRATEGIES, strategy_options
+
+    declared = set().union(*(strategy_options(s) for s in STRATEGIES))
+    assert set(OPTION_FLAGS) == declared - NOT_FLAGS  # every option a strategy declares is a flag
+    args = parse_args(["--model", "x", "--prompt", "p"])
+    for name, flag in OPTION_FLAGS.items():
+        assert getattr(args, name) is None, flag  # not given: the strategy's own default
+    for strategy in STRATEGIES:  # the page's settings are options some strategy declares
+        page = view.sampler_options(strategy, 16, 64, 0.5, False, "none", "default", 0, 3, 0.9, 0,
+                                    delay_eos=True, block_cache=True)
+        assert set(page) <= declared
