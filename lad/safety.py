@@ -53,9 +53,18 @@ def artefact_kind(folder: Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             merged = False
         return EXPORT if merged is True else RUN
-    if (folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file() or _run_recipe(folder / "recipe.yaml"):
-        return RUN  # a run that stopped before its first lad.json
+    recipe = folder / "recipe.yaml"
+    if _run_recipe(recipe) or _lad_checkpoints(folder) or (recipe.is_file() and (folder / "metrics.jsonl").is_file()):
+        return RUN  # a run that stopped before its first lad.json (names other tools use too need LAD's content)
     return None
+
+
+def _lad_checkpoints(folder: Path) -> bool:
+    """`checkpoints/step-NNNNNN/` holding LAD's state.json or lad.json (other tools name folders `checkpoints` too)."""
+    root = folder / "checkpoints"
+    return root.is_dir() and any(step.name.startswith("step-") and ((step / "state.json").is_file()
+                                                                    or (step / "lad.json").is_file())
+                                 for step in root.iterdir())
 
 
 RUN_HEADER = "# lad-finetune run recipe"  # the first line of a run's recipe.yaml, written when the folder is made

@@ -118,6 +118,7 @@ def test_prepare_output_dir_refuses_a_file(tmp_path):
 def test_prepare_output_dir_overwrite_removes_old_files(tmp_path):
     out = tmp_path / "run"
     (out / CHECKPOINTS / "step-000010").mkdir(parents=True)
+    (out / CHECKPOINTS / "step-000010" / "state.json").write_text("{}", encoding="utf-8")
     (out / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
     assert prepare_output_dir(str(out), overwrite=True, resuming=False) == out
     assert [p.name for p in out.iterdir()] == ["recipe.yaml"]  # the new run's marker, written at once
@@ -126,6 +127,7 @@ def test_prepare_output_dir_overwrite_removes_old_files(tmp_path):
 
 def test_prepare_output_dir_resuming_keeps_files(tmp_path):
     (tmp_path / CHECKPOINTS / "step-000010").mkdir(parents=True)
+    (tmp_path / CHECKPOINTS / "step-000010" / "state.json").write_text("{}", encoding="utf-8")
     (tmp_path / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
     for overwrite in (False, True):
         prepare_output_dir(str(tmp_path), overwrite=overwrite, resuming=True)

@@ -107,6 +107,17 @@ def test_overwrite_replaces_only_a_lad_artefact_of_the_same_kind_holding_only_la
         check_destination(user, kind=RUN, flag="output_dir", overwrite=True)
 
 
+def test_names_other_tools_use_too_do_not_make_a_folder_a_run(tmp_path):
+    project = tmp_path / "project"  # another framework's checkpoints/ and metrics.jsonl, a user's recipe.yaml
+    (project / "checkpoints" / "checkpoint-500").mkdir(parents=True)
+    (project / "metrics.jsonl").write_text("{}\n")
+    assert check_destination(project / "runs" / "x", kind=RUN, flag="output_dir") == project.resolve() / "runs" / "x"
+    (project / "checkpoints" / "step-000010").mkdir()
+    (project / "checkpoints" / "step-000010" / "state.json").write_text("{}")  # now it is LAD's
+    with pytest.raises(PathError, match="lies inside the LAD run"):
+        check_destination(project / "runs" / "x", kind=RUN, flag="output_dir")
+
+
 def test_nothing_is_written_inside_a_run_except_its_eval_results(tmp_path):
     run = fake_run(tmp_path / "run")
     (run / "best").mkdir()
