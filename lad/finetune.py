@@ -41,7 +41,7 @@ from lad.distill import DistillError
 from lad.modeling.adapters import LoraTargetError, check_lora_targets, count_parameters
 from lad.modeling.bidirectional import UnsupportedArchitectureError
 from lad.modeling.denoiser import Denoiser
-from lad.modeling.locate import ModelNotFoundError
+from lad.modeling.locate import ModelNotFoundError, absolute_if_local
 from lad.modeling.mask_token import MaskTokenError, check_not_in_data
 from lad.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 from lad.resume import NothingToDo, ResumePlan, check_data, check_progress, data_digest, history_lines, plan_resume
@@ -134,9 +134,7 @@ def base_reference(recipe: Recipe, model, out: Path, plan: ResumePlan, main: boo
     (scratch) base trained with LoRA is saved into the run as base/, since nothing else could rebuild it."""
     base_ref = dataclasses.asdict(recipe.model)
     for key in ("name_or_path", "tokenizer"):
-        ref = base_ref[key]
-        if ref and ref != "bytes" and not ref.startswith("pkg://") and os.path.exists(os.path.expanduser(ref)):
-            base_ref[key] = os.path.abspath(os.path.expanduser(ref))
+        base_ref[key] = absolute_if_local(base_ref[key])
     if recipe.model.init == "scratch" and recipe.lora.enabled:
         if main and not (plan.checkpoint is not None and (out / "base").is_dir()):  # a resume keeps its own
             with staged(out / "base") as tmp:

@@ -21,7 +21,7 @@ import yaml
 from . import defaults
 from .modeling.attention import BIDIRECTIONAL
 from .modeling.attention import MODES as ATTENTION_MODES
-from .modeling.locate import ModelNotFoundError, locate_model
+from .modeling.locate import ModelNotFoundError, absolute_if_local, locate_model
 from .noise import NoiseConfig
 from .schema import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range, RecipeError, YAMLRefused, build, check_ranges,
                      read_yaml)
@@ -357,13 +357,8 @@ def dump_recipe(recipe: Recipe, *, absolute_paths: bool = False) -> str:
     recipe.yaml then reloads from any working directory)."""
     data = recipe.to_dict()
     if absolute_paths:
-        def fix(path):
-            if path and not path.startswith("pkg://") and os.path.exists(os.path.expanduser(path)):
-                return os.path.abspath(os.path.expanduser(path))
-            return path
-
-        data["model"]["name_or_path"] = fix(data["model"]["name_or_path"])
+        data["model"]["name_or_path"] = absolute_if_local(data["model"]["name_or_path"])
         for split in ("train", "validation"):
             for source in data["data"][split]:
-                source["path"] = fix(source["path"])
+                source["path"] = absolute_if_local(source["path"])
     return yaml.safe_dump(data, sort_keys=False)

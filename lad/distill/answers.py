@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -60,14 +59,13 @@ def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, eos_
 
 def _model_name(model) -> str:
     """The reference stored with every row: local paths made absolute, hub ids and pkg:// as given."""
-    from ..modeling.locate import locate_model
+    from ..modeling.locate import absolute_if_local, locate_model
 
     ref = model.name_or_path if isinstance(model, ModelSpec) else str(model)
     if ref is None:
         return "scratch"
-    if not ref.startswith("pkg://") and locate_model(ref).kind != "hub":
-        return os.path.abspath(os.path.expanduser(ref))
-    return ref
+    locate_model(ref)  # a local path that is not there is an error here, not a hub id
+    return absolute_if_local(ref)
 
 
 def _load(model, dtype: str, device):

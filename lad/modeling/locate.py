@@ -41,6 +41,14 @@ def package_file(spec: str) -> Path:
     raise ModelNotFoundError(f"{spec}: no file {rel!r} in package {package!r}")
 
 
+def absolute_if_local(ref: str | None) -> str | None:
+    """`ref` made absolute when it names an existing local file or folder (so a run's lad.json and recipe.yaml load
+    from any working directory); hub ids, `pkg://` references, "bytes" and None unchanged."""
+    if ref and ref != "bytes" and not ref.startswith("pkg://") and os.path.exists(os.path.expanduser(ref)):
+        return os.path.abspath(os.path.expanduser(ref))
+    return ref
+
+
 def looks_local(path: str) -> bool:
     return path.startswith(PATH_PREFIXES) or path.endswith(".gguf") or os.path.exists(path)
 
