@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .atomic import write_json
 from .integrity import (files_problem, json_kind, lad_field_problem, lad_json_problem, safetensors_problem,
                         tokenizer_files_problem)
-
-from .atomic import write_json
 
 log = logging.getLogger(__name__)
 

@@ -60,11 +60,11 @@ def artefact_kind(folder: Path) -> str | None:
 
 
 def _lad_checkpoints(folder: Path) -> bool:
-    """`checkpoints/step-NNNNNN/` holding LAD's state.json or lad.json (other tools name folders `checkpoints` too)."""
-    root = folder / "checkpoints"
-    return root.is_dir() and any(step.name.startswith("step-") and ((step / "state.json").is_file()
-                                                                    or (step / "lad.json").is_file())
-                                 for step in root.iterdir())
+    """A LAD checkpoint (`checkpoints.list_checkpoints`: step-N) holding LAD's state.json or lad.json; other tools
+    name folders `checkpoints` too."""
+    from .checkpoints import list_checkpoints
+
+    return any((step / "state.json").is_file() or (step / "lad.json").is_file() for step in list_checkpoints(folder))
 
 
 RUN_HEADER = "# lad-finetune run recipe"  # the first line of a run's recipe.yaml, written when the folder is made

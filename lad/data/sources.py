@@ -102,23 +102,34 @@ def _read_file(path: str, text_field: str, max_rows: int | None) -> Rows:
     return Rows(rows[:max_rows], source=path) if max_rows is not None else rows
 
 
+def text_lines(raw_lines, where: str, error: type[ValueError] = DataError):
+    """(1-based number, text) of each line of bytes (a BOM on line 1 dropped); non-UTF-8 is `error` naming the line.
+    Blank lines are yielded too, so numbers match an editor's (data files here, prompt files in lad distill)."""
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{where}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def json_line(line: str, where: str, number: int, error: type[ValueError] = DataError):
+    """The JSON value of one line of a JSONL file; malformed JSON is `error` naming the line and column."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def _read_jsonl(path: str, max_rows: int | None) -> Rows:
     """One JSON object per line; blank lines are skipped but still counted, so line numbers match an editor's."""
     rows, lines = [], []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number, line in text_lines(f, path):
             if max_rows is not None and len(rows) >= max_rows:
                 break
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            row = json_line(line, path, number)
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)

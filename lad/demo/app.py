@@ -27,6 +27,43 @@ def describe(model: DemoModel) -> str:
             f"`{info.mask_token}` · step {info.step}")
 
 
+SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_start", "retention", "temperature",
+            "pause", "remask", "threshold", "block_length", "delay_eos", "block_cache", "compare")  # on_run's order
+
+
+def settings_controls(gr, model: DemoModel) -> dict:
+    """The Settings accordion (inside the page's Blocks): {name in SETTINGS: its component}."""
+    with gr.Accordion("Settings", open=True):
+        with gr.Row():
+            strategy = gr.Dropdown(list(STRATEGIES), value=default_strategy(model.denoiser), label="Strategy",
+                                   elem_id="lad-strategy")
+            iterations = gr.Slider(1, 128, value=ITERS, step=1, label="Iterations", elem_id="lad-iters")
+            max_new = gr.Slider(1, 256, value=MAX_NEW_TOKENS, step=1, label="Max new tokens", elem_id="lad-max-new")
+            seed = gr.Number(0, precision=0, label="Seed", elem_id="lad-seed")
+        with gr.Row():
+            no_noise = gr.Checkbox(False, label="Disable intermediate noising (noise start 0)",
+                                   elem_id="lad-no-noise")
+            noise_start = gr.Slider(0, 1, value=0.5, step=0.05, label="Noise start (refine)")
+            retention = gr.Dropdown(["none", "editable", "locked"], value="none", label="Retention (refine)")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+        with gr.Row():
+            pause = gr.Slider(0, 2, value=0.2, step=0.05, label="Pause between steps (s)", elem_id="lad-pause")
+            remask = gr.Dropdown(["default", "random", "confidence"], value="default",
+                                 label="Remask (refine, confidence)")
+            threshold = gr.Slider(0, 1, value=0.9, step=0.01, label="Threshold τ (threshold)")
+            block_length = gr.Number(0, precision=0, label="Block length (confidence, threshold; 0 = one block)")
+        with gr.Row():
+            delay_eos = gr.Checkbox(False, label="Delay EOS (confidence, threshold: commit the end last)",
+                                    elem_id="lad-delay-eos")
+            block_cache = gr.Checkbox(False, label="Block cache (confidence, threshold with blocks: faster, "
+                                      "approximate)", elem_id="lad-block-cache")
+            compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
+    return dict(strategy=strategy, iterations=iterations, max_new=max_new, seed=seed, no_noise=no_noise,
+                noise_start=noise_start, retention=retention, temperature=temperature, pause=pause, remask=remask,
+                threshold=threshold, block_length=block_length, delay_eos=delay_eos, block_cache=block_cache,
+                compare=compare)
+
+
 def build_app(model: DemoModel, title: str = "LAD demo"):
     """The page for one loaded run (a `gradio.Blocks`; call `.queue().launch(...)` on it)."""
     gr = import_gradio()
@@ -48,31 +85,7 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             with gr.Column(visible=False) as ar_column:
                 gr.Markdown("**AR parent** (adapter off, causal attention, KV cache)")
                 ar_out = gr.HTML(view.placeholder_html(""), elem_id="ar-view")
-        with gr.Accordion("Settings", open=True):
-            with gr.Row():
-                strategy = gr.Dropdown(list(STRATEGIES), value=default_strategy(model.denoiser), label="Strategy",
-                                       elem_id="lad-strategy")
-                iterations = gr.Slider(1, 128, value=ITERS, step=1, label="Iterations", elem_id="lad-iters")
-                max_new = gr.Slider(1, 256, value=MAX_NEW_TOKENS, step=1, label="Max new tokens", elem_id="lad-max-new")
-                seed = gr.Number(0, precision=0, label="Seed", elem_id="lad-seed")
-            with gr.Row():
-                no_noise = gr.Checkbox(False, label="Disable intermediate noising (noise start 0)",
-                                       elem_id="lad-no-noise")
-                noise_start = gr.Slider(0, 1, value=0.5, step=0.05, label="Noise start (refine)")
-                retention = gr.Dropdown(["none", "editable", "locked"], value="none", label="Retention (refine)")
-                temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
-            with gr.Row():
-                pause = gr.Slider(0, 2, value=0.2, step=0.05, label="Pause between steps (s)", elem_id="lad-pause")
-                remask = gr.Dropdown(["default", "random", "confidence"], value="default",
-                                     label="Remask (refine, confidence)")
-                threshold = gr.Slider(0, 1, value=0.9, step=0.01, label="Threshold τ (threshold)")
-                block_length = gr.Number(0, precision=0, label="Block length (confidence, threshold; 0 = one block)")
-            with gr.Row():
-                delay_eos = gr.Checkbox(False, label="Delay EOS (confidence, threshold: commit the end last)",
-                                        elem_id="lad-delay-eos")
-                block_cache = gr.Checkbox(False, label="Block cache (confidence, threshold with blocks: faster, "
-                                          "approximate)", elem_id="lad-block-cache")
-                compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
+        controls = settings_controls(gr, model)
 
         def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
                    pause, remask, threshold, block_length, delay_eos, block_cache, compare, request: gr.Request):
@@ -102,10 +115,9 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             state["stop"].set()
             return f"Stopped at {state['status']}." if state["status"] else "Stopped."
 
-        inputs = [prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                  pause, remask, threshold, block_length, delay_eos, block_cache, compare]
+        inputs = [prompt, *(controls[name] for name in SETTINGS)]
         outputs = [lad_out, ar_out, status]
         events = [run.click(on_run, inputs, outputs), prompt.submit(on_run, inputs, outputs)]
         stop.click(on_stop, None, status, cancels=events)
-        compare.change(lambda on: gr.Column(visible=on), compare, ar_column)
+        controls["compare"].change(lambda on: gr.Column(visible=on), controls["compare"], ar_column)
     return app

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from ..data.sources import json_line, text_lines
 
 
 
@@ -76,12 +77,8 @@ def read_prompts(source: str | os.PathLike) -> list[Prompt]:
 
 
 def _lines(data: bytes, name: str):
-    """(1-based number, text) of each line; non-UTF-8 is an error naming the line."""
-    for number, raw in enumerate(data.splitlines(), start=1):
-        try:
-            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DistillError(f"{name}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    """(1-based number, text) of each line, as training's data reader decodes them."""
+    return text_lines(data.splitlines(), name, DistillError)
 
 
 def _parse_jsonl(data: bytes, name: str) -> list[Prompt]:
@@ -89,10 +86,7 @@ def _parse_jsonl(data: bytes, name: str) -> list[Prompt]:
     for number, line in _lines(data, name):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DistillError(f"{name}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        row = json_line(line, name, number, DistillError)
         field = "instruction" if isinstance(row, dict) and "instruction" in row else "prompt"
         if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field].strip():
             raise DistillError(f"{name}:{number}: needs a non-empty string field 'instruction' (or 'prompt')")
