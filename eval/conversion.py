@@ -71,24 +71,24 @@ def untrained_point(train: dict, task: str, order: str, limit: int) -> dict | No
             "source": str(path.relative_to(REPO)), **acc_fields(metrics), "step": 0, "tokens": 0, "train_s": 0.0}
 
 
-def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit: int) -> dict:
-    summary_path = RESULTS / "summary.json"
+def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit: int, results: Path = RESULTS) -> dict:
+    summary_path = results / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary["train"] = train = read_train(run)
 
     def save():
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     save()
     for task in tasks:  # the parent first: it is quick and every row needs it
-        summary.setdefault("parent", {})[task] = score_task(RESULTS / "parent", "parent", run, task, "confidence",
+        summary.setdefault("parent", {})[task] = score_task(results / "parent", "parent", run, task, "confidence",
                                                             limit, baseline=True)
         save()
     final = summary.setdefault("final", {})
     for task in tasks:
         for order in orders:
-            final[f"{task}/{order}"] = score_task(RESULTS / "final", "final", run, task, order, limit)
+            final[f"{task}/{order}"] = score_task(results / "final", "final", run, task, order, limit)
             save()
             print(f"{task}/{order}: {final[f'{task}/{order}']['acc']:.3f} "
                   f"(parent {summary['parent'][task]['acc']:.3f})", flush=True)
@@ -100,7 +100,7 @@ def score_run(run: Path, tasks: list[str], orders: list[str], curve: str, limit:
         step = int(folder.name[5:])
         if step == train["steps"]:
             continue  # the final weights, scored above
-        record = score_task(RESULTS / "curve", f"step {step}", run, curve, orders[0], limit,
+        record = score_task(results / "curve", f"step {step}", run, curve, orders[0], limit,
                             weights=f"checkpoints/{folder.name}", stem=f"{folder.name}_{curve}_{orders[0]}")
         tokens, seconds = train["clock"][str(step)]
         points[str(step)] = {**record, "step": step, "tokens": tokens, "train_s": seconds}
@@ -194,13 +194,16 @@ def main() -> int:
     p.add_argument("--curve", default="arc_easy", help="the task each checkpoint is scored on")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--report", action="store_true", help="write the table and plot into docs/results.md")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="where the records go (default: eval/results/conversion, the one-hour run's; --report reads "
+                        "that one)")
     args = p.parse_args()
     if not args.run and not args.report:
         p.error("give --run RUN (score) and/or --report")
     if args.run:
         if not (args.run / "lad.json").is_file():
             p.error(f"{args.run} is not a finished LAD run (no lad.json)")
-        score_run(args.run, args.tasks.split(","), args.orders.split(","), args.curve, args.limit)
+        score_run(args.run, args.tasks.split(","), args.orders.split(","), args.curve, args.limit, args.results)
     if args.report:
         report()
     return 0

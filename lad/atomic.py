@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import stat
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,8 +39,24 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def match_modes(folder: Path) -> None:
+    """safetensors writes through a private temporary file, so its files come out owner-only (0600) beside
+    files with the usual mode (0644 under the common umask): give them the mode most of the folder's other
+    files have, so a folder that is shared or copied is readable as a whole."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    others = Counter(stat.S_IMODE(p.stat().st_mode) for p in files if p.suffix != ".safetensors")
+    if not others:
+        return
+    mode = others.most_common(1)[0][0]
+    for path in files:
+        if path.suffix == ".safetensors" and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
+
+
 def commit_folder(tmp: Path, final: Path) -> None:
-    """fsync every file of `tmp`, then rename it to `final` (replacing an older `final`)."""
+    """fsync every file of `tmp` (safetensors files given the others' mode), then rename it to `final`
+    (replacing an older `final`)."""
+    match_modes(tmp)
     for path in tmp.rglob("*"):
         if path.is_file():
             _fsync_file(path)

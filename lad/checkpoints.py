@@ -16,15 +16,44 @@ import torch
 from .integrity import checkpoint_files_problem
 
 
-from .atomic import staged, write_json
+from .atomic import match_modes, staged, write_json
 from .run import CHECKPOINTS, LadInfo, RunDirError, check_safetensors
 
 log = logging.getLogger("lad.run")
 
 
 def save_weights(model, folder: Path) -> None:
-    """PEFT adapter (adapter_*.safetensors) or, for full fine-tuning, the whole model as safetensors."""
+    """PEFT adapter (adapter_*.safetensors) or, for full fine-tuning, the whole model as safetensors. PEFT's
+    empty model-card template ("Model Card for Model ID") is replaced by a card that says what the folder is."""
     model.save_pretrained(folder, safe_serialization=True)
+    if (Path(folder) / "README.md").is_file() and hasattr(model, "peft_config"):  # PEFT's template: ours instead
+        (Path(folder) / "README.md").write_text(adapter_card(model), encoding="utf-8")
+    match_modes(Path(folder))
+
+
+def adapter_card(model) -> str:
+    """README.md of a run (and of its best/ and checkpoint folders): what the adapter is and how to load it; the
+    base is named only by its hub id, never by a path of this machine (lad.json keeps the full reference)."""
+    import yaml
+
+    from .modeling.locate import looks_local
+
+    config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    base = getattr(config, "base_model_name_or_path", None) or ""
+    hub = base if base and not base.startswith("pkg://") and not looks_local(base) else None
+    meta = {"library_name": "peft", "pipeline_tag": "text-generation",
+            "tags": ["lad", "diffusion-language-model", "lora"], **({"base_model": hub} if hub else {})}
+    return "\n".join([
+        "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+        "# A LAD run: LoRA adapter for a diffusion language model", "",
+        f"A LoRA adapter that LAD trained to turn {f'`{hub}`' if hub else 'its base model'} into a diffusion language "
+        "model: attention is bidirectional and the model fills in masked answer tokens over several iterations. "
+        "`lad.json` holds the base, the mask token and `shift`; `recipe.yaml` the settings it trained with.", "",
+        "It is not a left-to-right model: load it with LAD, not `generate()`.", "", "```bash",
+        'lad-generate --model RUN_DIR --prompt "What is the capital of France?"',
+        "lad export RUN_DIR --out MODEL_DIR      # one standalone folder, adapter merged, with a full model card",
+        "```", "", "```python", "from lad.run import load_run",
+        'denoiser, tokenizer, info = load_run("RUN_DIR")   # base + adapter + lad.json', "```", ""])
 
 
 def save_checkpoint(output_dir: Path, step: int, *, model, optimizer, scheduler, state: dict, info: LadInfo,

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
+
+
+def closest(word: str, choices) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean X?)' for the closest of `choices`, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    close = closest(word, choices)
+    return f" (did you mean {close}?)" if close else ""
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,6 +34,11 @@ class Parser(argparse.ArgumentParser):
         return [s for action in self._actions for s in action.option_strings if s.startswith("--")]
 
     def _suggestion(self, message: str) -> str:
+        if message.startswith("the following arguments are required: "):  # argparse says so before the typo
+            typos = [a.split("=")[0] for a in getattr(self, "_given", []) if a.startswith("--")
+                     and a.split("=")[0] not in self._flags()]
+            close = [(typo, closest(typo, self._flags())) for typo in typos]
+            return "".join(f" ({typo}: did you mean {flag}?)" for typo, flag in close if flag)
         if not message.startswith("unrecognized arguments: "):
             return ""
         first = message.split(": ", 1)[1].split()[0].split("=")[0]
@@ -48,11 +59,11 @@ class Parser(argparse.ArgumentParser):
         return out
 
     def parse_known_args(self, args=None, namespace=None):
-        args = self._spelled(list(sys.argv[1:] if args is None else args))
+        args = self._given = self._spelled(list(sys.argv[1:] if args is None else args))
         return super().parse_known_args(args, namespace)
 
     def parse_known_intermixed_args(self, args=None, namespace=None):
-        args = self._spelled(list(sys.argv[1:] if args is None else args))
+        args = self._given = self._spelled(list(sys.argv[1:] if args is None else args))
         return super().parse_known_intermixed_args(args, namespace)
 
 
@@ -61,6 +72,14 @@ def fail(prog: str, message) -> int:
     print(f"{prog}: error: {str(message).splitlines()[0] if str(message) else type(message).__name__}",
           file=sys.stderr)
     return 2
+
+
+def printable(text: str) -> str:
+    """Model output made safe to print: line breaks and tabs kept, every other control character (a raw byte
+    from a byte-level model could move the cursor or clear the screen) shown as its visible stand-in."""
+    from .sampling.render import visible
+
+    return "\n".join("\t".join(visible(cell) for cell in line.split("\t")) for line in text.split("\n"))
 
 
 def guarded(prog: str, work, *, on_interrupt: str = "") -> int:
@@ -79,14 +98,40 @@ def guarded(prog: str, work, *, on_interrupt: str = "") -> int:
 
 
 def quiet_libraries() -> None:
-    """transformers' and PEFT's warnings and weight-loading bars are noise for a LAD command's user."""
-    import logging
+    """transformers', PEFT's, datasets' and bitsandbytes' warnings and bars (loading weights, writing a shard,
+    building a split) are noise for a LAD command's user; LAD's own lines and bar say what happens."""
+    import os
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is imported
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].utils.logging.disable_progress_bar()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("peft").setLevel(logging.ERROR)
+    for name in ("peft", "bitsandbytes", "datasets"):  # bitsandbytes: GPU-support notes when nothing asked for 4-bit
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """A log line printed above a live tqdm bar, not glued onto its end (tqdm.write clears the bar, prints the
+    line and draws the bar again below it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 — logging's own contract: report, never raise
+            self.handleError(record)
+
+
+def log_to_terminal(fmt: str, datefmt: str | None = None) -> None:
+    """INFO lines on stderr, safe beside a progress bar; HTTP and lock libraries only when they warn."""
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt=datefmt, handlers=[BarSafeHandler(sys.stderr)])
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through its own handler: not twice

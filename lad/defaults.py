@@ -11,6 +11,7 @@ ATTENTION = "prompt_causal"  # the prompt read as the parent read it: SmolLM2 AR
 SHIFT = True  # the AR head stays aligned: best left-to-right scores in the ablation
 OBJECTIVE = "mask"  # structural and mixed noise bought nothing at 80 steps (the ablation)
 SCORE_ORDER = "l2r"  # lad-eval: left to right scored best (most-confident first trails by ~0.045 on ARC-C, HellaSwag)
+BLOCK_SIZE = 8  # attention block_causal: provisional, until the block-size ablation of docs/results.md chooses
 ITERS = 16  # lad-eval --iters, the report's iterations
 MAX_NEW_TOKENS = 64  # the answer length of lad-generate, the demo and the training report
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
-from .console import Parser
+from .console import Parser, quiet_libraries
+from .defaults import ITERS, SCORE_ORDER
 from .run import RunDirError
 from .sampling import STRATEGIES
 
-USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError, ConnectionError)
 AUTO_BATCH_SIZE = 16
 
 
@@ -46,33 +48,46 @@ def check_model_dir(path: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a LAD run directory (or exported model folder)")
+    p.add_argument("--model", required=True, metavar="RUN_DIR", help="a LAD run directory (or exported model folder)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
-    p.add_argument("--iters", type=int, default=16, help="reveal steps for --score denoise / generation")
-    p.add_argument("--score", choices=["denoise", "elbo"], default="denoise")
-    p.add_argument("--order", choices=["confidence", "l2r"], default="l2r",
-                   help="denoise: reveal left to right (default; scored best in docs/results.md) or most-confident first")
-    p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice")
+    p.add_argument("--iters", type=int, default=ITERS,
+                   help=f"reveal steps per choice for --score denoise, and the sampler's for generative tasks "
+                        f"(default {ITERS})")
+    p.add_argument("--score", choices=["denoise", "elbo"], default="denoise",
+                   help="denoise: reveal the continuation step by step; elbo: Monte-Carlo bound (default denoise)")
+    p.add_argument("--order", choices=["confidence", "l2r"], default=SCORE_ORDER,
+                   help=f"denoise: reveal left to right or most-confident first (default {SCORE_ORDER}: scored "
+                        "best in docs/results.md)")
+    p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice (default 128)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="denoise, elbo: run each context once and only the continuation per step (exact, and on by "
                         "default, for prompt-causal runs; an approximation otherwise)")
     p.add_argument("--strategy", default=None, choices=sorted(STRATEGIES),
                    help="sampler for generative tasks (default: the run's own, as lad-generate reads it)")
     p.add_argument("--baseline", choices=["none", "ar"], default="none",
-                   help="ar: score the AR parent (adapter off, causal attention)")
+                   help="ar: score the AR parent (adapter off, causal attention) instead (default none)")
     p.add_argument("--compare", action="store_true", help="score the LAD model and the AR parent side by side")
-    p.add_argument("--data-dir", help="read arc_easy/arc_challenge/mmlu/hellaswag from local JSONL folders")
-    p.add_argument("--weights", default="final", help="final | best | a checkpoint folder")
-    p.add_argument("--device", default=None)
-    p.add_argument("--num_fewshot", type=int, default=None)
-    p.add_argument("--limit", type=float, default=None)
-    p.add_argument("--batch_size", default="16")
-    p.add_argument("--output_path", default=None, help="folder (or .json file) for results")
-    p.add_argument("--log_samples", action="store_true")
-    p.add_argument("--include_path", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--apply_chat_template", action="store_true")
-    p.add_argument("--bootstrap_iters", type=int, default=1000)
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="read arc_easy/arc_challenge/mmlu/hellaswag from local JSONL folders (default: the "
+                        "Hugging Face hub or its cache)")
+    p.add_argument("--weights", default="final", help="final | best | a checkpoint folder (default final)")
+    p.add_argument("--device", default=None, help="torch device (default: the GPU when there is one, else cpu)")
+    p.add_argument("--num_fewshot", type=int, default=None, metavar="N",
+                   help="examples shown before each question (default: the task's own, zero-shot for the stock "
+                        "ARC, MMLU and HellaSwag prompts)")
+    p.add_argument("--limit", type=float, default=None, metavar="N",
+                   help="score the first N documents of each task, or a fraction when < 1 (default: all)")
+    p.add_argument("--batch_size", default="16", metavar="N",
+                   help="requests per batch (elbo: sequences per forward); auto means 16 (default 16)")
+    p.add_argument("--output_path", default=None, metavar="PATH",
+                   help="folder (or .json file) for the results and the markdown table (default: print only)")
+    p.add_argument("--log_samples", action="store_true", help="with --output_path: also every document's scores")
+    p.add_argument("--include_path", default=None, metavar="DIR", help="a folder of extra lm-eval task YAML files")
+    p.add_argument("--seed", type=int, default=0, help="every lm-eval and torch seed (default 0)")
+    p.add_argument("--apply_chat_template", action="store_true",
+                   help="wrap each prompt in the model's chat template (default: raw text, as lm-eval's hf model)")
+    p.add_argument("--bootstrap_iters", type=int, default=1000, metavar="N",
+                   help="bootstrap resamples for the stderr (0: no stderr; default 1000)")
     args = p.parse_args(argv)
     problem = flag_problem(args)
     if problem:
@@ -138,12 +153,54 @@ def resolve_tasks(names: list[str], args, task_manager):
         from .scoring.tasks import load_offline_tasks
 
         return load_offline_tasks(names, args.data_dir, task_manager)
+    check_hub_data(names, task_manager)
     return names
+
+
+def check_hub_data(names: list[str], task_manager) -> None:
+    """Without --data-dir the data sets come from the hub. When it cannot be reached they are loaded from the
+    local cache now, before the model, and the first one missing is named in one line (no minute of retries)."""
+    from .hub import offline_reason
+
+    reason = offline_reason()
+    if reason is None:
+        return
+    from datasets import config
+
+    for name in names:
+        try:
+            task_manager.load([name])
+        except ConnectionError as err:  # datasets: not in the cache, and the hub not asked
+            named = re.search(r"reach '([^']+)'", str(err))
+            dataset = named.group(1) if named else "its data set"
+            raise ConnectionError(
+                f"--tasks {name}: {dataset} is not in the local data set cache ({config.HF_DATASETS_CACHE}) and "
+                f"{reason}; score local JSONL copies with --data-dir DIR (docs/scoring.md), or run once where "
+                "the hub can be reached") from None
+
+
+def quiet_git_hash() -> None:
+    """lm-eval records the working folder's git commit by running `git describe`, whose "fatal: not a git
+    repository" lands on the terminal whenever lad-eval runs outside a checkout: the same hash, git's stderr
+    silenced (no repository: none recorded)."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    def git_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL,
+                                           text=True).strip()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+
+    lm_eval.evaluator.get_git_commit_hash = git_hash
 
 
 def run_one(lm, args, tasks, task_manager) -> dict:
     from lm_eval import simple_evaluate
 
+    quiet_git_hash()
     started = time.perf_counter()
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                               log_samples=args.log_samples, task_manager=task_manager, random_seed=args.seed,
@@ -236,6 +293,7 @@ def save(results_by_name: dict[str, dict], table: str, output_path: str) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         check_model_dir(args.model)
         if args.output_path is not None:  # before the evaluation, not after it

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -223,6 +224,33 @@ def eval_rows(run_dir: Path) -> list[str]:
     return rows
 
 
+def public_base(base: dict, run_dir: Path) -> str:
+    """The base as the card names it: a hub id or package file as given; a path of this machine only by what
+    it is (a card is shared, the exporting machine's folders mean nothing elsewhere; lad.json keeps them)."""
+    name = base.get("name_or_path")
+    if not name or base.get("init") == "scratch" or Path(name).resolve() == (run_dir / "base").resolve():
+        return "a randomly initialised model (its config is in the recipe below)"
+    if hub_id(base) or name.startswith("pkg://"):
+        return f"`{name}`"
+    return f"a local model (`{Path(name).name}`)"
+
+
+def public_recipe(text: str) -> str:
+    """The run's recipe.yaml with every absolute path of this machine cut to `…/NAME`."""
+    import yaml
+
+    def paths(node):
+        if isinstance(node, dict):
+            return [p for v in node.values() for p in paths(v)]
+        if isinstance(node, list):
+            return [p for v in node for p in paths(v)]
+        return [node] if isinstance(node, str) and (os.path.isabs(node) or node.startswith("~/")) else []
+
+    for path in sorted(set(paths(yaml.safe_load(text) or {})), key=len, reverse=True):
+        text = text.replace(path, f"…/{Path(path).name}")
+    return text
+
+
 def cell(text: str) -> str:
     return text.replace("|", "\\|")  # a pipe ends a table cell even inside backticks (<|mask|>)
 
@@ -243,7 +271,7 @@ def settings_table(info: LadInfo, base_name: str, recipe: dict) -> list[str]:
         quant = export["base_quantization"]
         precision += f" (trained as QLoRA over a {quant} base; merged into the base reloaded in {precision})"
     added = ", added to the vocabulary" if info.mask_token_added else ""
-    rows = [("base model", f"`{base_name}`"), ("mask token", f"`{info.mask_token}` (id {info.mask_token_id}{added})"),
+    rows = [("base model", base_name), ("mask token", f"`{info.mask_token}` (id {info.mask_token_id}{added})"),
             ("shift", f"`{str(info.shift).lower()}`: token i is predicted at position {'i-1' if info.shift else 'i'}"),
             ("objective", f"`{info.objective}`"), ("training", training_summary(info, recipe)),
             ("saved precision", precision), ("prompts", PROMPT_STYLE[info.chat_template])]
@@ -266,11 +294,11 @@ def model_card(run_dir: Path, info: LadInfo, title: str) -> str:
     recipe_path = run_dir / "recipe.yaml"
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
     recipe = yaml.safe_load(recipe_text) if recipe_text else {}
-    base_name = base.get("name_or_path") or "a randomly initialised model"
+    base_name = public_base(base, run_dir)
     merged = "The LoRA adapter is merged into the weights: no PEFT and no base download are needed." \
         if info.adapter == "lora" else "Every weight was fine-tuned (there is no adapter)."
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
-             f"A diffusion language model converted from `{base_name}` with LAD {info.lad_version}: attention is "
+             f"A diffusion language model converted from {base_name} with LAD {info.lad_version}: attention is "
              f"bidirectional and the model denoises masked (and corrupted) answer tokens. {merged}", "",
              "## LAD settings", "", *settings_table(info, base_name, recipe if isinstance(recipe, dict) else {}),
              "", "## Evaluation", ""]
@@ -288,7 +316,7 @@ def model_card(run_dir: Path, info: LadInfo, title: str) -> str:
               "(`is_causal: false` in config.json). It is not a left-to-right model: do not call `generate()`; read "
               "the mask token and `shift` from `lad.json` and denoise iteratively (see LAD's docs/sharing.md).", ""]
     if recipe_text:
-        lines += ["## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+        lines += ["## Recipe", "", "```yaml", public_recipe(recipe_text).rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from lad.console import Parser
+from lad.console import Parser, log_to_terminal, quiet_libraries
 from lad.data import DataError, Example, find_token
 from lad.data.distilled import distill_sources
 from lad.distill import DistillError
@@ -87,8 +87,10 @@ def setup(recipe: Recipe, allow_changes: tuple[str, ...]) -> tuple[Run, TrainSta
                    vocab_size=len(tokenizer), shift=recipe.shift, objective=recipe.noise.objective,
                    noise=dataclasses.asdict(recipe.noise), adapter="lora" if recipe.lora.enabled else "full",
                    chat_template=prompt_style(recipe, tokenizer),
-                   max_length=recipe.data.max_length, eos_padding=recipe.eos_padding, attention=recipe.attention)
-    denoiser = Denoiser(add_trainable(model, recipe, mask), mask.id, recipe.shift, recipe.attention, info=info)
+                   max_length=recipe.data.max_length, eos_padding=recipe.eos_padding, attention=recipe.attention,
+                   block_size=recipe.block_size)
+    denoiser = Denoiser(add_trainable(model, recipe, mask), mask.id, recipe.shift, recipe.attention, info=info,
+                        block_size=recipe.block_size)
     optimizer = build_optimizer(recipe, denoiser)
     scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
     state = restore(plan, recipe, denoiser, optimizer, scheduler, digest)
@@ -149,9 +151,10 @@ def describe(recipe: Recipe, mask, denoiser, data, schedule: Schedule, accelerat
     log.info("model: %s | trainable %s of %s parameters (%.2f%%) | mask %r (id %d%s) | shift=%s",
              recipe.model.name_or_path or "scratch", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              mask.token, mask.id, ", added" if mask.added else "", recipe.shift)
-    log.info("data: %d train / %d validation examples; %d steps of %d examples (%d per epoch) on %d "
-             "process(es) (%s)", len(data[0]), len(data[1]), schedule.total_steps, schedule.per_step,
-             schedule.steps_per_epoch, accelerator.num_processes, accelerator.distributed_type.value)
+    processes = accelerator.num_processes
+    where = f"{processes} processes ({accelerator.distributed_type.value})" if processes > 1 else "1 process"
+    log.info("data: %d train / %d validation examples; %d steps of %d examples (%d per epoch) on %s",
+             len(data[0]), len(data[1]), schedule.total_steps, schedule.per_step, schedule.steps_per_epoch, where)
 
 
 def recipe_text(recipe: Recipe, out: Path, plan: ResumePlan | None) -> str:
@@ -315,9 +318,8 @@ def resume_command(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_terminal("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # lines above the bar, not on it
+    quiet_libraries()
     try:
         overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else []) + \
             (["resume_from=latest"] if args.resume else [])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .console import Parser, guarded, quiet_libraries
+from .console import Parser, guarded, printable, quiet_libraries
 from .sampling import STRATEGIES, Generation, default_strategy, get_strategy, split_options, strategy_options
 from .sampling.common import eos_token_ids
 from .sampling.render import LiveView, decode_pieces
@@ -170,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="confidence, threshold with --block-length: also freeze the rest of the answer's K/V while "
                           "a block is decoded, running only the block's slots per forward (Fast-dLLM's dual cache; "
                           "approximate; implies the prompt's cache)")
+    how.add_argument("--carry", action=argparse.BooleanOptionalAction, default=None,
+                     help="confidence, threshold on a block-causal run: a finished block joins the exact cache in the "
+                          "next block's first forward (default), or in a forward of its own (--no-carry)")
     how.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
                      help="confidence, threshold: stop once an answer's text is final (an EOS with every slot before "
                           "it committed); the same text in fewer forwards (default: on)")
@@ -299,7 +302,20 @@ def _plain(index: int | None, gen: Generation, ar: Generation | None) -> str:
         prefix = f" + {gen.prefix_forwards} prompt pass" if gen.prefix_forwards else ""
         lines.append(f"lad ({gen.strategy}, {gen.nfe} forwards{prefix}, {gen.seconds:.2f} s): {gen.text}")
         lines.append(f"ar  (parent, {ar.nfe} tokens, {ar.seconds:.2f} s): {ar.text}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
+
+
+TOY_PARAMETERS = 1_000_000
+
+
+def toy_note(denoiser) -> str | None:
+    """What to expect from a model this small (recipes/tiny.yaml: 140k parameters, trained for seconds), said where
+    its answers are shown so that noise is not taken for a broken install."""
+    count = sum(p.numel() for p in denoiser.parameters())
+    if count >= TOY_PARAMETERS:
+        return None
+    return (f"a {count:,}-parameter model answers with noise: it shows the pipeline working, not language "
+            "(docs/scratch.md trains a small model that writes words)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -318,6 +334,9 @@ def run(args: argparse.Namespace) -> int:
         from .run import check_parent
 
         check_parent(denoiser.info, args.model)
+    note = toy_note(denoiser)
+    if note:  # on stderr: a script reading the answers from stdout does not see it
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     view = None
     if args.show:
         stream = sys.stderr if args.json else sys.stdout

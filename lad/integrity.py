@@ -29,6 +29,7 @@ LAD_FIELDS = {
     "noise": _MAPPING, "adapter": (lambda v: v in ("lora", "full"), '"lora" or "full"'), "merged": _BOOL,
     "chat_template": (lambda v: isinstance(v, bool) or v == "raw", 'true, false or "raw"'), "max_length": _INT,
     "eos_padding": _BOOL, "attention": (lambda v: v in MODES, _one_of(MODES)),
+    "block_size": (lambda v: v is None or _INT[0](v) and v >= 1, "an integer >= 1 or null"),
     "step": _INT, "lad_version": _STR, "format": _INT, "extra": _MAPPING,
 }
 
@@ -61,6 +62,8 @@ def lad_json_problem(data: dict) -> str | None:
         problem = lad_field_problem(name, data[name]) if name in data else None
         if problem:
             return problem
+    if data.get("attention") == "block_causal" and data.get("block_size") is None:
+        return "block_size: attention block_causal needs its block_size (an integer >= 1)"
     if not 0 <= data["mask_token_id"] < data["vocab_size"]:
         return f"mask_token_id: must be in [0, vocab_size {data['vocab_size']}), got {data['mask_token_id']}"
     return None

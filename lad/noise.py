@@ -46,6 +46,9 @@ class NoiseConfig:
     max_span: int = 4  # span shift: span length 1..max_span
     max_shift: int = 2  # span shift: displacement 1..max_shift, either direction
     suffix_share: float = 0.0  # share of rows masked from a cut to the answer's end (left-to-right)
+    # block_causal only: a second noisy copy masks exactly what the first left visible (Fast-dLLM v2), so every
+    # answer token is supervised in every step (lad/training/blocks.py)
+    complementary: bool = False
 
     def validate(self) -> None:
         """Fail early with the field name, rather than train on a silently odd schedule."""
@@ -58,6 +61,9 @@ class NoiseConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1], got {value!r}")
+        if self.complementary and (self.objective != "mask" or self.suffix_share):
+            raise ValueError("complementary: needs objective mask and suffix_share 0 (the complement of a "
+                             "structural edit or of a suffix cut is not a sample of the same schedule)")
         for name in ("max_span", "max_shift"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from . import defaults
-from .modeling.attention import BIDIRECTIONAL
+from .modeling.attention import BIDIRECTIONAL, BLOCK_CAUSAL
 from .modeling.attention import MODES as ATTENTION_MODES
 from .modeling.locate import ModelNotFoundError, absolute_if_local, locate_model
 from .noise import NoiseConfig
@@ -183,6 +183,9 @@ class Recipe:
     # bidirectional: every token sees every token; prompt_causal: the prompt is read causally as the parent read
     # it and never sees the answer, the answer sees everything (lad/modeling/attention.py)
     attention: Literal[ATTENTION_MODES] = defaults.ATTENTION  # the modes lad/modeling/attention.py declares
+    # block_causal: the answer is denoised in blocks of this many tokens, causal across blocks (null: the default,
+    # lad/defaults.py BLOCK_SIZE); every block of an example trains in one pass (lad/training/blocks.py)
+    block_size: int | None = None
     eos_padding: bool = False  # pad answers with EOS inside the loss (LLaDA); off: it teaches EOS floods
     distill_weight: float = 0.0  # + weight·KL(causal parent || denoiser) where the parent is a valid target
     anneal_steps: int = 0  # causal → bidirectional attention over the first N steps (DiffuLLaMA); 0: switch at once
@@ -207,7 +210,7 @@ class Recipe:
         "distill_weight": AT_LEAST_0, "anneal_steps": AT_LEAST_0, "skip_bad_steps": AT_LEAST_0,
         "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "max_steps": AT_LEAST_1, "epochs": ABOVE_0,
         "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_1, "log_every": AT_LEAST_1,
-        "seed": SEED}
+        "seed": SEED, "block_size": AT_LEAST_1}
 
     def validate(self) -> None:
         check_ranges(self)
@@ -221,8 +224,24 @@ class Recipe:
             raise ValueError("anneal_steps: annealing builds 4-D attention masks, which flash_attention_2 cannot "
                              "take; use attn_implementation: sdpa")
         if self.attention != BIDIRECTIONAL and self.model.attn_implementation == "flash_attention_2":
-            raise ValueError("attention: prompt_causal builds 4-D attention masks, which flash_attention_2 cannot "
-                             "take; use attn_implementation: sdpa")
+            raise ValueError(f"attention: {self.attention} builds 4-D attention masks, which flash_attention_2 "
+                             "cannot take; use attn_implementation: sdpa")
+        self.validate_blocks()
+
+    def validate_blocks(self) -> None:
+        """block_size belongs to block_causal attention (its default filled in here, so recipe.yaml states it);
+        complementary masks and annealing are checked against it."""
+        if self.attention != BLOCK_CAUSAL:
+            if self.block_size is not None:
+                raise ValueError(f"block_size: only attention block_causal has blocks (attention is {self.attention})")
+            if self.noise.complementary:
+                raise ValueError("noise.complementary: needs attention block_causal (its one-pass training layout "
+                                 "holds the two complementary copies)")
+            return
+        if self.block_size is None:
+            self.block_size = defaults.BLOCK_SIZE
+        if self.anneal_steps:
+            raise ValueError("anneal_steps: block_causal attention is causal across blocks already; set anneal_steps: 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

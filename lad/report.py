@@ -9,12 +9,13 @@ parent's fit to this data the conversion kept, before any benchmark is run.
 
 from __future__ import annotations
 
-from .defaults import ITERS, MAX_NEW_TOKENS
-
 import json
 import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .console import printable
+from .defaults import ITERS, MAX_NEW_TOKENS
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Report:
             for name, seconds in (("lad", row["lad_seconds"]), ("ar", row["ar_seconds"])):
                 if row[name] is None:
                     continue
-                body = textwrap.fill(" ".join(row[name].split()) or "(empty)", width, initial_indent="    ",
+                body = textwrap.fill(printable(" ".join(row[name].split())) or "(empty)", width, initial_indent="    ",
                                      subsequent_indent="    ")
                 lines.append(f"  {name} ({seconds:.1f} s):\n{body}")
         if self.scored_examples:

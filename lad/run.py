@@ -59,7 +59,8 @@ class LadInfo:
     chat_template: bool | str = True  # "raw": trained on plain text only, prompts are continued as given
     max_length: int = 512
     eos_padding: bool = False
-    attention: str = "bidirectional"  # "prompt_causal": the prompt is read causally (lad/modeling/prompt_causal.py)
+    attention: str = "bidirectional"  # lad/modeling/attention.py: bidirectional, prompt_causal, block_causal
+    block_size: int | None = None  # block_causal: the answer block length it was trained with
     step: int = 0
     lad_version: str = __version__
     format: int = LAD_FORMAT
@@ -299,7 +300,8 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
         from .checkpoints import load_trainable_weights
 
         weights_fitting(lambda: load_trainable_weights(model, folder), folder, spec)
-    denoiser = Denoiser(model, info.mask_token_id, info.shift, info.attention, info=info).eval()
+    denoiser = Denoiser(model, info.mask_token_id, info.shift, info.attention, info=info,
+                        block_size=info.block_size).eval()
     if device is not None:
         denoiser.to(device)
     return denoiser, tokenizer, info

@@ -131,6 +131,20 @@ def train_tiny(out: Path, *overrides: str) -> Path:
     return out
 
 
+def stopped_copy(run: Path, copy: Path, step: int, later: int) -> Path:
+    """`copy` of the finished `run` as if it had stopped right after its step-`step` checkpoint (the checkpoint of
+    step `later` and the final weights gone, metrics cut), to resume and compare with the straight run."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "lad.json", "README.md"):
+        (copy / name).unlink(missing_ok=True)
+    shutil.rmtree(copy / "checkpoints" / f"step-{later:06d}")
+    kept = [m for m in read_metrics(run) if m["step"] <= step]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept), encoding="utf-8")
+    return copy
+
+
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 

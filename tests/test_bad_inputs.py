@@ -97,6 +97,10 @@ def ws(tmp_path_factory) -> Path:
     (root / "summary.md").write_text("my notes", encoding="utf-8")  # lad-eval would write summary.json + .md
     (root / "not_a_run").mkdir()
     (root / "not_a_run" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (root / "eval_data" / "arc_easy").mkdir(parents=True)  # local ARC-Easy: lad-eval gets as far as the model
+    (root / "eval_data" / "arc_easy" / "validation.jsonl").write_text(json.dumps(
+        {"id": "q1", "question": "What melts ice?", "choices": {"text": ["heat", "cold"], "label": ["A", "B"]},
+         "answerKey": "A"}) + "\n", encoding="utf-8")
     # bases a run does not fit, and pickle-only weights
     tiny_base(root / "narrow_base", hidden_size=48)
     tiny_base(root / "deep_base", num_hidden_layers=3)
@@ -260,7 +264,8 @@ CASES = [
     ("eval-iters-zero", E, ev("run", "--iters", "0"), ["--iters must be >= 1, got 0"]),
     ("eval-iters-not-a-number", E, ev("run", "--iters", "x"), ["--iters: invalid int value: 'x'"]),
     ("eval-mc-samples-zero", E, ev("run", "--mc-samples", "0"), ["--mc-samples must be >= 1"]),
-    ("eval-base-other-width", E, ev("run_narrow"), ["the weights do not fit the base model", "narrow_base"]),
+    ("eval-base-other-width", E, ev("run_narrow", "--data-dir", "{ws}/eval_data"),
+     ["the weights do not fit the base model", "narrow_base"]),
     ("eval-data-dir-missing", E, ev("run", "--data-dir", "{ws}/no_data"), ["no_data is not a folder"]),
 ]
 # issue 27: output paths, resume and interruption (lad/safety.py, lad/resume.py; tests/test_safety.py has the rest)
@@ -351,10 +356,10 @@ CASES += [
     ("generate-tokenizer-config-missing", G, gen("run_no_tok_config"),
      ["run_no_tok_config: no tokenizer_config.json: the run's tokenizer files are missing"]),
     ("generate-tokenizer-json-missing", G, gen("run_no_tokenizer"), ["run_no_tokenizer: no tokenizer.json"]),
-    ("eval-adapter-truncated", E, ev("run_adapter_half"),
+    ("eval-adapter-truncated", E, ev("run_adapter_half", "--data-dir", "{ws}/eval_data"),
      ["run_adapter_half/adapter_model.safetensors: " + SAFETENSORS]),
     ("eval-lad-json-a-list", E, ev("run_json_list"), ["run_json_list/lad.json: expected a JSON object"]),
-    ("eval-tokenizer-config-overwritten", E, ev("run_tok_config_garbage"),
+    ("eval-tokenizer-config-overwritten", E, ev("run_tok_config_garbage", "--data-dir", "{ws}/eval_data"),
      ["run_tok_config_garbage/tokenizer_config.json: unreadable, truncated or corrupt"]),
     ("export-adapter-overwritten", X, ["{ws}/run_adapter_garbage", "--out", "{ws}/exported"],
      ["run_adapter_garbage/adapter_model.safetensors: " + SAFETENSORS]),

@@ -3,6 +3,7 @@ splice. No timing is asserted anywhere: benchmarks measure, tests check the arit
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -178,3 +179,33 @@ def test_a_child_process_reports_its_own_peak_not_its_parents(tmp_path):
     child = float(subprocess.check_output([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1])],
                                           text=True).strip())
     assert parent >= 400 and child < parent - 200
+
+
+def test_generation_bench_settings_parse_as_written():
+    from eval.bench_generation import overlap, parse_setting
+
+    assert parse_setting("threshold:threshold=0.7,iters=N,carry=false", 128) == \
+        ("threshold", {"threshold": 0.7, "iters": 128, "carry": False})
+    assert parse_setting("confidence:iters=N/4", 64) == ("confidence", {"iters": 16})
+    assert parse_setting("ar", 64) == ("ar", {})
+    assert overlap([1, 2, 3], [1, 5, 3, 4]) == 0.5 and overlap([], []) == 1.0
+
+
+def test_generation_bench_runs_end_to_end_on_a_tiny_block_causal_run(tmp_path):
+    from conftest import train_tiny
+    from eval.bench_generation import main
+
+    run = train_tiny(tmp_path / "run", "attention=block_causal", "block_size=4", "shift=true", "noise.objective=mask",
+                     "max_steps=2", "eval_every=0", "save_every=0")
+    out = tmp_path / "bench.json"
+    assert main(["--runs", str(run), "--prompts", "2", "--max-new-tokens", "8", "--batch-sizes", "1", "2",
+                 "--settings", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false",
+                 "--out", str(out), "--plot", str(tmp_path / "front.png")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["setting"], r["batch_size"]) for r in rows] == [
+        (s, b) for b in (1, 2) for s in ("ar", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false")]
+    ar = [r for r in rows if r["setting"] == "ar"]
+    assert all(r["ppl_ratio"] == pytest.approx(1.0) and r["overlap_with_ar"] == 1.0 for r in ar)
+    half = next(r for r in rows if r["setting"] == "confidence:iters=N/2" and r["batch_size"] == 1)
+    assert half["tokens_per_forward"] > 1.5  # two commits per forward, fewer only past EOS
+    assert (tmp_path / "front.png").stat().st_size > 1000

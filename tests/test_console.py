@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lad.cli import main as lad
-from lad.console import Parser
+from lad.console import Parser, printable
 
 
 def parser() -> Parser:
@@ -29,6 +29,17 @@ def test_an_unknown_flag_is_one_line_with_a_suggestion(capsys):
     assert err.startswith("lad-x: error: unrecognized arguments: --num-fewshots 3 (did you mean --num_fewshot?)")
 
 
+def test_a_mistyped_required_flag_is_suggested_too(capsys):
+    """argparse reports the missing --model before the unknown --modle: the line names both."""
+    from lad.generate import parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--modle", "runs/x", "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err == ("lad-generate: error: the following arguments are required: --model "
+                                            "(--modle: did you mean --model?) (see lad-generate --help)\n")
+
+
 def test_every_lad_tool_uses_the_shared_parser():
     from lad import evaluation, export, finetune, generate
     from lad.demo import cli as demo
@@ -48,3 +59,8 @@ def test_lad_version_and_unknown_commands(capsys):
     assert err.count("\n") == 1 and "unknown command 'finetun' (did you mean finetune?)" in err
     assert lad(["frobnicate"]) == 2 and "unknown command 'frobnicate';" in capsys.readouterr().err
     assert lad([]) == 0 and "commands:" in capsys.readouterr().out
+
+
+def test_printable_keeps_lines_and_tabs_and_shows_every_other_control_character():
+    assert printable("a\x1b[2Jb\tc\nd\x07\r\x7f\x85") == "a\u241b[2Jb\tc\nd\u2407\u240d\u2421\ufffd"
+    assert printable("Paris.\n") == "Paris.\n"

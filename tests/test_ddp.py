@@ -40,8 +40,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path]:
+BLOCK_CAUSAL = ["attention=block_causal", "block_size=4", "shift=true", "noise.objective=mask",
+                "noise.complementary=true", "distill_weight=0.5"]  # the one-pass layout, with the parent's KL
+
+
+@pytest.fixture(scope="module", params=[[], BLOCK_CAUSAL], ids=["default", "block_causal"])
+def runs(tmp_path_factory, request) -> tuple[Path, Path]:
     if TORCHRUN is None or not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torchrun / gloo not available")
     root = tmp_path_factory.mktemp("ddp")
@@ -50,10 +54,10 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
            "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                              "--master_port", str(free_port()), "lad/finetune.py", TINY, "batch_size=8", *SAME,
-                             f"output_dir={two}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                             *request.param, f"output_dir={two}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
-    assert "on 2 process(es)" in result.stderr  # it really was two processes
-    assert main([TINY, "batch_size=8", "grad_accum=2", *SAME, f"output_dir={one}"]) == 0
+    assert "on 2 processes" in result.stderr  # it really was two processes
+    assert main([TINY, "batch_size=8", "grad_accum=2", *SAME, *request.param, f"output_dir={one}"]) == 0
     return two, one
 
 

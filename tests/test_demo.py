@@ -212,6 +212,34 @@ def test_stop_interrupts_the_pause_and_ends_the_stream(model):
 # ---------------------------------------------------------------- CLI
 
 
+def test_run_button_is_ready_again_only_after_the_sessions_last_run():
+    from lad.demo.app import Sessions
+
+    sessions = Sessions()
+    sessions.ask("a")
+    first = sessions.start("a")
+    sessions.ask("a")  # Enter while it runs: the first is told to stop, the second waits for the model
+    assert first["stop"].is_set()
+    assert not sessions.end("a", first)  # the first is over, but the second has not run yet
+    second = sessions.start("a")
+    assert sessions.end("a", second)
+    sessions.ask("a")
+    third = sessions.start("a")
+    third["status"] = "LAD: step 2/6"
+    assert sessions.stop("a") == "Stopped at LAD: step 2/6." and third["stop"].is_set()
+    assert sessions.end("a", third)  # the cancelled run ends once: the next Run is counted from here
+    sessions.ask("b")
+    assert sessions.stop("a") is None and "b" not in sessions.runs  # another session's Run is its own
+
+
+def test_header_names_a_scratch_base_and_the_toy_models_noise(model):
+    from lad.demo.app import describe
+
+    header = describe(model)
+    assert header.startswith("trained from scratch · objective") and "./base" not in header
+    assert "140,864-parameter model answers with noise" in header
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     pytest.importorskip("gradio")
     assert main(["--model", str(tmp_path)]) == 2
@@ -239,6 +267,25 @@ def test_missing_gradio_names_the_extra(monkeypatch, tmp_path, capsys):
         import_gradio()
     assert main(["--model", str(tmp_path)]) == 2
     assert "pip install 'lad[demo]'" in capsys.readouterr().err
+
+
+def test_startup_says_where_the_page_is_in_lad_terms(run_dir):
+    """One line with the address and how to stop it; no library warnings, no `share=True` in `launch()` hint."""
+    pytest.importorskip("gradio")
+    import subprocess
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lad.cli", "demo", "--model", run_dir, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        first = proc.stdout.readline()
+    finally:
+        proc.terminate()
+    rest = proc.communicate(timeout=30)[0]
+    assert first == f"lad-demo: open http://127.0.0.1:{port}/ in a browser; Ctrl-C stops the page (--share adds " \
+                    "a public link)\n", first + rest
+    assert "launch()" not in rest and "Warning" not in rest, rest
 
 
 def test_lad_demo_binds_loopback_by_default():
@@ -344,14 +391,18 @@ def test_page_in_a_real_browser(model, tmp_path):
                                 r"[\d.]+ s", status), status
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
+            assert page.is_enabled("#lad-run") and page.inner_text("#lad-run") == "Run"  # ready for the next
+
             set_number(page, "lad-iters", 40)  # a slow run: one step every 2 s
             set_number(page, "lad-pause", 2)
             page.click("#lad-run")
             page.wait_for_function("document.querySelector('#lad-status').innerText.includes('LAD: step 1/40')")
+            assert page.is_disabled("#lad-run") and page.inner_text("#lad-run") == "Running…"  # busy, visibly
             page.click("#lad-stop")
             page.wait_for_function("document.querySelector('#lad-status').innerText.startsWith('Stopped')")
             page.wait_for_timeout(2500)
             assert page.inner_text("#lad-status").startswith("Stopped")  # no later step overwrote it
+            assert page.is_enabled("#lad-run") and page.inner_text("#lad-run") == "Run"
             assert page.locator("#lad-view .lad-final").count() == 0 and page.locator("#lad-view .lad-tok").count()
 
             page.locator("#lad-prompt textarea").fill("")

@@ -141,7 +141,32 @@ def test_folder_contents_lad_json_and_card(runs, exported):
     assert "| shift | `true`: token i is predicted at position i-1 |" in body
     assert "| training | LoRA r=16, alpha=32, targets all-linear; 4 optimizer steps; max_length 128 |" in body
     assert "No evaluation results" in body
-    assert "shift: true" in body.split("## Recipe")[1]  # the recipe used, verbatim
+    assert "shift: true" in body.split("## Recipe")[1]  # the recipe used
+    assert "converted from a randomly initialised model" in body
+
+
+def test_nothing_machine_local_in_the_card_and_one_file_mode(runs, exported):
+    """A shared folder: the card names no folder of the exporting machine (lad.json keeps the provenance), and
+    the weights are as readable as the files beside them (safetensors writes them owner-only)."""
+    out, run = exported["noshift"], runs["noshift"]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    for local in (str(run.resolve()), str(run.resolve().parent), str(REPO), str(Path.home())):
+        assert local not in card
+    assert "path: …/tiny_tasks.jsonl" in card and "output_dir: …/run" in card
+    mode = lambda path: path.stat().st_mode & 0o777  # noqa: E731
+    modes = {p.name: mode(p) for p in out.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+    assert mode(run / "adapter_model.safetensors") == mode(run / "lad.json")  # the run's own files too
+    assert mode(run / "base" / "model.safetensors") == mode(run / "base" / "config.json")
+
+
+def test_the_run_folders_card_says_what_it_is(runs):
+    card = (runs["noshift"] / "README.md").read_text(encoding="utf-8")
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "peft" and "lad" in meta["tags"] and "base_model" not in meta  # scratch base
+    assert "Model Card for Model ID" not in card and "# A LAD run: LoRA adapter" in body
+    assert "lad-generate --model RUN_DIR" in body and str(runs["noshift"]) not in card
 
 
 def test_card_lists_the_run_eval_results_and_hub_base(runs, tmp_path):

@@ -19,6 +19,8 @@ import yaml
 
 from lad.recipe import from_dict, load_recipe
 
+from conftest import stopped_copy
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = "recipes/tiny.yaml"
 TINY_DATA = REPO / "recipes" / "data" / "tiny_tasks.jsonl"
@@ -192,14 +194,7 @@ def test_load_run_matches_the_training_time_model(run_a):
 
 
 def test_resume_from_latest_replays_exactly(run_a, tmp_path):
-    b = tmp_path / "B"
-    shutil.copytree(run_a, b)
-    # as if the run had stopped right after its step-20 checkpoint
-    for name in ("adapter_config.json", "adapter_model.safetensors", "lad.json", "README.md"):
-        (b / name).unlink(missing_ok=True)
-    shutil.rmtree(b / "checkpoints" / "step-000040")
-    kept = [m for m in read_metrics(run_a) if m["step"] <= 20]
-    (b / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in kept), encoding="utf-8")
+    b = stopped_copy(run_a, tmp_path / "B", 20, 40)
 
     check_ok(launch_cpu(f"output_dir={b}", *RUN_ARGS, "resume_from=latest"))
 
@@ -247,10 +242,26 @@ def test_checkpoint_or_best_folder_loads_as_a_model(run_a, tmp_path):
         load_run(training)  # the run itself has no final weights yet
 
 
+def readme_launch() -> list[str]:
+    """The README's own `accelerate launch ... lad/finetune.py` words, so the tests run what the README says."""
+    line = next(line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+                if line.startswith("accelerate launch") and " recipes/tiny.yaml " in line)
+    words = line.split()
+    return words[1:words.index("recipes/tiny.yaml")]
+
+
+README_LAUNCH = readme_launch()
+
+
 def test_readme_command_without_cpu_flag(tmp_path):
+    """The README's command, as a user runs it: no launcher warning, no library warning, no stray bar."""
     out = tmp_path / "C"
-    result = run([script("accelerate"), "launch", "lad/finetune.py", TINY, "max_steps=20", f"output_dir={out}"])
+    result = run([script("accelerate"), *README_LAUNCH, TINY, "max_steps=20", f"output_dir={out}"])
     check_ok(result)
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    noise = [line for line in lines if not line.startswith("lad: ") and " lad." not in line]
+    assert not noise, noise  # only LAD's log lines and its one progress bar
+    assert not [line for line in lines if "warn" in line.lower() or "process(es)" in line]
     info = json.loads((out / "lad.json").read_text(encoding="utf-8"))
     assert info["step"] == 20
     assert (out / "adapter_model.safetensors").is_file()
@@ -268,6 +279,17 @@ def test_bad_recipe_key_exits_2_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "lad-finetune: error: recipes/tiny.yaml: unknown key 'max_step' (did you mean 'max_steps'?)"]
     assert not out.exists()
+
+
+def test_headline_command_fails_with_one_line(tmp_path):
+    """`accelerate launch` as the README writes it: LAD's line alone (no launcher traceback). accelerate exits
+    1 whatever status the script returns; `lad-finetune` keeps LAD's 2."""
+    out = tmp_path / "never"
+    result = run([script("accelerate"), *README_LAUNCH, TINY, "max_step=20", f"output_dir={out}"], timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "lad-finetune: error: recipes/tiny.yaml: unknown key 'max_step' (did you mean 'max_steps'?)"]
+    assert result.stdout == "" and not out.exists()
 
 
 def test_non_empty_output_dir_exits_2_and_keeps_files(tmp_path):

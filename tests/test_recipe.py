@@ -467,8 +467,11 @@ def _valid(cls):
             DataSource: recipe.data.train[0], NoiseConfig: recipe.noise, OptimSpec: recipe.optim}.get(cls) or cls()
 
 
+NEEDS = {"block_size": {"attention": "block_causal"}}  # keys that only mean something beside another setting
+
+
 def _accepts(obj, key, value) -> bool:
-    obj = dataclasses.replace(obj, **{key: value})
+    obj = dataclasses.replace(obj, **{key: value}, **(NEEDS.get(key, {}) if isinstance(obj, Recipe) else {}))
     try:
         obj.validate()
     except ValueError as err:

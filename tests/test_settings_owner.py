@@ -62,8 +62,11 @@ def test_prefix_cache_exactness_is_the_denoisers_answer():
 
     tiny_model = make_tiny_model()
     for mode in MODES:
-        assert Denoiser(tiny_model, 5, attention=mode).prefix_cache_exact is prefix_cache_exact(mode)
-    assert [m for m in MODES if prefix_cache_exact(m)] == ["prompt_causal"]
+        blocks = 4 if mode == "block_causal" else None
+        assert Denoiser(tiny_model, 5, attention=mode, block_size=blocks).prefix_cache_exact is prefix_cache_exact(mode)
+    assert [m for m in MODES if prefix_cache_exact(m)] == ["prompt_causal", "block_causal"]
+    with pytest.raises(ValueError, match="block_size: attention block_causal needs an integer block_size"):
+        Denoiser(tiny_model, 5, attention="block_causal")
     with pytest.raises(ValueError, match="attention must be one of bidirectional, prompt_causal"):
         Denoiser(tiny_model, 5, attention="block")
 

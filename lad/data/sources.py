@@ -194,9 +194,18 @@ def _read_hub(name: str, split: str, max_rows: int | None) -> Rows:
     """`datasets.load_dataset("owner/name", config, split=split)` for `owner/name[:config]`."""
     import datasets
 
+    from ..hub import offline_reason
+
     repo, _, config = name.partition(":")
+    reason = offline_reason()  # no hub: from the cache at once, not after a minute of retries
     try:
         ds = datasets.load_dataset(repo, config or None, split=split)
+    except ConnectionError as e:
+        if reason is None:
+            raise DataError(f"{name}: cannot load dataset from the hub ({type(e).__name__}: {e})") from e
+        raise DataError(f"{name}: not a local file or folder, not in the local data set cache "
+                        f"({datasets.config.HF_DATASETS_CACHE}), and {reason}; check the path, or point the "
+                        "recipe's data path at a local copy") from None
     except Exception as e:
         raise DataError(f"{name}: cannot load dataset from the hub ({type(e).__name__}: {e})") from e
     return _to_rows(ds, name, max_rows)

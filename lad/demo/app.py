@@ -1,7 +1,8 @@
 """The Gradio page of `lad-demo`: prompt, Run/Stop, the LAD panel, the AR parent's panel, settings.
 
 Only layout and wiring live here; what a Run shows comes from `DemoModel.stream` (lad/demo/model.py). Each browser
-session has its own stop flag (keyed by Gradio's session hash), so Stop ends that session's run only.
+session has its own stop flag (keyed by Gradio's session hash), so Stop ends that session's run only. While a
+Run is asked for, waiting for the model or running, its button reads "Running…" and is disabled.
 Element ids (`lad-prompt`, `lad-run`, `lad-stop`, `lad-status`, `lad-view`, `ar-view`, ...) are what the
 browser test drives.
 """
@@ -9,6 +10,7 @@ browser test drives.
 import threading  # no `from __future__ import annotations`: Gradio must see the real `gr.Request` hints
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
+from ..generate import toy_note
 from ..sampling import STRATEGIES, default_strategy
 from . import view
 from .model import DemoModel, import_gradio
@@ -23,8 +25,10 @@ def describe(model: DemoModel) -> str:
     if info is None:
         return ""
     base = info.base_model.get("name_or_path") or info.base_model.get("init", "")
-    return (f"base `{base}` · objective `{info.objective}` · shift `{info.shift}` · mask token "
-            f"`{info.mask_token}` · step {info.step}")
+    base = "trained from scratch" if base == "./base" else f"base `{base}`"  # a scratch base kept in the run
+    note = toy_note(model.denoiser)
+    return (f"{base} · objective `{info.objective}` · shift `{info.shift}` · mask token `{info.mask_token}` · "
+            f"step {info.step}" + (f"\n\n**Note:** {note}." if note else ""))
 
 
 SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_start", "retention", "temperature",
@@ -64,10 +68,54 @@ def settings_controls(gr, model: DemoModel) -> dict:
                 compare=compare)
 
 
+class Sessions:
+    """Each browser session's run: its stop flag and last status line, and how many Runs it asked for and saw
+    end, so the Run button is enabled again only when the session's last Run is over."""
+
+    def __init__(self):
+        self.runs: dict[str, dict] = {}  # session → {"stop": Event, "status": last status line}
+        self.asked: dict[str, int] = {}
+        self.ended: dict[str, int] = {}
+
+    def ask(self, key: str) -> None:
+        """Run clicked (or Enter): counted, and this session's current run told to end."""
+        self.asked[key] = self.asked.get(key, 0) + 1
+        if key in self.runs:
+            self.runs[key]["stop"].set()
+
+    def start(self, key: str) -> dict:
+        state = self.runs[key] = {"stop": threading.Event(), "status": ""}
+        return state
+
+    def end(self, key: str, state: dict) -> bool:
+        """The run is over (finished, failed or cancelled); True when no later Run of this session waits."""
+        state["stop"].set()  # a cancelled page event must not leave the worker running
+        if self.runs.get(key) is state:
+            del self.runs[key]
+        self.ended[key] = min(self.ended.get(key, 0) + 1, self.asked.get(key, 0))  # a cancelled run is counted once
+        return self.ended[key] == self.asked.get(key, 0)
+
+    def stop(self, key: str) -> str | None:
+        """Stop pressed: every Run of this session is cancelled; the status line to show, None when idle."""
+        self.ended[key] = self.asked.get(key, 0)
+        state = self.runs.get(key)
+        if state is None:
+            return None
+        state["stop"].set()
+        return f"Stopped at {state['status']}." if state["status"] else "Stopped."
+
+
+def session(request) -> str:
+    return getattr(request, "session_hash", None) or ""
+
+
 def build_app(model: DemoModel, title: str = "LAD demo"):
     """The page for one loaded run (a `gradio.Blocks`; call `.queue().launch(...)` on it)."""
     gr = import_gradio()
-    runs: dict[str, dict] = {}  # session hash → {"stop": Event, "status": last status line}
+    sessions = Sessions()
+
+    def ready():  # the Run button between runs; while one runs (or waits for the model) it reads "Running…"
+        return gr.Button("Run", interactive=True)
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\n{describe(model)}\n\nType a prompt and watch the answer form: {LEGEND}")
@@ -87,37 +135,37 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
                 ar_out = gr.HTML(view.placeholder_html(""), elem_id="ar-view")
         controls = settings_controls(gr, model)
 
+        def on_ask(request: gr.Request):  # unqueued: shown at once, even while another session holds the model
+            sessions.ask(session(request))
+            return gr.Button("Running…", interactive=False), "Waiting for the model…"
+
         def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
                    pause, remask, threshold, block_length, delay_eos, block_cache, compare, request: gr.Request):
-            key = getattr(request, "session_hash", None) or ""
-            if key in runs:
-                runs[key]["stop"].set()  # a new Run ends this session's previous one
-            state = runs[key] = {"stop": threading.Event(), "status": ""}
+            key = session(request)
+            state = sessions.start(key)
             settings = dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, noise_start=noise_start,
                             no_noise=no_noise, retention=retention, remask=remask, temperature=temperature,
                             seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos,
                             block_cache=block_cache)
+            last = False
             try:
                 for frame in model.stream(prompt, settings, pause, compare, state["stop"]):
                     state["status"] = frame.status
-                    yield frame.lad, frame.ar, frame.status
+                    yield frame.lad, frame.ar, frame.status, gr.skip()
             except Exception as err:  # noqa: BLE001 — an error belongs in the page
-                yield gr.skip(), gr.skip(), view.error_text(f"{type(err).__name__}: {err}")
+                yield gr.skip(), gr.skip(), view.error_text(f"{type(err).__name__}: {err}"), gr.skip()
             finally:
-                state["stop"].set()  # a cancelled page event must not leave the worker running
-                if runs.get(key) is state:
-                    del runs[key]
+                last = sessions.end(key, state)
+            yield gr.skip(), gr.skip(), gr.skip(), ready() if last else gr.skip()  # (Stop: on_stop does it)
 
         def on_stop(request: gr.Request):
-            state = runs.get(getattr(request, "session_hash", None) or "")
-            if state is None:
-                return gr.skip()
-            state["stop"].set()
-            return f"Stopped at {state['status']}." if state["status"] else "Stopped."
+            line = sessions.stop(session(request))
+            return (gr.skip() if line is None else line), ready()
 
         inputs = [prompt, *(controls[name] for name in SETTINGS)]
-        outputs = [lad_out, ar_out, status]
-        events = [run.click(on_run, inputs, outputs), prompt.submit(on_run, inputs, outputs)]
-        stop.click(on_stop, None, status, cancels=events)
+        outputs = [lad_out, ar_out, status, run]
+        events = [trigger(on_ask, None, [run, status], queue=False).then(on_run, inputs, outputs)
+                  for trigger in (run.click, prompt.submit)]
+        stop.click(on_stop, None, [status, run], cancels=events)
         controls["compare"].change(lambda on: gr.Column(visible=on), controls["compare"], ar_column)
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..console import Parser, quiet_libraries
 from .model import PROG, DemoModel, import_gradio
@@ -22,10 +23,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def serve(app, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True):
     """Launch the page (what `lad-demo` and the browser test both call); block=False returns at once, and
-    `app.close()` stops it. One generation at a time: they share one model."""
-    return app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=share,
-                                                         prevent_thread_lock=not block, quiet=not block,
-                                                         show_error=True)
+    `app.close()` stops it. One generation at a time: they share one model. Gradio's own startup lines (its
+    hint names `launch()`, not a flag of this command) are replaced by LAD's."""
+    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=share,
+                                                  prevent_thread_lock=True, quiet=True, show_error=True)
+    if not block:
+        return app
+    print(f"{PROG}: open {app.local_url} in a browser; Ctrl-C stops the page"
+          + ("" if share else " (--share adds a public link)"), flush=True)
+    try:
+        while app.is_running:
+            time.sleep(0.2)
+    finally:
+        app.close()
+    return app
 
 
 def address_problem(host: str, port: int | None) -> str | None:

@@ -13,6 +13,7 @@ import html
 import math
 from typing import NamedTuple
 
+from ..console import printable
 from ..sampling import STRATEGIES
 from ..sampling.render import MASK_GLYPH, visible
 
@@ -66,7 +67,7 @@ def segments_html(parts: list[Segment]) -> str:
 
 def plain(text: str) -> str:
     """An answer as text: real line breaks, every other control character visible."""
-    return "\n".join(visible(part) for part in text.split("\n"))
+    return printable(text)
 
 
 def final_html(text: str) -> str:

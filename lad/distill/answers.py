@@ -70,11 +70,14 @@ def _model_name(model) -> str:
 
 def _load(model, dtype: str, device):
     from ..modeling.load import load_base
+    from ..modeling.locate import ModelNotFoundError
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(name_or_path=str(model), dtype=dtype)
     spec.validate()
     try:
         model, tokenizer = load_base(spec)
+    except ModelNotFoundError:  # says what is missing and where LAD looked
+        raise
     except OSError as err:  # hub id not cached offline, unreadable folder, ...
         raise DistillError(f"cannot load model {spec.name_or_path}: {str(err).splitlines()[0]}") from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
-from ..console import Parser, guarded
+from ..console import Parser, guarded, log_to_terminal, quiet_libraries
 
 from .answers import distill
 from .prompts import PROG, DistillError
@@ -78,11 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; ours is the one that matters
+    log_to_terminal(f"{PROG}: %(message)s")  # above our progress bar, not glued onto it
+    quiet_libraries()  # weight-loading bars and library warnings; our bar is the one that matters
     return guarded(PROG, lambda: run(args),
                    on_interrupt="the rows written so far are kept: rerun the same command to resume")
 

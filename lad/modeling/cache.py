@@ -277,3 +277,62 @@ def window_logits(denoiser, input_ids: Tensor, attention_mask: Tensor, positions
     with cropped_back(cache.kv, cache.key_mask.shape[1]):  # back to the frozen columns alone
         hidden = denoiser.decode_into(input_ids[:, start:end], mask, position_ids, cache.kv)
     return denoiser.head_at(hidden, start, positions, cache.last_hidden)
+
+
+# -- the exact block cache of a block-causal run
+#
+# Under block-causal attention (lad/modeling/attention.py) a block never sees a later one, so once a block is
+# finished its keys and values are final: they join the cache once and every later forward runs only the current
+# block against the prompt and the finished blocks. Exact, unlike the dual cache above. A finished block joins
+# either in the next block's first forward ("carry": one forward over both blocks, the finished one blind to the
+# new one, its columns kept, SDAR/Fast-dLLM v2) or in a forward of its own (`carry=False`).
+
+
+def _rows_from(mask, first: int):
+    """The query rows from canvas column `first` on of a decoder mask (one tensor or {layer type: tensor})."""
+    if isinstance(mask, dict):
+        return {kind: m[:, :, first:] for kind, m in mask.items()}
+    return mask[:, :, first:]
+
+
+class GrowingCache:
+    """The prompt's and every finished block's keys and values (canvas columns [0, length)), for a block-causal
+    Denoiser. `extensions` counts the forwards spent only on adding a finished block (carry=False)."""
+
+    def __init__(self, prefix: PrefixCache, block_size: int, carry: bool = True):
+        from transformers import DynamicCache
+
+        self.kv = prefix.kv if prefix.kv is not None else DynamicCache()
+        self.ids, self.length = prefix.ids, prefix.length
+        self.last_hidden = prefix.last_hidden  # [B, H] of column length-1 (shift: it predicts the next slot)
+        self.block_size, self.carry, self.extensions = block_size, carry, 0
+
+    def _run(self, denoiser, ids: Tensor, attention_mask: Tensor, answer_start: Tensor, end: int,
+             keep: int) -> Tensor:
+        """Hidden states of canvas columns [length, end) against the cache, block-causally; afterwards the cache
+        holds columns [0, keep) (the finished ones), and `last_hidden` column keep-1's."""
+        first = self.length
+        if not torch.equal(ids[:, :first], self.ids.to(ids.device)):
+            raise ValueError(f"the canvas no longer starts with its {first} cached columns (a finished block changed)")
+        mask = denoiser.attention_for(ids[:, :end], attention_mask[:, :end], answer_start, block_size=self.block_size)
+        position_ids = position_ids_from_mask(attention_mask)[:, first:end]
+        hidden = denoiser.decode_into(ids[:, first:end], _rows_from(mask, first), position_ids, self.kv)
+        grown = self.kv.get_seq_length() - keep
+        if grown > 0:
+            self.kv.crop(-grown)
+        if keep > first:
+            self.ids, self.length = ids[:, :keep].clone(), keep
+            self.last_hidden = hidden[:, keep - first - 1] if denoiser.shift else None
+        return hidden
+
+    def block_logits(self, denoiser, ids: Tensor, attention_mask: Tensor, answer_start: Tensor, positions: Tensor,
+                     start: int, end: int) -> Tensor:
+        """Logits [N, V] for `positions` (bool [B, L], inside the block [start, end) of canvas columns) from a
+        forward over the block against the prompt and the finished blocks; the finished blocks before `start`
+        not yet cached join the cache first (carry=False: a forward of their own) or in this forward."""
+        if not self.carry and self.length < start:
+            self._run(denoiser, ids, attention_mask, answer_start, start, keep=start)
+            self.extensions += 1
+        first, before = self.length, self.last_hidden
+        hidden = self._run(denoiser, ids, attention_mask, answer_start, end, keep=start)
+        return denoiser.head_at(hidden, first, positions, before if denoiser.shift else None)

@@ -18,7 +18,8 @@ prompt alone once and keeps its keys and values; `forward(..., cache=...)` then 
 cached prefix against them (`decode_into` is the cached decoder call every cache of cache.py makes). The prefix
 does not see the rest of the canvas, so this equals a full forward whose mask forbids the prefix's rows from
 attending to later columns: it only approximates the bidirectional forward, and it is exact for prompt-causal
-attention (`attention="prompt_causal"`, whose prompt never sees the canvas).
+attention (`attention="prompt_causal"` or `"block_causal"`, whose prompt never sees the canvas). A block-causal run
+also caches each finished answer block exactly (`GrowingCache`, lad/modeling/cache.py).
 With `shift=True` the prediction for the first answer slot is read from the last prompt token: a bidirectional
 model recomputes that column with the canvas, a prompt-causal one keeps its hidden state in the cache.
 """
@@ -47,12 +48,13 @@ def previous_positions(positions: Tensor, who: str) -> Tensor:
 
 class Denoiser(nn.Module):
     def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, attention: str = "bidirectional",
-                 info=None):
+                 info=None, block_size: int | None = None):
         super().__init__()
         self.model = model  # a transformers CausalLM, or a PeftModel around one
         self.mask_id = int(mask_id)
         self.shift = bool(shift)
-        self.attention = modes.check_mode(attention)  # lad/modeling/attention.py
+        self.attention = modes.check_mode(attention, block_size)  # lad/modeling/attention.py
+        self.block_size = block_size if attention == modes.BLOCK_CAUSAL else None  # the trained block length
         self.info = info  # the run's settings (`run.LadInfo`, from lad.json): the one owner samplers, scorers ask
         make_bidirectional(model)
 
@@ -71,30 +73,46 @@ class Denoiser(nn.Module):
         return self.attention == modes.PROMPT_CAUSAL
 
     @property
+    def block_causal(self) -> bool:
+        return self.attention == modes.BLOCK_CAUSAL
+
+    @property
     def prefix_cache_exact(self) -> bool:
         """Whether a prompt K/V cache changes nothing for this model (its prompt never sees the answer)."""
         return modes.prefix_cache_exact(self.attention)
 
     def attention_for(self, input_ids: Tensor, attention_mask, answer_start: Tensor | None,
-                      annealed: Tensor | None = None):
+                      annealed: Tensor | None = None, block_size: int | None = None):
         """The mask the decoder gets, for any mode: the 2-D padding mask (transformers' bidirectional path), or the
         4-D mask of the run's mode (prompt-causal needs `answer_start`: without it the prompt would be read
         bidirectionally, which is not what the model was trained on), combined with an annealing draw
         (`annealed`, training only), cut to the model's sliding windows (lad/modeling/windows.py). A 4-D mask (or
-        per-layer-type masks) is passed on as it is."""
+        per-layer-type masks) is passed on as it is. `block_size`: a block-causal run's blocks (default: the
+        trained block length; a sampler may decode in smaller blocks)."""
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() == 4):
             return attention_mask
         padding = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        mask = modes.allowed(self.attention, padding, answer_start, annealed)
+        mask = modes.allowed(self.attention, padding, answer_start, annealed, block_size or self.block_size)
         if mask is None:
             return attention_mask
-        return decoder_mask(*mask, self.config, self.causal_lm.get_input_embeddings().weight.dtype)
+        return decoder_mask(*mask, self.config, self.mask_dtype)
+
+    @property
+    def mask_dtype(self) -> torch.dtype:
+        return self.causal_lm.get_input_embeddings().weight.dtype
+
+    def layout_mask(self, kind: Tensor, block: Tensor, attention_mask: Tensor, position_ids: Tensor):
+        """The decoder mask of a block-causal training row laid out as prompt, clean answer and noisy copies
+        (`attention.layout_allowed`; lad/training/blocks.py), windows cut by position."""
+        allowed = modes.layout_allowed(kind, block, attention_mask)
+        return decoder_mask(allowed, kind != modes.PROMPT, self.config, self.mask_dtype, position_ids)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      position_ids: Tensor | None = None, answer_start: Tensor | None = None) -> Tensor:
+                      position_ids: Tensor | None = None, answer_start: Tensor | None = None,
+                      block_size: int | None = None) -> Tensor:
         if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 and position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        attention_mask = self.attention_for(input_ids, attention_mask, answer_start)
+        attention_mask = self.attention_for(input_ids, attention_mask, answer_start, block_size=block_size)
         out = self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -124,7 +142,7 @@ class Denoiser(nn.Module):
 
         if prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
-        exact = self.prompt_causal
+        exact = self.prefix_cache_exact
         length = max(prompt_ids.shape[1] - (1 if self.shift and not exact else 0), 0)
         ids, mask = prompt_ids[:, :length], prompt_mask[:, :length]
         if not length:
@@ -141,7 +159,8 @@ class Denoiser(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: PrefixCache | None = None,
-                answer_start: Tensor | None = None) -> Tensor:
+                answer_start: Tensor | None = None, block_size: int | None = None,
+                sources: Tensor | None = None) -> Tensor:
         """Logits for token i at index i.
 
         positions: optional bool [B, L]; then only those tokens are predicted and the result is [N, V] in
@@ -151,13 +170,20 @@ class Denoiser(nn.Module):
         the prefix. The result has the same shape and order as without the cache.
         answer_start: LongTensor [B], each row's first answer column; required with prompt-causal attention and
         ignored otherwise (callers pass it always: they know where the prompt ends, the model decides).
+        block_size: a block-causal run's blocks for this forward (default: the trained block length).
+        sources: LongTensor [N], flat indices into [B·L] of the columns whose hidden states give the N predictions,
+        in order, instead of `positions` and the shift rule (the block-causal training layout, where a block's
+        first token is read from the clean copy: lad/training/blocks.py). The result is [N, V].
         """
+        if sources is not None:
+            hidden = self.hidden_states(input_ids, attention_mask, position_ids, answer_start)
+            return self.head(hidden.flatten(0, 1)[sources])
         if cache is not None and cache.length:
             if positions is None:
                 raise ValueError("a cached forward needs `positions` (the tokens to predict)")
             hidden = hidden_after_prefix(self, input_ids, attention_mask, position_ids, cache)
             return self.head_at(hidden, cache.length, positions, cache.last_hidden)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, answer_start)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, answer_start, block_size)
         if positions is None:
             logits = self.head(hidden)
             if self.shift:

@@ -19,6 +19,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..hub import check_hub_model
 from ..recipe import ModelSpec
 from .bidirectional import UnsupportedArchitectureError, check_model_type
 from .byte_tokenizer import build_byte_tokenizer
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 class UnsafeWeightsError(ModelNotFoundError):
@@ -104,6 +106,8 @@ def model_folder(spec: ModelSpec) -> str:
     location = locate_model(spec.name_or_path)
     if location.kind == "gguf":
         return str(dequantised_gguf_folder(spec, location.path))
+    if location.kind == "hub":  # one line in seconds when neither the hub nor its cache has it
+        check_hub_model(location.path, "model", spec.revision)
     return location.path
 
 
@@ -116,13 +120,21 @@ def load_tokenizer(spec: ModelSpec, folder: str | None = None):
     else:
         location = locate_model(ref)
         ref = location.path
+        if location.kind == "hub":
+            check_hub_model(ref, "tokenizer", spec.revision)
         if location.kind == "gguf":  # a tokenizer alone (a scratch model's): read it from the file, no dequantising
             cached = _gguf_cache_dir(spec, location.path)
             if not (cached / "config.json").is_file():
                 folder, name = os.path.split(os.path.abspath(location.path))
                 return AutoTokenizer.from_pretrained(folder, gguf_file=name)
             ref = str(cached)
-    return AutoTokenizer.from_pretrained(ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(ref, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:  # a local folder without tokenizer files: transformers' message is cut off
+        if not os.path.isdir(ref) or any(os.path.isfile(os.path.join(ref, n)) for n in TOKENIZER_FILES):
+            raise
+        raise ModelNotFoundError(f"{ref}: no tokenizer files in this folder (looked for {', '.join(TOKENIZER_FILES)}"
+                                 "); copy them from the base model (a recipe can name one: model.tokenizer)") from err
 
 
 def quantization_config(spec: ModelSpec, compute_dtype: torch.dtype):

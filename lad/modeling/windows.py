@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 
-
 def layer_windows(config) -> dict[str, int | None]:
     """{layer type: its sliding window, None for full attention}; one entry when every layer is alike."""
     window = getattr(config, "sliding_window", None)
@@ -29,21 +28,26 @@ def layer_windows(config) -> dict[str, int | None]:
     return {kind: (window if kind == "sliding_attention" else None) for kind in dict.fromkeys(types)}
 
 
-def window_band(length: int, bidirectional_rows: Tensor, window: int) -> Tensor:
-    """Bool [B, L, L]: the keys within `window` of each query (bidirectional_rows: bool [B, L], per query)."""
+def window_band(length: int, bidirectional_rows: Tensor, window: int, position_ids: Tensor | None = None) -> Tensor:
+    """Bool [B, L, L]: the keys within `window` of each query (bidirectional_rows: bool [B, L], per query), by
+    column distance, or by position distance when `position_ids` [B, L] are given (the training layout of
+    block-causal runs holds copies of the answer at the same positions: lad/training/blocks.py)."""
     index = torch.arange(length, device=bidirectional_rows.device)
-    distance = index[:, None] - index[None, :]  # [q, k]: q - k
+    where = index[None, :] if position_ids is None else position_ids.to(bidirectional_rows.device)
+    distance = where[:, :, None] - where[:, None, :]  # [B, q, k]: q - k
     causal = distance < window  # keys after q are cut by the causal part of the mask itself
     both = distance.abs() <= window
-    return torch.where(bidirectional_rows[:, :, None], both[None], causal[None])
+    return torch.where(bidirectional_rows[:, :, None], both, causal)
 
 
-def decoder_mask(allowed: Tensor, bidirectional_rows: Tensor, config, dtype: torch.dtype) -> Tensor | dict:
+def decoder_mask(allowed: Tensor, bidirectional_rows: Tensor, config, dtype: torch.dtype,
+                 position_ids: Tensor | None = None) -> Tensor | dict:
     """The additive 4-D mask(s) for the decoder from `allowed` (bool [B, L, L]): one tensor when every layer has
     the same window, else {layer type: mask}, which Qwen2/Qwen3 take per layer."""
     masks = {}
     for kind, window in layer_windows(config).items():
-        cut = allowed if window is None else allowed & window_band(allowed.shape[-1], bidirectional_rows, window)
+        cut = allowed if window is None else \
+            allowed & window_band(allowed.shape[-1], bidirectional_rows, window, position_ids)
         masks[kind] = additive(cut, dtype)
     return next(iter(masks.values())) if len(masks) == 1 else masks
 

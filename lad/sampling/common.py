@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..data.formats import prompt_ids
 from ..modeling.attention import answer_start_at
-from ..modeling.cache import refresh_block, window_logits
+from ..modeling.cache import GrowingCache, refresh_block, window_logits
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Canvas:
     attention_mask: Tensor  # [B, P + N]
     prompt_width: int  # P: answers are ids[:, P:]
     prompts: list[str]
+    block_size: int | None = None  # a block-causal run's blocks while this canvas is decoded (`decode_blocks`)
 
     @property
     def answer(self) -> Tensor:
@@ -143,14 +144,37 @@ def sampler_cache(denoiser, canvas: Canvas, prefix_cache: bool | None, block_cac
     return prompt_cache(denoiser, canvas) if prefix_cache else None
 
 
+def decode_blocks(denoiser, canvas: Canvas, block_length: int | None) -> int | None:
+    """The block length a sampler decodes `canvas` in: as given, else a block-causal run's trained block (None for
+    other runs: one block). A block-causal canvas then reads its answer in blocks of that length."""
+    trained = getattr(denoiser, "block_size", None)
+    if trained is not None:
+        canvas.block_size = block_length or trained
+    return block_length or trained
+
+
+def growing_cache(denoiser, canvas: Canvas, cache, carry: bool = True) -> GrowingCache | None:
+    """The exact block cache (lad/modeling/cache.py) of a block-causal run decoding with the prompt's cache, whose
+    finished blocks join the cache; None otherwise (no cache, or not block-causal)."""
+    if cache is None or canvas.block_size is None:
+        return None
+    return GrowingCache(cache, canvas.block_size, carry)
+
+
+def extra_forwards(exact: GrowingCache | None) -> int:
+    """Forwards an exact block cache spent only on adding finished blocks (carry=False), counted in NFE."""
+    return exact.extensions if exact is not None else 0
+
+
 def answer_logits(denoiser, canvas: Canvas, cache=None) -> Tensor:
     """[B, N, V] float logits for the answer slots (the shift, if any, is the Denoiser's business).
 
     cache: a `prompt_cache(denoiser, canvas)`; then only the answer slots are run, against the prompt's cached
     keys and values (the prompt does not see the canvas: exact with prompt-causal attention, an approximation of the
     full bidirectional forward otherwise)."""
+    blocks = {"block_size": canvas.block_size} if canvas.block_size else {}  # a block-causal run's decoding blocks
     flat = denoiser(canvas.ids, canvas.attention_mask, positions=canvas.positions, cache=cache,
-                    answer_start=canvas.answer_start)
+                    answer_start=canvas.answer_start, **blocks)
     return flat.view(canvas.ids.shape[0], -1, flat.shape[-1]).float()
 
 
@@ -161,7 +185,10 @@ def block_logits(denoiser, canvas: Canvas, prefix, start: int, end: int, block=N
     width, rows = canvas.prompt_width, canvas.ids.shape[0]
     positions = torch.zeros_like(canvas.ids, dtype=torch.bool)
     positions[:, width + start:width + end] = True
-    if block is None:
+    if isinstance(block, GrowingCache):  # block-causal: exact, the finished blocks are cached
+        flat = block.block_logits(denoiser, canvas.ids, canvas.attention_mask, canvas.answer_start, positions,
+                                  width + start, width + end)
+    elif block is None:
         flat, block = refresh_block(denoiser, canvas.ids, canvas.attention_mask, positions, prefix, width + start,
                                     width + end)
     else:

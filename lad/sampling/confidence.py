@@ -22,6 +22,10 @@ and values of everything outside the block; the block's other forwards run its c
 (an approximation: the frozen columns do not see the block's new tokens until the next block). NFE is unchanged;
 a forward costs the block's width, not the answer's. Only the block's slots are predicted then (the others
 report confidence 0 in the trace).
+Block-causal runs (attention: block_causal) decode in blocks of their trained length unless `block_length` says
+otherwise, and with the prompt's cache (the default) every finished block joins an exact cache
+(lad/modeling/cache.py: `GrowingCache`), so a forward runs only the current block's columns; `carry=True` adds a
+finished block in the next block's first forward, `carry=False` in a forward of its own (counted in NFE).
 `stop_at_eos=True` (the default) ends the loop once every row's text is final (an EOS with every slot before it
 committed): the same text, fewer forwards, as AR generation stops at EOS. NFE then falls short of the budget.
 """
@@ -33,8 +37,8 @@ import time
 import torch
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
-from .common import (eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache,
-                     settled)
+from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
+                     record_step, row_generators, sampler_cache, settled)
 
 REMASK = ("confidence", "random")
 
@@ -65,14 +69,16 @@ def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tupl
 def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
                seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                block_length: int | None = None, remask: str = "confidence", delay_eos: bool = False,
-               prefix_cache: bool | None = None, block_cache: bool = False, stop_at_eos: bool = True,
-               chat_template: bool = True, on_step=None, trace: bool = False):
-    block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters, block_length)
+               prefix_cache: bool | None = None, block_cache: bool = False, carry: bool = True,
+               stop_at_eos: bool = True, chat_template: bool = True, on_step=None, trace: bool = False):
     if remask not in REMASK:
         raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters,
+                                                        decode_blocks(denoiser, canvas, block_length))
     cache = sampler_cache(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
+    exact = growing_cache(denoiser, canvas, cache, carry)  # block-causal: finished blocks cached exactly
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
@@ -87,8 +93,8 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
             break  # every answer is final: the blocks left would only fill slots after its EOS
         in_block = torch.zeros(rows, n, dtype=torch.bool, device=device)
         in_block[:, block * block_length:(block + 1) * block_length] = True
-        window = (block * block_length, (block + 1) * block_length) if block_cache else None
-        state = None  # the block cache, refreshed by the block's first forward
+        window = (block * block_length, (block + 1) * block_length) if block_cache or exact is not None else None
+        state = exact  # the exact cache, or the dual cache refreshed by the block's first forward (None)
         for quota in quotas:
             before = canvas.answer.clone()
             predicted, conf, state = predict_slots(denoiser, canvas, cache, generators, sampling, window, state)
@@ -105,8 +111,9 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
             draft = torch.where(chosen, predicted, before)
             canvas.answer.copy_(draft)
             iteration += 1
-            record_step(steps, on_step, iteration - 1, before, draft, conf, mask_id, iteration)
+            record_step(steps, on_step, iteration - 1, before, draft, conf, mask_id, iteration + extra_forwards(exact))
             final = stop_at_eos and bool(settled(draft, eos_tensor, mask_id).all())
             if final:
                 break
-    return finish(tokenizer, canvas, "confidence", iteration, started, eos_ids, steps, mask_id, cache)
+    return finish(tokenizer, canvas, "confidence", iteration + extra_forwards(exact), started, eos_ids, steps,
+                  mask_id, cache)

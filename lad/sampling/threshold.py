@@ -21,6 +21,10 @@ a block's first forward runs the whole answer and keeps everything else's keys a
 run the block's columns alone. The rows of a batch then share one block: a row that finishes early waits (its
 canvas unchanged, its budget unspent) until every row has, so its output is still the same alone or in a batch,
 while the batch may spend more forwards than without the cache.
+Block-causal runs (attention: block_causal) decode in blocks of their trained length unless `block_length` says
+otherwise; with the prompt's cache (the default) every finished block joins an exact cache (lad/modeling/cache.py:
+`GrowingCache`) and a forward runs only the current block's columns. The rows then share one block as with the
+block cache; `carry` as in `confidence`.
 `stop_at_eos=True` (the default): a row whose text is final (an EOS with every slot before it committed) is done;
 its later blocks would only fill slots that `finish` cuts off. The same text in fewer forwards, as AR stops at EOS.
 """
@@ -32,8 +36,8 @@ import time
 import torch
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
-from .common import (eos_token_ids, finish, predict_slots, prepare, record_step, row_generators, sampler_cache,
-                     settled)
+from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
+                     record_step, row_generators, sampler_cache, settled)
 from .confidence import blocks_of
 
 
@@ -41,15 +45,17 @@ from .confidence import blocks_of
 def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
               seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
               block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool | None = None,
-              block_cache: bool = False, stop_at_eos: bool = True, chat_template: bool = True, on_step=None,
-              trace: bool = False):
+              block_cache: bool = False, carry: bool = True, stop_at_eos: bool = True, chat_template: bool = True,
+              on_step=None, trace: bool = False):
     tau = threshold
-    block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, block_length)
     if not tau >= 0:  # also refuses NaN
         raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
+    block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, decode_blocks(denoiser, canvas, block_length))
     cache = sampler_cache(denoiser, canvas, prefix_cache, block_cache)  # the prompt's K/V, computed once (or None)
+    exact = growing_cache(denoiser, canvas, cache, carry)  # block-causal: finished blocks cached exactly
+    shared_blocks = block_cache or exact is not None  # the rows decode one block together
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     mask_id, rows, n, device = denoiser.mask_id, canvas.ids.shape[0], max_new_tokens, canvas.ids.device
     generators = row_generators(rows, seed, device)
@@ -62,14 +68,16 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
     nfe, state, cached_block = 0, None, None
     while bool((block < n_blocks).any()):
         before = canvas.answer.clone()
-        shared = int(block.min()) if block_cache else None  # the block every row is on or waits for
-        if block_cache and shared != cached_block:
-            state, cached_block = None, shared  # a new block: refresh
-        window = (shared * block_length, (shared + 1) * block_length) if block_cache else None
+        shared = int(block.min()) if shared_blocks else None  # the block every row is on or waits for
+        if exact is not None:
+            state = exact
+        elif block_cache and shared != cached_block:
+            state, cached_block = None, shared  # a new block: refresh the dual cache
+        window = (shared * block_length, (shared + 1) * block_length) if shared_blocks else None
         predicted, conf, state = predict_slots(denoiser, canvas, cache, generators, sampling, window, state)
         nfe += 1
         eligible = (slot_block[None, :] == block[:, None]) & (before == mask_id)  # done rows: nothing eligible
-        if block_cache:
+        if shared_blocks:
             eligible &= block[:, None] == shared  # rows ahead wait for the others
         is_eos = torch.isin(predicted, eos_tensor) if delay_eos else torch.zeros_like(eligible)
         commit = eligible & (conf >= tau) & ~is_eos
@@ -83,11 +91,12 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         commit |= eligible & last_chance  # the block's last allowed iteration: commit everything left
         draft = torch.where(commit, predicted, before)
         canvas.answer.copy_(draft)
-        record_step(steps, on_step, nfe - 1, before, draft, conf, mask_id, nfe)
+        record_step(steps, on_step, nfe - 1, before, draft, conf, mask_id, nfe + extra_forwards(exact))
         complete = ~((slot_block[None, :] == block[:, None]) & (draft == mask_id)).any(dim=-1)
         complete &= block < n_blocks
         block = torch.where(complete, block + 1, block)
         if stop_at_eos:  # a final text needs no more blocks
             block = torch.where(settled(draft, eos_tensor, mask_id), torch.full_like(block, n_blocks), block)
         used = torch.where(complete, torch.zeros_like(used), used)
-    return finish(tokenizer, canvas, "threshold", nfe, started, eos_ids, steps, mask_id, cache)
+    return finish(tokenizer, canvas, "threshold", nfe + extra_forwards(exact), started, eos_ids, steps, mask_id,
+                  cache)

@@ -35,6 +35,7 @@ import torch
 
 from ..modeling.cache import KeptContexts
 from ..sampling.confidence import num_transfer_tokens  # the samplers' reveal schedule, shared
+from .blocks import score_blocks
 from .batching import (check_requests, context_batch, context_chunks, count, device_of, length_chunks, pad_id_of,
                        use_prefix_cache)
 
@@ -43,8 +44,12 @@ ORDERS = ("confidence", "l2r")
 
 @torch.no_grad()
 def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", batch_size: int = 16,
-                  prefix_cache: bool | None = None, progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
+                  prefix_cache: bool | None = None, one_pass: bool | None = None, progress=None,
+                  stats: dict | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order.
+
+    one_pass (default: on for a block-causal run scored left to right): every token's reveal state in one forward
+    (`score_blocks`, lad/scoring/blocks.py), the exact one-token-at-a-time chain rule whatever `iters` says.
 
     progress(n): called after each chunk with the number of requests it finished (tqdm's `update`).
     stats: if given, stats["nfe"] += sequences run through the model (Σ min(iters, L) over requests),
@@ -54,6 +59,10 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
         raise ValueError(f"iters must be >= 1, got {iters}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if one_pass is None:
+        one_pass = bool(getattr(denoiser, "block_causal", False)) and order == "l2r"
+    if one_pass:
+        return score_blocks(denoiser, requests, batch_size=batch_size, progress=progress, stats=stats)
     requests = check_requests(requests, need_context=denoiser.shift)
     cached = use_prefix_cache(denoiser, prefix_cache)
     denoiser.eval()

@@ -21,6 +21,7 @@ from lad.modeling.anneal import anneal_progress, annealed_allowed
 from lad.noise import corrupt, sample_levels
 from lad.recipe import Recipe
 
+from .blocks import block_batch, block_forward_loss
 from .data import TokenIds, make_batch, replacement_pool, seed_for
 
 
@@ -52,16 +53,13 @@ def train_step(accelerator, denoiser, optimizer, scheduler, recipe: Recipe, exam
         first = (micro * world + rank) * recipe.batch_size
         rows = list(range(first, first + recipe.batch_size))
         batch = make_batch([examples[j] for j in rows], recipe, ids.pad, ids.eos)
-        gens = [torch.Generator().manual_seed(seed_for(recipe.seed, step, j)) for j in rows]
-        corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[rows], recipe.noise, ids.mask, gens,
-                             replace_pool=pool)
+        seeds = [seed_for(recipe.seed, step, j) for j in rows]
         attention = anneal_attention(unwrapped, batch, recipe, step, rows, device)
         torch.manual_seed(seed_for(recipe.seed, step, micro, rank, 1))  # LoRA dropout
         sync = nullcontext() if micro == recipe.grad_accum - 1 else accelerator.no_sync(denoiser)
         with sync, accelerator.autocast():
-            loss_sum, part = forward_loss(denoiser, batch, corruption, ids.mask, device,
-                                          distill_weight=recipe.distill_weight, parent=unwrapped.parent_logits_at,
-                                          attention_mask=attention)
+            loss_sum, part = batch_loss(denoiser, unwrapped, batch, recipe, ids, seeds, levels[rows], pool, device,
+                                        attention)
             # sum over the step's rows / rows per step; × world because DDP averages over processes
             accelerator.backward(loss_sum * world / len(examples))
         part.input_tokens = int(batch["attention_mask"].sum())
@@ -74,6 +72,23 @@ def train_step(accelerator, denoiser, optimizer, scheduler, recipe: Recipe, exam
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return outcome
+
+
+def batch_loss(denoiser, unwrapped, batch, recipe: Recipe, ids: TokenIds, seeds: list[int], levels, pool, device,
+               attention=None) -> tuple[torch.Tensor, LossStats]:
+    """Corrupt `batch` (row i from `seeds[i]`, at `levels[i]`) and return its summed loss and statistics: every
+    block of a block-causal run in one pass (lad/training/blocks.py), else the corrupted rows as they are.
+    `denoiser` as prepared (DDP), `unwrapped` the Denoiser; `attention`: an annealing step's mask."""
+    parent = unwrapped.parent_logits_at
+    if unwrapped.block_causal:
+        laid = block_batch(batch, recipe.noise, unwrapped.block_size, unwrapped.shift, ids.mask, seeds, pool)
+        return block_forward_loss(denoiser, unwrapped, laid, batch, device, distill_weight=recipe.distill_weight,
+                                  parent=parent)
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+    corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels, recipe.noise, ids.mask, gens,
+                         replace_pool=pool)
+    return forward_loss(denoiser, batch, corruption, ids.mask, device, distill_weight=recipe.distill_weight,
+                        parent=parent, attention_mask=attention)
 
 
 def non_finite(stats: LossStats, norm: float) -> str | None:

@@ -10,14 +10,14 @@ import torch
 
 from lad.data import Example
 from lad.loss import LossStats
-from lad.noise import corrupt, validation_levels
+from lad.noise import validation_levels
 from lad.recipe import Recipe
 from lad.atomic import staged
 from lad.checkpoints import save_weights
 
 from .data import TokenIds, make_batch, replacement_pool, seed_for
 from .state import Run, TrainState
-from .step import forward_loss
+from .step import batch_loss
 
 log = logging.getLogger("lad.finetune")  # the whole recipe logs under one name
 
@@ -25,8 +25,9 @@ VALIDATION_SEED = 20250101  # fixed, not the run's seed: validation noise is the
 
 
 @torch.no_grad()
-def evaluate(denoiser, val: list[Example], recipe: Recipe, ids: TokenIds, device, parent=None) -> LossStats:
-    """Validation loss and accuracy under deterministic noise: level and seed fixed per example index."""
+def evaluate(denoiser, unwrapped, val: list[Example], recipe: Recipe, ids: TokenIds, device) -> LossStats:
+    """Validation loss and accuracy under deterministic noise: level and seed fixed per example index.
+    `denoiser` as prepared, `unwrapped` the Denoiser (its causal parent is the distillation target)."""
     denoiser.eval()
     levels = validation_levels(len(val), recipe.noise.t_min)
     pool = replacement_pool(val, ids.special)
@@ -34,11 +35,8 @@ def evaluate(denoiser, val: list[Example], recipe: Recipe, ids: TokenIds, device
     for start in range(0, len(val), recipe.batch_size):
         idx = list(range(start, min(start + recipe.batch_size, len(val))))
         batch = make_batch([val[i] for i in idx], recipe, ids.pad, ids.eos)
-        gens = [torch.Generator().manual_seed(seed_for(VALIDATION_SEED, i)) for i in idx]
-        corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels[idx], recipe.noise, ids.mask, gens,
-                             replace_pool=pool)
-        _, part = forward_loss(denoiser, batch, corruption, ids.mask, device, distill_weight=recipe.distill_weight,
-                               parent=parent)
+        seeds = [seed_for(VALIDATION_SEED, i) for i in idx]
+        _, part = batch_loss(denoiser, unwrapped, batch, recipe, ids, seeds, levels[idx], pool, device)
         stats.add(part)
     denoiser.train()
     return stats
@@ -48,8 +46,7 @@ def validate(run: Run, state: TrainState, step: int) -> None:
     """Evaluate at `step` and record it; a new best validation loss is saved to best/ (main process)."""
     if not run.val_set:
         return
-    stats = evaluate(run.denoiser, run.val_set, run.recipe, run.ids, run.accelerator.device,
-                     run.unwrapped.parent_logits_at)
+    stats = evaluate(run.denoiser, run.unwrapped, run.val_set, run.recipe, run.ids, run.accelerator.device)
     summary = stats.summary("val_")
     run.metrics.record({"step": step, **summary})
     log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in summary.items()))
