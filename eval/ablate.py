@@ -3,6 +3,7 @@
     python -m eval.ablate --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
     python -m eval.ablate --variants prompt_causal,prompt_causal_mask          # the prompt read causally
     python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
+    python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
@@ -56,6 +57,13 @@ VARIANTS = {
     "attn_only": ["shift=true", "attention=prompt_causal", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
     "distilled": ["shift=true", "attention=prompt_causal", f"data.train=[{DISTILLED}]"],
     "corpora_distilled": ["shift=true", "attention=prompt_causal", f"data.train.2={DISTILLED}"],
+    # issue 29: block-causal attention (every block in one pass) by block size, with and without the levers; a
+    # one-pass step reads the answer twice (three times with complementary copies), so compare at equal time too
+    **{f"block{b}": ["shift=true", "attention=block_causal", f"block_size={b}", "noise.suffix_share=0.5",
+                     "distill_weight=1.0"] for b in (4, 8, 16, 32)},
+    "block8_plain": ["shift=true", "attention=block_causal", "block_size=8"],
+    "block8_complementary": ["shift=true", "attention=block_causal", "block_size=8", "noise.complementary=true",
+                             "distill_weight=1.0"],
 }
 
 

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import (answer_quality, cell, command_line, environment, load_denoiser, prompt_set,  # noqa: E402
-                         quiet, write_record)
+from eval.common import cell, command_line, environment, load_denoiser, prompt_set, quiet, write_record  # noqa: E402
+from lad.quality import answer_quality  # noqa: E402
 
 SETTINGS = ("confidence:iters=N", "confidence:iters=N/2", "confidence:iters=N/4", "threshold:threshold=0.9,iters=N",
             "threshold:threshold=0.7,iters=N", "threshold:threshold=0.7,iters=N,carry=false",

@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import (FALLBACK_PROMPTS, ROOT, SMOLLM2, answer_quality, cell, command_line, environment,  # noqa: E402,F401
+from eval.common import (FALLBACK_PROMPTS, ROOT, SMOLLM2, cell, command_line, environment,  # noqa: E402,F401
                          load_denoiser, peak_rss_mb, reset_peak_rss, prompt_set, quiet, rss_mb, write_record)
+from lad.quality import answer_quality  # noqa: E402
 
 PROMPTS = FALLBACK_PROMPTS  # the 8 prompts every earlier sampling record used
 DIFFUSION = ("refine", "confidence", "threshold")

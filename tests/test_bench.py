@@ -12,7 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.common import BENCH_END, BENCH_START, answer_nll, distinct_n, perplexity, splice, splice_file  # noqa: E402
+from eval.common import BENCH_END, BENCH_START, splice, splice_file  # noqa: E402
+from lad.quality import answer_nll, distinct_n, perplexity  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
 

@@ -7,10 +7,11 @@ import sys
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from ..data.formats import instruction_messages, prompt_ids
 from ..recipe import ModelSpec
+from ..sampling.ar import parent_generate
 
 from .output import OutputFile, generation_settings, row_key, row_seed
 from .prompts import PROG, DistillError, DistillResult, _as_prompts
@@ -38,18 +39,9 @@ class _RowSampler(LogitsProcessor):
 def generate_batch(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int,
                    sampler: _RowSampler | None = None) -> list[tuple[list[int], str, int]]:
     """Left-padded batch through `generate` (KV cache); per row (answer ids before EOS, finish, tokens spent)."""
-    device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention[row, width - len(p):] = 1
-    # the model's own generation config (sampling, repetition penalty, ...) is overridden: these are the settings
-    out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, repetition_penalty=1.0, eos_token_id=sorted(eos_ids),
-                         pad_token_id=pad_id, use_cache=True,
-                         logits_processor=LogitsProcessorList([sampler] if sampler else []))
+    out = parent_generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                          processors=[sampler] if sampler else [])
     results = []
     for row in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_ids), None)

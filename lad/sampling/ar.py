@@ -66,24 +66,30 @@ def ar(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW
     denoiser.eval()
     device = next(denoiser.parameters()).device
     rendered = [render_prompt(tokenizer, p, chat_template) for p in prompts]
-    width = max(len(r) for r in rendered)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for row, r in enumerate(rendered):  # left padding: every row's answer starts at column `width`
-        ids[row, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        attention[row, width - len(r):] = 1
-    ids, attention = ids.to(device), attention.to(device)
+    width = max(len(r) for r in rendered)  # left padding: every row's answer starts at column `width`
     with denoiser.as_parent() as parent:
         eos_ids = eos_token_ids(tokenizer, parent)
         steps = [[] for _ in prompts] if trace else None
         sampler = _Sampler(width, row_generators(len(prompts), seed, device),
                            torch.tensor(sorted(eos_ids), dtype=torch.long, device=device), pad,
                            dict(temperature=temperature, top_k=top_k, top_p=top_p), steps, on_step)
-        out = parent.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                              do_sample=False, num_beams=1,
-                              repetition_penalty=1.0, eos_token_id=sorted(eos_ids), pad_token_id=pad,
-                              use_cache=True, logits_processor=LogitsProcessorList([sampler]))
+        out = parent_generate(parent, rendered, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad,
+                              processors=[sampler])
     canvas = Canvas(out, torch.ones_like(out), width, list(prompts))
     nfe = out.shape[1] - width
     return finish(tokenizer, canvas, "ar", nfe, started, eos_ids, steps, mask_id=-1)
+
+
+def parent_generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids: set[int], pad_id: int,
+                    processors=()) -> torch.Tensor:
+    """ids [B, width + new]: the token-id prompts left-padded (every answer starts at the longest prompt's width)
+    through `model.generate` with its KV cache, greedy, the model's own generation config (sampling, repetition
+    penalty, ...) overridden; `processors` (logits processors) draw sampled tokens. `ar` and `lad distill` both
+    generate with it."""
+    from ..scoring.batching import pad_batch
+
+    ids, attention = pad_batch(prompts, pad_id, side="left", device=next(model.parameters()).device)
+    return model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                          num_beams=1, repetition_penalty=1.0, eos_token_id=sorted(eos_ids), pad_token_id=pad_id,
+                          use_cache=True, logits_processor=LogitsProcessorList(list(processors)))

@@ -210,26 +210,54 @@ class LadLM(TemplateLM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Generate with a LAD sampler (`strategy`, `iters`), or the AR parent with baseline=ar; cut at `until`."""
+        """Generate with a LAD sampler (`strategy`, `iters`), or the AR parent with baseline=ar; cut at `until`.
+        Requests with the same length and temperature go together in batches of `batch_size` (every sampler
+        answers a prompt the same alone or in a batch, so batching changes the speed only)."""
         from ..sampling import get_strategy
 
         strategy = get_strategy("ar" if self.baseline == "ar" else self.strategy)
-        out = []
-        for request in tqdm(requests, disable=disable_tqdm or self._rank != 0, desc="lad generate"):
-            context, gen_kwargs = request.args
-            until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
-            started = time.perf_counter()
-            [generation] = strategy(self.denoiser, self.tokenizer, [context], max_new_tokens=max_new,
-                                    iters=min(self.iters, max_new), seed=self.seed, temperature=temperature,
-                                    chat_template="raw")
-            self.nfe += generation.nfe
-            self.seconds += time.perf_counter() - started
-            text = generation.text
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            out.append(text)
+        settings = [generation_settings(request.args[1]) for request in requests]
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, (max_new, temperature, _) in enumerate(settings):
+            groups.setdefault((max_new, temperature), []).append(index)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self._rank != 0, desc="lad generate")
+        for (max_new, temperature), indices in groups.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                texts = self._generate([requests[i].args[0] for i in chunk], strategy, max_new, temperature)
+                for i, text in zip(chunk, texts):
+                    out[i] = cut_at(text, settings[i][2])
+                bar.update(len(chunk))
+        bar.close()
         return out
+
+    def _generate(self, contexts: list[str], strategy, max_new: int, temperature: float) -> list[str]:
+        """One batch's texts, at most `max_new` tokens each. A block-causal run's canvas is rounded up to whole
+        blocks (and given at least one iteration per block); its answers are cut back to `max_new` tokens."""
+        block = getattr(self.denoiser, "block_size", None) if self.baseline != "ar" else None
+        slots = -(-max_new // block) * block if block else max_new
+        iters = max(min(self.iters, slots), slots // block if block else 1)
+        started = time.perf_counter()
+        generations = strategy(self.denoiser, self.tokenizer, contexts, max_new_tokens=slots, iters=iters,
+                               seed=self.seed, temperature=temperature, chat_template="raw")
+        self.nfe += generations[0].nfe
+        self.seconds += time.perf_counter() - started
+        if slots == max_new:
+            return [g.text for g in generations]
+        return [self.tokenizer.decode(g.token_ids[:max_new], skip_special_tokens=True) for g in generations]
+
+
+def generation_settings(gen_kwargs: dict) -> tuple[int, float, list[str]]:
+    """(max new tokens, temperature, stop strings) of an lm-eval `generate_until` request."""
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    return int(gen_kwargs.get("max_gen_toks", 256)), float(gen_kwargs.get("temperature", 0.0) or 0.0), until
+
+
+def cut_at(text: str, until: list[str]) -> str:
+    """`text` up to the first of the stop strings (each tried in order, as lm-eval's `hf` model does)."""
+    for stop in until:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text
