@@ -57,10 +57,8 @@ def block_spans(answer_mask: Tensor, block_size: int) -> list[tuple[int, int, in
     """(row, start, end) of every answer block of the batch, in order."""
     spans = []
     for row, answer in enumerate(answer_mask.bool()):
-        where = torch.nonzero(answer).flatten()
-        if len(where):
-            start, end = int(where[0]), int(where[-1]) + 1
-            spans += [(row, a, min(a + block_size, end)) for a in range(start, end, block_size)]
+        start, end = _answer_span(answer)
+        spans += [(row, a, min(a + block_size, end)) for a in range(start, end, block_size)]
     return spans
 
 
