@@ -316,10 +316,8 @@ class GrowingCache:
             raise ValueError(f"the canvas no longer starts with its {first} cached columns (a finished block changed)")
         mask = denoiser.attention_for(ids[:, :end], attention_mask[:, :end], answer_start, block_size=self.block_size)
         position_ids = position_ids_from_mask(attention_mask)[:, first:end]
-        hidden = denoiser.decode_into(ids[:, first:end], _rows_from(mask, first), position_ids, self.kv)
-        grown = self.kv.get_seq_length() - keep
-        if grown > 0:
-            self.kv.crop(-grown)
+        with cropped_back(self.kv, keep):  # the finished columns stay, the current block's go, however it ends
+            hidden = denoiser.decode_into(ids[:, first:end], _rows_from(mask, first), position_ids, self.kv)
         if keep > first:
             self.ids, self.length = ids[:, :keep].clone(), keep
             self.last_hidden = hidden[:, keep - first - 1] if denoiser.shift else None
