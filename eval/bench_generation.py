@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import cell, command_line, environment, load_denoiser, prompt_set, quiet, write_record  # noqa: E402
+from eval.common import (cell, command_line, environment, load_denoiser, prompt_set, quiet, save_figure,  # noqa: E402
+                         write_record)
 from lad.quality import answer_quality  # noqa: E402
 
 SETTINGS = ("confidence:iters=N", "confidence:iters=N/2", "confidence:iters=N/4", "threshold:threshold=0.9,iters=N",
@@ -40,7 +41,8 @@ SETTINGS = ("confidence:iters=N", "confidence:iters=N/2", "confidence:iters=N/4"
             "threshold:threshold=0.5,iters=N")
 
 
-FLAGS = ("carry", "prefix_cache", "block_cache", "delay_eos", "stop_at_eos")
+FLAGS = ("carry", "prefix_cache", "block_cache", "delay_eos", "stop_at_eos", "adaptive")
+INTEGERS = ("draft_length", "max_draft")
 
 
 def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
@@ -55,6 +57,8 @@ def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
         elif key in ("iters", "block_length"):
             top, _, bottom = value.replace("N", str(max_new_tokens)).partition("/")
             options[key] = int(top) // int(bottom or 1)
+        elif key in INTEGERS:
+            options[key] = int(value)
         else:
             options[key] = float(value)
     return name, options
@@ -62,7 +66,7 @@ def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
 
 def answer_all(fn, denoiser, tokenizer, prompts, batch_size, options, eos_ids) -> dict:
     """Every prompt answered in batches: answers, seconds per prompt, answer tokens per forward per row."""
-    answers, seconds, per_forward = [], 0.0, []
+    answers, seconds, per_forward, speculation = [], 0.0, [], {}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         began = time.perf_counter()
@@ -71,7 +75,37 @@ def answer_all(fn, denoiser, tokenizer, prompts, batch_size, options, eos_ids) -
         answers += [g.token_ids for g in gens]
         lengths = [len(g.token_ids) + int(len(g.token_ids) < options["max_new_tokens"]) for g in gens]  # + EOS
         per_forward.append(statistics.mean(lengths) / max(gens[0].nfe, 1))
-    return {"answers": answers, "s_per_prompt": seconds / len(prompts), "tokens_per_forward": statistics.mean(per_forward)}
+        for key, value in (gens[0].speculation or {}).items():  # speculative: rounds, drafted, accepted, seconds
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                speculation[key] = speculation.get(key, 0) + value
+    return {"answers": answers, "s_per_prompt": seconds / len(prompts), "tokens_per_forward": statistics.mean(per_forward),
+            "seconds": seconds, "speculation": speculation}
+
+
+def speculation_columns(result: dict) -> dict:
+    """speculative: drafted tokens accepted per round, acceptance rate, and where the time went."""
+    s = result["speculation"]
+    if not s.get("rounds"):
+        return {}
+    per_row = s.get("row_rounds", s["rounds"])  # rounds of unfinished rows (older records: rounds)
+    return {"mean_accepted": s["accepted"] / per_row, "acceptance_rate": s["accepted"] / max(s["drafted"], 1),
+            "rounds": s["rounds"], "draft_share": s.get("draft_seconds", 0) / result["seconds"],
+            "verify_share": s.get("verify_seconds", 0) / result["seconds"]}
+
+
+def first_divergence(denoiser, tokenizer, prompt: str, answer: list[int], reference: list[int],
+                     chat_template) -> dict:
+    """Where an answer leaves the parent's greedy answer, and the parent's margin between its top two tokens
+    there (a margin at float-rounding size means a near tie, not a wrong acceptance)."""
+    import torch
+
+    from lad.sampling.common import render_prompt
+
+    at = next((i for i, (a, b) in enumerate(zip(answer, reference)) if a != b), min(len(answer), len(reference)))
+    ids = torch.tensor([render_prompt(tokenizer, prompt, chat_template) + reference[:at]])
+    with torch.no_grad():
+        top = denoiser.parent_logits(ids, torch.ones_like(ids))[0, -1].topk(2).values
+    return {"prompt": prompt, "position": at, "parent_margin": float(top[0] - top[1])}
 
 
 def overlap(answer: list[int], reference: list[int]) -> float:
@@ -113,7 +147,12 @@ def bench_run(run: str, settings: list[str], prompts: list[str], args) -> list[d
                 "overlap_with_ar": statistics.mean(overlap(a, b) for a, b in zip(first[key]["answers"], parent["answers"])),
                 "identical_to_ar": statistics.mean(a == b for a, b in zip(first[key]["answers"], parent["answers"])),
                 "attention": getattr(denoiser, "attention", None), "block_size": getattr(denoiser, "block_size", None),
+                "gated": getattr(denoiser, "gated", False), **speculation_columns(first[key]),
             })
+            if methods[key][0] == "speculative":  # lossless: greedy output must be the parent's, token for token
+                rows[-1]["divergences"] = [
+                    first_divergence(denoiser, tokenizer, p, a, b, chat_template)
+                    for p, a, b in zip(prompts, first[key]["answers"], parent["answers"]) if a != b]
             print(table_line(rows[-1]), flush=True)
     return rows
 
@@ -122,13 +161,15 @@ def ratio(value, reference):
     return value / reference if value is not None and reference else None
 
 
-HEADER = "| run | setting | batch | s/prompt | speed vs AR | tok/fwd | ppl ratio | distinct-2 | overlap |"
+HEADER = ("| run | setting | batch | s/prompt | speed vs AR | tok/fwd | ppl ratio | distinct-2 | overlap "
+          "| accepted/round |")
 
 
 def table_line(row: dict) -> str:
     return (f"| {Path(row['run']).name} | {row['setting']} | {row['batch_size']} | {cell(row['s_per_prompt'], '.2f')} "
             f"| {cell(row['speed_vs_ar'], '.2f')}× | {cell(row['tokens_per_forward'], '.2f')} "
-            f"| {cell(row['ppl_ratio'], '.2f')} | {cell(row['distinct_2'], '.3f')} | {cell(row['overlap_with_ar'], '.2f')} |")
+            f"| {cell(row['ppl_ratio'], '.2f')} | {cell(row['distinct_2'], '.3f')} | {cell(row['overlap_with_ar'], '.2f')} "
+            f"| {cell(row.get('mean_accepted'), '.2f')} |")
 
 
 def plot(rows: list[dict], path: Path, batch_size: int) -> None:
@@ -154,9 +195,7 @@ def plot(rows: list[dict], path: Path, batch_size: int) -> None:
     ax.set_ylabel("parent perplexity of the answers / of its own answers")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     every, source = prompt_set()
     prompts = every[args.offset:args.offset + args.prompts]
     rows = []
-    print(HEADER + "\n" + "|---" * 9 + "|", flush=True)
+    print(HEADER + "\n" + "|---" * 10 + "|", flush=True)
     for run in args.runs:
         rows += bench_run(run, args.settings, prompts, args)
     record = {"what": "generation speed and parent-judged quality against HF generate (issue 29)",
@@ -186,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     write_record(args.out, record)
     if args.plot:
         plot(rows, Path(args.plot), min(args.batch_sizes))
-    return 0
+    diverged = [(r["setting"], r["batch_size"], d) for r in rows for d in r.get("divergences", [])]
+    for setting, batch_size, where in diverged:
+        print(f"NOT IDENTICAL: {setting} at batch {batch_size}: {where}", file=sys.stderr)
+    return 1 if diverged else 0
 
 
 if __name__ == "__main__":

@@ -242,3 +242,10 @@ def score_task(folder: Path, label: str, model: Path, task: str, order: str, lim
     raw.unlink()
     raw.with_suffix(".md").unlink(missing_ok=True)
     return record
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out `fig` and write it to `path` (its folder made if needed)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)

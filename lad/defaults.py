@@ -13,6 +13,8 @@ OBJECTIVE = "mask"  # structural and mixed noise bought nothing at 80 steps (the
 SCORE_ORDER = "l2r"  # lad-eval: left to right scored best (most-confident first trails by ~0.045 on ARC-C, HellaSwag)
 BLOCK_SIZE = 8  # attention block_causal: provisional, until the block-size ablation of docs/results.md chooses
 ITERS = 16  # lad-eval --iters, the report's iterations
+DRAFT_LENGTH = 4  # speculative: tokens drafted per round (provisional, until the draft-length sweep chooses)
+MAX_DRAFT = 16  # speculative with adaptive=True: the longest draft
 MAX_NEW_TOKENS = 64  # the answer length of lad-generate, the demo and the training report
 
 

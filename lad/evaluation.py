@@ -22,7 +22,7 @@ from pathlib import Path
 from .console import Parser, quiet_libraries
 from .defaults import ITERS, SCORE_ORDER
 from .run import RunDirError
-from .sampling import STRATEGIES
+from .sampling import PARENT_STRATEGIES, STRATEGIES
 
 USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError, ConnectionError)
 AUTO_BATCH_SIZE = 16
@@ -203,7 +203,8 @@ def run_one(lm, args, tasks, task_manager) -> dict:
     quiet_git_hash()
     started = time.perf_counter()
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                              log_samples=args.log_samples, task_manager=task_manager, random_seed=args.seed,
+                              log_samples=args.log_samples or args.compare,  # --compare pairs the documents
+                              task_manager=task_manager, random_seed=args.seed,
                               numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
                               apply_chat_template=args.apply_chat_template, bootstrap_iters=args.bootstrap_iters)
     nfe = lm.gather_object(lm.nfe)  # every process calls it; rank 0 gets each process's count
@@ -248,12 +249,18 @@ def column_label(name: str, results: dict) -> str:
 
 
 def markdown_table(named: dict[str, dict]) -> str:
-    """Tasks × metrics, one column per model (LAD / AR parent), values as acc ± stderr."""
+    """Tasks × metrics, one column per model (LAD / AR parent), values as acc ± stderr; with two models the
+    difference, and where both logged their documents the paired 95% interval, McNemar's p and the number of
+    documents (lad/scoring/paired.py)."""
+    from .scoring.paired import interval_cell, paired_rows
+
     names = list(named)
     rows = {name: metric_rows(res) for name, res in named.items()}
     tasks = sorted({t for r in rows.values() for t in r})
     labels = [column_label(name, named[name]) for name in names]
-    header = "| task | metric | " + " | ".join(labels) + (" | Δ |" if len(names) == 2 else " |")
+    paired = paired_rows(*named.values()) if len(names) == 2 else {}
+    header = "| task | metric | " + " | ".join(labels) + \
+        (" | Δ (paired 95% interval, McNemar p, documents) |" if len(names) == 2 else " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for task in tasks:
         metrics = sorted({m for r in rows.values() for m in r.get(task, {})})
@@ -265,7 +272,9 @@ def markdown_table(named: dict[str, dict]) -> str:
                 cells.append(f"{value[0]:.4f} ± {value[1]:.4f}" if value else "-")
             delta = ""
             if len(names) == 2:
-                delta = f" {values[0] - values[1]:+.4f} |" if None not in values else " - |"
+                pair = paired.get((task, metric))
+                delta = f" {interval_cell(pair)} |" if pair else \
+                    f" {values[0] - values[1]:+.4f} |" if None not in values else " - |"
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |" + delta)
     return "\n".join(lines)
 
@@ -280,6 +289,11 @@ def save(results_by_name: dict[str, dict], table: str, output_path: str) -> Path
         if path.exists():  # checked before the evaluation too; a file made meanwhile is still never overwritten
             raise FileExistsError(f"{path} already exists; choose another --output_path")
     payload = {name: {k: v for k, v in res.items() if k != "samples"} for name, res in results_by_name.items()}
+    if len(results_by_name) == 2:  # the paired comparison, from the per-document results it was computed on
+        from .scoring.paired import paired_rows
+
+        payload["paired"] = {f"{task}/{metric}": row
+                             for (task, metric), row in paired_rows(*results_by_name.values()).items()}
     target.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     target.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
     for name, res in results_by_name.items():
@@ -309,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
                    mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
                    weights=args.weights, strategy=args.strategy, prefix_cache=args.prefix_cache)
-        if args.baseline == "ar" or args.compare:
+        if args.baseline == "ar" or args.compare or args.strategy in PARENT_STRATEGIES:
             from .run import check_parent
 
             check_parent(lm.info, args.model)
@@ -332,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown_table(results)
         print(table)
         if args.output_path:
+            if not args.log_samples:  # logged for the paired comparison only: not written out
+                results = {name: {k: v for k, v in res.items() if k != "samples"} for name, res in results.items()}
             print(f"wrote {save(results, table, args.output_path)}")
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -155,6 +155,9 @@ def export_run(run_dir, out, *, dtype: str = "auto", overwrite: bool = False, we
     out = check_out(run_dir, out, overwrite)
     dtype = base_precision(run_dir, info) if dtype == "auto" else dtype
     check_dtype(dtype)
+    if info.lora_gate != "none" and not info.merged:
+        raise ExportError(f"{run_dir}: its LoRA adapter is gated (lora.gate: {info.lora_gate}: it acts only at mask "
+                          "columns), which merged weights cannot do; load the run itself (lad.load_run) instead")
     quant = info.base_model.get("quantization")
     what = "nothing to merge" if info.merged or info.adapter != "lora" else "merging the LoRA adapter"
     if quant and not info.merged:

@@ -88,9 +88,9 @@ def setup(recipe: Recipe, allow_changes: tuple[str, ...]) -> tuple[Run, TrainSta
                    noise=dataclasses.asdict(recipe.noise), adapter="lora" if recipe.lora.enabled else "full",
                    chat_template=prompt_style(recipe, tokenizer),
                    max_length=recipe.data.max_length, eos_padding=recipe.eos_padding, attention=recipe.attention,
-                   block_size=recipe.block_size)
+                   block_size=recipe.block_size, lora_gate=recipe.lora.gate)
     denoiser = Denoiser(add_trainable(model, recipe, mask), mask.id, recipe.shift, recipe.attention, info=info,
-                        block_size=recipe.block_size)
+                        block_size=recipe.block_size, gate=recipe.lora.gate)
     optimizer = build_optimizer(recipe, denoiser)
     scheduler = build_scheduler(recipe, optimizer, schedule.total_steps)
     state = restore(plan, recipe, denoiser, optimizer, scheduler, digest)

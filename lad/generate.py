@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .console import Parser, guarded, printable, quiet_libraries
-from .sampling import STRATEGIES, Generation, default_strategy, get_strategy, split_options, strategy_options
+from .sampling import PARENT_STRATEGIES, STRATEGIES, Generation, default_strategy, get_strategy, split_options, strategy_options
 from .sampling.common import eos_token_ids
 from .sampling.render import LiveView, decode_pieces
 
@@ -176,6 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
                      help="confidence, threshold: stop once an answer's text is final (an EOS with every slot before "
                           "it committed); the same text in fewer forwards (default: on)")
+    how.add_argument("--draft-length", type=int,
+                     help="speculative: tokens the denoiser drafts per round, checked by the parent (default 4)")
+    how.add_argument("--adaptive", action="store_const", const=True,
+                     help="speculative: double the draft after a round kept in full, halve it after one mostly "
+                          "rejected")
+    how.add_argument("--max-draft", type=int, help="speculative with --adaptive: the longest draft (default 16)")
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")
@@ -194,6 +200,9 @@ def check_args(args: argparse.Namespace) -> None:
         (args.max_new_tokens is not None and args.max_new_tokens < 1,
          f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.draft_length is not None and args.draft_length < 1,
+         f"--draft-length must be >= 1, got {args.draft_length}"),
+        (args.max_draft is not None and args.max_draft < 1, f"--max-draft must be >= 1, got {args.max_draft}"),
         (args.temperature is not None and not args.temperature >= 0,  # NaN too
          f"--temperature must be >= 0, got {args.temperature}"),
         (args.top_k is not None and args.top_k < 0, f"--top-k must be >= 0, got {args.top_k}"),
@@ -262,7 +271,7 @@ def check_before_loading(args: argparse.Namespace, options: dict) -> None:
         info = None
     strategy = args.strategy or (info.strategy if info else None)
     check_strategy_options(strategy, options)
-    if args.ar and info is not None:
+    if (args.ar or strategy in PARENT_STRATEGIES) and info is not None:
         check_parent(info, args.model)
 
 
@@ -330,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     if others:  # flags of another strategy: noted and left out, so one command line serves every strategy
         print(f"{PROG}: note: strategy {args.strategy!r} does not use {', '.join(OPTION_FLAGS[k] for k in others)}",
               file=sys.stderr)
-    if args.ar:
+    if args.ar or args.strategy in PARENT_STRATEGIES:
         from .run import check_parent
 
         check_parent(denoiser.info, args.model)
@@ -343,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         color = args.color == "always" or (args.color == "auto" and stream.isatty() and not os.environ.get("NO_COLOR"))
         defaults = inspect.signature(get_strategy(args.strategy)).parameters
         iters = options.get("iters", defaults["iters"].default if "iters" in defaults else None)
-        iters = None if args.strategy == "ar" else iters  # one step per token: no fixed total
+        iters = None if args.strategy in PARENT_STRATEGIES else iters  # a step per token or round: no fixed total
         view = LiveView(tokenizer, denoiser.mask_id, stream=stream, color=color,
                         redraw=False if args.no_redraw else None, pause=args.pause, iters=iters,
                         eos_ids=eos_token_ids(tokenizer, denoiser))

@@ -30,6 +30,7 @@ LAD_FIELDS = {
     "chat_template": (lambda v: isinstance(v, bool) or v == "raw", 'true, false or "raw"'), "max_length": _INT,
     "eos_padding": _BOOL, "attention": (lambda v: v in MODES, _one_of(MODES)),
     "block_size": (lambda v: v is None or _INT[0](v) and v >= 1, "an integer >= 1 or null"),
+    "lora_gate": (lambda v: v in ("none", "masked"), '"none" or "masked"'),
     "step": _INT, "lad_version": _STR, "format": _INT, "extra": _MAPPING,
 }
 

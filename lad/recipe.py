@@ -62,10 +62,15 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    # masked: the update acts only at mask-token columns, so clean text computes the AR parent exactly and one
+    # forward both verifies and drafts (lad/modeling/gate.py, `--strategy speculative`); it cannot be merged
+    gate: Literal["none", "masked"] = "none"
     RANGES: ClassVar[dict[str, Range]] = {"r": AT_LEAST_1, "alpha": AT_LEAST_1, "dropout": UNIT}
 
     def validate(self) -> None:
         check_ranges(self)
+        if self.gate == "masked" and not self.enabled:
+            raise ValueError("lora.gate: masked gates a LoRA adapter; it needs lora.enabled: true")
 
 
 @dataclass
@@ -227,6 +232,9 @@ class Recipe:
             raise ValueError(f"attention: {self.attention} builds 4-D attention masks, which flash_attention_2 "
                              "cannot take; use attn_implementation: sdpa")
         self.validate_blocks()
+        if self.lora.gate == "masked" and self.attention == BIDIRECTIONAL:
+            raise ValueError("lora.gate: masked needs attention prompt_causal or block_causal (the clean text must "
+                             "read causally, as the parent reads it); attention is bidirectional")
 
     def validate_blocks(self) -> None:
         """block_size belongs to block_causal attention (its default filled in here, so recipe.yaml states it);

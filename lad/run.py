@@ -61,6 +61,7 @@ class LadInfo:
     eos_padding: bool = False
     attention: str = "bidirectional"  # lad/modeling/attention.py: bidirectional, prompt_causal, block_causal
     block_size: int | None = None  # block_causal: the answer block length it was trained with
+    lora_gate: str = "none"  # "masked": the adapter acts only at mask columns (lad/modeling/gate.py)
     step: int = 0
     lad_version: str = __version__
     format: int = LAD_FORMAT
@@ -301,7 +302,7 @@ def load_run(run_dir: str | os.PathLike, *, device: str | torch.device | None = 
 
         weights_fitting(lambda: load_trainable_weights(model, folder), folder, spec)
     denoiser = Denoiser(model, info.mask_token_id, info.shift, info.attention, info=info,
-                        block_size=info.block_size).eval()
+                        block_size=info.block_size, gate=None if info.merged else info.lora_gate).eval()
     if device is not None:
         denoiser.to(device)
     return denoiser, tokenizer, info

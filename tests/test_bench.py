@@ -210,3 +210,28 @@ def test_generation_bench_runs_end_to_end_on_a_tiny_block_causal_run(tmp_path):
     half = next(r for r in rows if r["setting"] == "confidence:iters=N/2" and r["batch_size"] == 1)
     assert half["tokens_per_forward"] > 1.5  # two commits per forward, fewer only past EOS
     assert (tmp_path / "front.png").stat().st_size > 1000
+
+
+def test_speculative_bench_asserts_identity_reports_acceptance_and_draft_slots(tmp_path):
+    """The speculative rows of eval.bench_generation (identical to the parent, acceptance reported), the table and
+    plot of eval.speculative_report and eval.draft_slots, on a tiny gated block-causal run."""
+    from conftest import train_tiny
+    from eval.bench_generation import main as bench
+    from eval.draft_slots import main as slots
+    from eval.speculative_report import main as report
+
+    run = train_tiny(tmp_path / "run", "attention=block_causal", "block_size=4", "shift=true", "lora.gate=masked",
+                     "noise.objective=mask", "max_steps=2", "eval_every=0", "save_every=0")
+    out = tmp_path / "bench.json"
+    assert bench(["--runs", str(run), "--prompts", "2", "--max-new-tokens", "8", "--batch-sizes", "1", "2",
+                  "--settings", "speculative:draft_length=3", "speculative:draft_length=2,adaptive=true",
+                  "--out", str(out)]) == 0  # 1 would mean an answer left the parent's
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["setting"] != "ar"]
+    assert len(rows) == 4 and all(r["identical_to_ar"] == 1 and r["divergences"] == [] for r in rows)
+    assert all(r["gated"] and r["mean_accepted"] >= 0 and r["rounds"] >= 1 for r in rows)
+    assert report([str(out), "--plot", str(tmp_path / "acceptance.png")]) == 0
+    assert (tmp_path / "acceptance.png").stat().st_size > 1000
+    assert slots(["--runs", str(run), "--prompts", "2", "--slots", "3", "--cuts", "1", "6", "2",
+                  "--out", str(tmp_path / "slots.json")]) == 0
+    (row,) = json.loads((tmp_path / "slots.json").read_text())["rows"]
+    assert row["gated"] and len(row["agreement"]) == 3 and row["agreement"][0] == 1.0  # slot 0: the parent's own

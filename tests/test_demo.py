@@ -82,7 +82,7 @@ def test_final_html_is_plain_and_escaped():
 def test_settings_to_sampler_options():
     options = view.sampler_options(**{**SETTINGS, "iterations": 16.0, "max_new_tokens": 32, "seed": 3})
     assert options == {"iters": 16, "max_new_tokens": 32, "noise_start": 0.5, "retention": "none",
-                       "temperature": 0.0, "seed": 3, "threshold": 0.9}  # remask default, one block: left out
+                       "temperature": 0.0, "seed": 3, "threshold": 0.9, "draft_length": 4}  # remask default, one block: out
     assert isinstance(options["iters"], int)
     noiseless = view.sampler_options(**{**SETTINGS, "no_noise": True, "noise_start": 0.8, "remask": "confidence",
                                         "block_length": 4, "delay_eos": True, "block_cache": True})

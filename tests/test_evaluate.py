@@ -51,9 +51,13 @@ def test_compare_runs_both_models_and_writes_results(run_dir, data_dir, tmp_path
                      "--iters", "4", "--compare", "--output_path", str(out), "--log_samples"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| task | metric | lad (denoise, l2r order, 4 iters) | ar (AR parent) | Δ |" in printed and "| arc_easy | acc_norm |" in printed
+    assert ("| task | metric | lad (denoise, l2r order, 4 iters) | ar (AR parent) | Δ (paired 95% interval, McNemar p, "
+            "documents) |") in printed and "| arc_easy | acc_norm |" in printed
     data = results(out)
-    assert set(data) == {"lad", "ar"}
+    assert set(data) == {"lad", "ar", "paired"}
+    paired = data["paired"]["arc_easy/acc"]  # the same 4 documents, paired
+    assert paired["n"] == 4 and paired["low"] <= paired["delta"] <= paired["high"] and 0 < paired["p"] <= 1
+    assert "(n=4) |" in printed and data["paired"]["mmlu/acc"]["n"] >= 4  # the group pools its subjects
     lad, ar = data["lad"]["config"], data["ar"]["config"]
     assert lad["iters"] == 4 and lad["score"] == "denoise" and lad["baseline"] == "none" and ar["baseline"] == "ar"
     # NFE: with the byte tokenizer every answer (" 0", " A") is 2 tokens: ≤ min(iters, L) forwards each for LAD,

@@ -88,7 +88,7 @@ def committed_at(steps) -> list[int]:
 
 
 def test_registry():
-    assert set(STRATEGIES) == {"refine", "confidence", "threshold", "ar"}
+    assert set(STRATEGIES) == {"refine", "confidence", "threshold", "ar", "speculative"}
     assert get_strategy("threshold") is threshold
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
         get_strategy("nope")
@@ -118,11 +118,13 @@ def test_on_step_and_trace_agree(run, name):
     seen = []
     out = STRATEGIES[name](denoiser, tokenizer, PROMPTS[:2], max_new_tokens=8, iters=4, temperature=1.0,
                            on_step=seen.append, trace=True)
-    assert len(seen) == out[0].nfe == len(out[0].steps) and all(len(records) == 2 for records in seen)
+    steps = out[0].speculation["rounds"] if name == "speculative" else out[0].nfe  # speculative: a Step a round
+    assert len(seen) == steps == len(out[0].steps) and all(len(records) == 2 for records in seen)
     for b in range(2):
         assert [records[b] for records in seen] == out[b].steps
-        assert [s.nfe for s in out[b].steps] == list(range(1, out[b].nfe + 1))
-        assert [s.iteration for s in out[b].steps] == list(range(out[b].nfe))
+        per_step = 2 if name == "speculative" else 1  # the denoiser drafts, the parent checks
+        assert [s.nfe for s in out[b].steps] == list(range(per_step, out[b].nfe + 1, per_step))
+        assert [s.iteration for s in out[b].steps] == list(range(steps))
 
 
 @pytest.mark.parametrize("name", DIFFUSION)
@@ -146,8 +148,8 @@ def test_shift_run_samples_with_the_shifted_denoiser(shift_run, name):
     finally:
         del denoiser.forward
     assert len(out) == 2 and out[0].nfe >= 1
-    if name == "ar":
-        assert not calls  # the parent runs without the denoiser's forward
+    if name in ("ar", "speculative"):  # the parent (and the drafter's cached forwards) run the decoder directly
+        assert not calls
     else:  # every forward went through the shifted Denoiser, never asking it for position 0
         assert len(calls) == out[0].nfe and not any(bool(p[:, 0].any()) for p in calls)
 

@@ -9,7 +9,7 @@ browser test drives.
 
 import threading  # no `from __future__ import annotations`: Gradio must see the real `gr.Request` hints
 
-from ..defaults import ITERS, MAX_NEW_TOKENS
+from ..defaults import DRAFT_LENGTH, ITERS, MAX_DRAFT, MAX_NEW_TOKENS
 from ..generate import toy_note
 from ..sampling import STRATEGIES, default_strategy
 from . import view
@@ -32,7 +32,8 @@ def describe(model: DemoModel) -> str:
 
 
 SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_start", "retention", "temperature",
-            "pause", "remask", "threshold", "block_length", "delay_eos", "block_cache", "compare")  # on_run's order
+            "pause", "remask", "threshold", "block_length", "delay_eos", "block_cache", "draft_length",
+            "compare")  # on_run's order
 
 
 def settings_controls(gr, model: DemoModel) -> dict:
@@ -61,11 +62,14 @@ def settings_controls(gr, model: DemoModel) -> dict:
                                     elem_id="lad-delay-eos")
             block_cache = gr.Checkbox(False, label="Block cache (confidence, threshold with blocks: faster, "
                                       "approximate)", elem_id="lad-block-cache")
+            draft_length = gr.Slider(1, MAX_DRAFT, value=DRAFT_LENGTH, step=1,
+                                     label="Draft length (speculative: the parent's exact output)",
+                                     elem_id="lad-draft-length")
             compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
     return dict(strategy=strategy, iterations=iterations, max_new=max_new, seed=seed, no_noise=no_noise,
                 noise_start=noise_start, retention=retention, temperature=temperature, pause=pause, remask=remask,
                 threshold=threshold, block_length=block_length, delay_eos=delay_eos, block_cache=block_cache,
-                compare=compare)
+                draft_length=draft_length, compare=compare)
 
 
 class Sessions:
@@ -140,13 +144,14 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             return gr.Button("Running…", interactive=False), "Waiting for the model…"
 
         def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                   pause, remask, threshold, block_length, delay_eos, block_cache, compare, request: gr.Request):
+                   pause, remask, threshold, block_length, delay_eos, block_cache, draft_length, compare,
+                   request: gr.Request):
             key = session(request)
             state = sessions.start(key)
             settings = dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, noise_start=noise_start,
                             no_noise=no_noise, retention=retention, remask=remask, temperature=temperature,
                             seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos,
-                            block_cache=block_cache)
+                            block_cache=block_cache, draft_length=draft_length)
             last = False
             try:
                 for frame in model.stream(prompt, settings, pause, compare, state["stop"]):

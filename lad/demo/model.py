@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..run import RunDirError, check_parent
-from ..sampling import Step, get_strategy, split_options
+from ..sampling import PARENT_STRATEGIES, Step, get_strategy, split_options
 from ..sampling.common import eos_token_ids
 from ..sampling.render import decode_pieces
 from . import view
@@ -87,7 +87,7 @@ class DemoModel:
             if not (prompt or "").strip():
                 raise view.SettingsError("type a prompt first")
             info = self.denoiser.info
-            if (compare or settings.get("strategy") == "ar") and info is not None:
+            if (compare or settings.get("strategy") in PARENT_STRATEGIES) and info is not None:
                 try:
                     check_parent(info, "this model")
                 except RunDirError as err:
@@ -103,7 +103,7 @@ class DemoModel:
         threading.Thread(target=self.work, args=(prompt, strategy, options, compare, out, stop), daemon=True,
                          name="lad-demo-worker").start()
         blank = Step(-1, [self.denoiser.mask_id] * n, [True] * n, [False] * n, [0.0] * n, 0)
-        frame = Frame(self.html(blank) if strategy != "ar" else view.placeholder_html("…"),
+        frame = Frame(self.html(blank) if strategy not in PARENT_STRATEGIES else view.placeholder_html("…"),
                       view.placeholder_html("waiting for the LAD answer…") if compare else idle, "generating…")
         yield frame
         shown, gen, last = time.monotonic(), None, None
@@ -127,7 +127,7 @@ class DemoModel:
                 last = item
                 html = self.html(item)
                 status = view.progress_text("LAD" if kind == "lad" else "AR parent", item,
-                                            iters if kind == "lad" and strategy != "ar" else None)
+                                            iters if kind == "lad" and strategy not in PARENT_STRATEGIES else None)
                 frame = Frame(html, frame.ar, status) if kind == "lad" else Frame(frame.lad, html, status)
                 if stop.wait(max(0.0, pause - (time.monotonic() - shown))):
                     continue  # stopped during the pause: reported at the top

@@ -14,6 +14,7 @@ import math
 from typing import NamedTuple
 
 from ..console import printable
+from ..defaults import DRAFT_LENGTH, MAX_DRAFT
 from ..sampling import STRATEGIES
 from ..sampling.render import MASK_GLYPH, visible
 
@@ -126,14 +127,14 @@ def _integer(name: str, value, low: int, high: int) -> int:
 
 def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_noise: bool, retention: str,
                     remask: str, temperature, seed, threshold, block_length, delay_eos: bool = False,
-                    block_cache: bool = False) -> dict:
+                    block_cache: bool = False, draft_length=DRAFT_LENGTH) -> dict:
     """The page's settings as keyword options of the strategy function; SettingsError names a bad one.
 
     `no_noise` ("disable intermediate noising") is refine's noise_start=0: noiseless refinement.
     `remask="default"` keeps the strategy's own default; `block_length` 0 means one block (the whole answer).
     `delay_eos` (confidence, threshold) commits EOS last, so an easy, confident EOS cannot end the answer early.
     `block_cache` (confidence, threshold) freezes the rest of the answer's K/V while a block is decoded (faster,
-    approximate; docs/sampling.md).
+    approximate; docs/sampling.md). `draft_length` (speculative): tokens drafted per round.
     """
     if strategy not in STRATEGIES:
         raise SettingsError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -145,6 +146,7 @@ def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_n
         "temperature": _number("temperature", temperature, 0, 100),
         "seed": _integer("seed", seed, 0, 2**32 - 1),
         "threshold": _number("threshold", threshold, 0, 2),
+        "draft_length": _integer("draft length", draft_length, 1, MAX_DRAFT),
     }
     block = _integer("block length", block_length or 0, 0, options["max_new_tokens"])
     if block:

@@ -94,19 +94,23 @@ def prompt_causal_allowed(attention_mask: Tensor, answer_start: Tensor) -> Tenso
     return (earlier[None] | in_answer) & attention_mask.bool()[:, None, :]
 
 
-def layout_allowed(kind: Tensor, block: Tensor, attention_mask: Tensor) -> Tensor:
+def layout_allowed(kind: Tensor, block: Tensor, attention_mask: Tensor, clean_causal: bool = False) -> Tensor:
     """Bool [B, L, L] may query q attend to key k, from each column's kind and block ([B, L] each; kinds PROMPT,
     ANSWER, NOISY + c; block: the answer block of an answer or noisy column). Padding keys never:
 
     - a prompt key: to a prompt query at or after it (the parent's causal rule), to every answer or noisy query;
     - an answer key of block j: to answer queries of block >= j (block-causal), to noisy queries of block > j;
     - a noisy key of copy c, block j: to the queries of copy c and block j only (a block denoises against the
-      clean blocks before it, never against another copy or another noisy block)."""
+      clean blocks before it, never against another copy or another noisy block).
+
+    `clean_causal` (a mask-gated LoRA, lad/modeling/gate.py): answer keys reach answer queries at or after them
+    only, so the clean answer reads causally and computes exactly the parent."""
     index = torch.arange(kind.shape[1], device=kind.device)
     q_kind, k_kind = kind[:, :, None], kind[:, None, :]
     q_block, k_block = block[:, :, None], block[:, None, :]
     prompt_key = (k_kind == PROMPT) & ((q_kind != PROMPT) | (index[None, None, :] <= index[None, :, None]))
-    answer_key = (k_kind == ANSWER) & (((q_kind == ANSWER) & (k_block <= q_block))
+    clean_rule = (index[None, None, :] <= index[None, :, None]) if clean_causal else (k_block <= q_block)
+    answer_key = (k_kind == ANSWER) & (((q_kind == ANSWER) & clean_rule)
                                        | ((q_kind >= NOISY) & (k_block < q_block)))
     noisy_key = (k_kind >= NOISY) & (k_kind == q_kind) & (k_block == q_block)
     return (prompt_key | answer_key | noisy_key) & attention_mask.bool()[:, None, :]

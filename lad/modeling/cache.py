@@ -16,7 +16,8 @@ Public API:
   computes each context once; `split_rows` and `stacked` take a padded cache apart and put rows back together.
 - `BlockCache`, `refresh_block`, `window_logits`: Fast-dLLM's "dual cache" for samplers that decode in blocks.
 - K/V helpers: `position_ids_from_mask` (shared by cached and uncached forwards: positions must agree for a
-  cache to be exact), `rebuilt_cache`, `cropped_back`, and `cache_keyword` (the decoder's cache argument).
+  cache to be exact), `rebuilt_cache`, `crop_to`, `cropped_back`, `left_padded` (rows realigned to one width),
+  `query_rows` and `cache_keyword` (the decoder's cache argument).
 """
 
 from __future__ import annotations
@@ -52,6 +53,32 @@ def rebuilt_cache(kv, take):
     return out
 
 
+def crop_to(kv, length: int) -> None:
+    """Keep only the first `length` columns of the K/V cache `kv` (transformers' `crop` takes the count to drop)."""
+    grown = kv.get_seq_length() - length
+    if grown > 0:
+        kv.crop(-grown)
+
+
+def left_padded(kv, keep: Tensor, pads: Tensor, length: int):
+    """A new DynamicCache of `length` columns whose row b is `pads[b]` zero columns (left padding, masked by the
+    caller) then the first columns of `kv`'s row b, at most `keep[b]` of them: rows of a batch that advanced by
+    different amounts realigned to one width (lad/sampling/speculative.py). Position ids come from the padding
+    mask, so the keys and values of the kept columns stay exact."""
+    if not bool(pads.any()) or not kv.get_seq_length():  # one width already: crop (rows keep `length` columns)
+        crop_to(kv, length)
+        return kv
+    device = kv.layers[0].keys.device
+    keep, pads = keep.to(device), pads.to(device)
+    source = torch.arange(length, device=device)[None, :] - pads[:, None]  # [B, length]: the column it comes from
+    real = (source >= 0) & (source < keep[:, None])
+
+    def take(t: Tensor) -> Tensor:
+        index = source.clamp(0, max(t.shape[2] - 1, 0))[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+        return t.gather(2, index) * real[:, None, :, None].to(t.dtype)
+    return rebuilt_cache(kv, take)
+
+
 @contextmanager
 def cropped_back(kv, length: int):
     """Crop the K/V cache `kv` back to its first `length` columns when the block ends, however it ends: a cached
@@ -59,9 +86,7 @@ def cropped_back(kv, length: int):
     try:
         yield kv
     finally:
-        grown = kv.get_seq_length() - length
-        if grown > 0:
-            kv.crop(-grown)
+        crop_to(kv, length)
 
 
 # -- the prefix cache
@@ -288,7 +313,7 @@ def window_logits(denoiser, input_ids: Tensor, attention_mask: Tensor, positions
 # new one, its columns kept, SDAR/Fast-dLLM v2) or in a forward of its own (`carry=False`).
 
 
-def _rows_from(mask, first: int):
+def query_rows(mask, first: int):
     """The query rows from canvas column `first` on of a decoder mask (one tensor or {layer type: tensor})."""
     if isinstance(mask, dict):
         return {kind: m[:, :, first:] for kind, m in mask.items()}
@@ -314,10 +339,15 @@ class GrowingCache:
         first = self.length
         if not torch.equal(ids[:, :first], self.ids.to(ids.device)):
             raise ValueError(f"the canvas no longer starts with its {first} cached columns (a finished block changed)")
-        mask = denoiser.attention_for(ids[:, :end], attention_mask[:, :end], answer_start, block_size=self.block_size)
-        position_ids = position_ids_from_mask(attention_mask)[:, first:end]
+        all_positions = position_ids_from_mask(attention_mask[:, :end])
+        if denoiser.gated:  # finished blocks read causally, as a gated run trains them (they compute the parent)
+            mask = denoiser.draft_mask(attention_mask[:, :end], keep, all_positions)
+        else:
+            mask = denoiser.attention_for(ids[:, :end], attention_mask[:, :end], answer_start,
+                                          block_size=self.block_size)
+        position_ids = all_positions[:, first:end]
         with cropped_back(self.kv, keep):  # the finished columns stay, the current block's go, however it ends
-            hidden = denoiser.decode_into(ids[:, first:end], _rows_from(mask, first), position_ids, self.kv)
+            hidden = denoiser.decode_into(ids[:, first:end], query_rows(mask, first), position_ids, self.kv)
         if keep > first:
             self.ids, self.length = ids[:, :keep].clone(), keep
             self.last_hidden = hidden[:, keep - first - 1] if denoiser.shift else None

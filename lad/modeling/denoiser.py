@@ -20,6 +20,10 @@ does not see the rest of the canvas, so this equals a full forward whose mask fo
 attending to later columns: it only approximates the bidirectional forward, and it is exact for prompt-causal
 attention (`attention="prompt_causal"` or `"block_causal"`, whose prompt never sees the canvas). A block-causal run
 also caches each finished answer block exactly (`GrowingCache`, lad/modeling/cache.py).
+
+`gate="masked"` (lad/modeling/gate.py) applies the adapter at mask-token columns only: every other column is the
+base model, so clean text read causally (`draft_mask`) computes the AR parent exactly, which one forward of
+self-speculative decoding uses to check a draft while it drafts the next (lad/sampling/speculative.py).
 With `shift=True` the prediction for the first answer slot is read from the last prompt token: a bidirectional
 model recomputes that column with the canvas, a prompt-causal one keeps its hidden state in the cache.
 """
@@ -32,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .bidirectional import causal_attention, make_bidirectional
+from .gate import attach_gate
 from .cache import PrefixCache, cache_keyword, hidden_after_prefix, position_ids_from_mask
 from . import attention as modes
 from .windows import decoder_mask
@@ -48,7 +53,7 @@ def previous_positions(positions: Tensor, who: str) -> Tensor:
 
 class Denoiser(nn.Module):
     def __init__(self, model: nn.Module, mask_id: int, shift: bool = False, attention: str = "bidirectional",
-                 info=None, block_size: int | None = None):
+                 info=None, block_size: int | None = None, gate: str | None = None):
         super().__init__()
         self.model = model  # a transformers CausalLM, or a PeftModel around one
         self.mask_id = int(mask_id)
@@ -57,6 +62,7 @@ class Denoiser(nn.Module):
         self.block_size = block_size if attention == modes.BLOCK_CAUSAL else None  # the trained block length
         self.info = info  # the run's settings (`run.LadInfo`, from lad.json): the one owner samplers, scorers ask
         make_bidirectional(model)
+        self.gate = attach_gate(model, mask_id, gate)  # lad/modeling/gate.py: LoRA only at mask columns, or None
 
     # -- the parts of the wrapped model we call directly
     @property
@@ -75,6 +81,12 @@ class Denoiser(nn.Module):
     @property
     def block_causal(self) -> bool:
         return self.attention == modes.BLOCK_CAUSAL
+
+    @property
+    def gated(self) -> bool:
+        """Whether the adapter acts only at mask columns (`lora.gate: masked`): every other column computes the base
+        model exactly, so clean text read causally is the parent's (lad/modeling/gate.py)."""
+        return self.gate is not None
 
     @property
     def prefix_cache_exact(self) -> bool:
@@ -104,8 +116,18 @@ class Denoiser(nn.Module):
     def layout_mask(self, kind: Tensor, block: Tensor, attention_mask: Tensor, position_ids: Tensor):
         """The decoder mask of a block-causal training row laid out as prompt, clean answer and noisy copies
         (`attention.layout_allowed`; lad/training/blocks.py), windows cut by position."""
-        allowed = modes.layout_allowed(kind, block, attention_mask)
-        return decoder_mask(allowed, kind != modes.PROMPT, self.config, self.mask_dtype, position_ids)
+        allowed = modes.layout_allowed(kind, block, attention_mask, clean_causal=self.gated)
+        both_ways = kind >= modes.NOISY if self.gated else kind != modes.PROMPT  # gated: the clean answer is causal
+        return decoder_mask(allowed, both_ways, self.config, self.mask_dtype, position_ids)
+
+    def draft_mask(self, attention_mask: Tensor, first_draft: int, position_ids: Tensor):
+        """The decoder mask of a speculative round (lad/sampling/speculative.py), whatever the run's mode: the text
+        before column `first_draft` read causally, as the parent reads it, and the draft columns from it on
+        attending to all of it and to each other (prompt-causal attention with the draft as the answer)."""
+        start = modes.answer_start_at(first_draft, attention_mask.shape[0], attention_mask.device)
+        allowed = modes.prompt_causal_allowed(attention_mask, start)
+        both_ways = modes.answer_columns(start, attention_mask.shape[1])
+        return decoder_mask(allowed, both_ways, self.config, self.mask_dtype, position_ids)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, answer_start: Tensor | None = None,

@@ -11,9 +11,13 @@ from .common import Canvas, Generation, Step, build_canvas
 from .ar import ar
 from .confidence import confidence
 from .refine import refine
+from .speculative import speculative
 from .threshold import threshold
 
-STRATEGIES = {"refine": refine, "confidence": confidence, "threshold": threshold, "ar": ar}
+STRATEGIES = {"refine": refine, "confidence": confidence, "threshold": threshold, "ar": ar,
+              "speculative": speculative}
+# strategies that run the AR parent (adapter off): a run needs one, and they have no fixed number of iterations
+PARENT_STRATEGIES = ("ar", "speculative")
 
 
 def default_strategy(denoiser) -> str:
@@ -50,5 +54,5 @@ def split_options(name: str, options: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in options.items() if k in mine}, {k: v for k, v in options.items() if k not in mine})
 
 
-__all__ = ["Canvas", "Generation", "STRATEGIES", "Step", "ar", "build_canvas", "confidence", "default_strategy",
-           "get_strategy", "refine", "split_options", "strategy_options", "threshold"]
+__all__ = ["Canvas", "Generation", "PARENT_STRATEGIES", "STRATEGIES", "Step", "ar", "build_canvas", "confidence", "default_strategy",
+           "get_strategy", "refine", "speculative", "split_options", "strategy_options", "threshold"]

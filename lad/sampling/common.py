@@ -59,12 +59,22 @@ class Generation:
     strategy: str
     steps: list[Step] = field(default_factory=list)
     prefix_forwards: int = 0  # prompt-only forwards building the prefix cache (not counted in nfe)
+    speculation: dict | None = None  # speculative: rounds, drafted and accepted tokens of the batch
+
+    @property
+    def mean_accepted(self) -> float | None:
+        """speculative: drafted tokens the parent accepted per round of a row (the acceptance length, without the
+        parent's own token)."""
+        s = self.speculation
+        return s["accepted"] / s["row_rounds"] if s and s["row_rounds"] else None
 
     def to_dict(self, with_steps: bool = True) -> dict:
         out = {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids, "nfe": self.nfe,
                "seconds": round(self.seconds, 4), "strategy": self.strategy}
         if self.prefix_forwards:  # only with prefix_cache=True: the trace is otherwise unchanged
             out["prefix_forwards"] = self.prefix_forwards
+        if self.speculation:
+            out["speculation"] = self.speculation
         if with_steps:
             out["steps"] = [s.to_dict() for s in self.steps]
         return out
