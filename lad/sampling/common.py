@@ -266,11 +266,15 @@ def sample_tokens(logits: Tensor, generators: list[torch.Generator], *, temperat
     if temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-        filtered = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-        # each row draws on its own generator's device (a CPU generator cannot sample a CUDA tensor)
-        tokens = torch.stack([torch.multinomial(filtered[b].to(generators[b].device), 1, generator=generators[b])
-                              .squeeze(-1).to(logits.device) for b in range(logits.shape[0])])
+        tokens = draw_rows(filter_logits(logits, temperature, top_k, top_p).softmax(-1), generators)
     return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def draw_rows(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """A token per slot drawn from `probs` [B, N, V], row b with its own generator: LongTensor [B, N]. Each row
+    draws on its generator's device (a CPU generator cannot sample a CUDA tensor)."""
+    return torch.stack([torch.multinomial(probs[b].to(g.device), 1, generator=g).squeeze(-1).to(probs.device)
+                        for b, g in enumerate(generators)])
 
 
 def record_step(steps: list[list[Step]] | None, on_step, iteration: int, before: Tensor, after: Tensor,

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..defaults import DRAFT_LENGTH, ITERS, MAX_DRAFT, MAX_NEW_TOKENS
 from ..modeling.gate import MaskGate
 from ..modeling.cache import cache_keyword, crop_to, left_padded, position_ids_from_mask, query_rows, rebuilt_cache
-from .common import Canvas, Step, eos_token_ids, filter_logits, finish, prepare, row_generators
+from .common import Canvas, Step, draw_rows, eos_token_ids, filter_logits, finish, prepare, row_generators
 from .verify import greedy_round, sampled_round
 
 
@@ -118,9 +118,7 @@ def _draft(denoiser, gate, text: _Text, kv, k: int, generators, sampling: dict, 
     if sampling["temperature"] <= 0:
         return hidden, logits.argmax(-1), None
     probs = filter_logits(logits, **sampling).softmax(-1)
-    tokens = torch.stack([torch.multinomial(probs[b].to(g.device), 1, generator=g)[:, 0].to(probs.device)
-                          for b, g in enumerate(generators)])
-    return hidden, tokens, probs
+    return hidden, draw_rows(probs, generators), probs
 
 
 def _verify(denoiser, gate, text: _Text, kv, draft: Tensor) -> Tensor:
@@ -132,7 +130,13 @@ def _verify(denoiser, gate, text: _Text, kv, draft: Tensor) -> Tensor:
     causal = query_rows(denoiser.draft_mask(mask, ids.shape[1], position_ids), first)  # no draft slots: all causal
     with gate.at(torch.zeros_like(ids[:, first:], dtype=torch.bool)):
         hidden = _run(denoiser.causal_lm.get_decoder(), ids, causal, position_ids, kv, first)
-    return denoiser.causal_lm.get_output_embeddings()(hidden[:, -(draft.shape[1] + 1):]).float()
+    return _parent_head(denoiser, hidden, draft.shape[1] + 1)
+
+
+def _parent_head(denoiser, hidden: Tensor, count: int) -> Tensor:
+    """The parent's own LM head (every token, the mask token too, as its `generate` sees them) over the last
+    `count` columns of `hidden`: float logits [B, count, V]."""
+    return denoiser.causal_lm.get_output_embeddings()(hidden[:, -count:]).float()
 
 
 @contextmanager
@@ -171,7 +175,7 @@ class _Round:
             hidden, fresh, fresh_probs = _draft(self.denoiser, self.gate, self.text, self.parent_kv, k + 1,
                                                 self.generators, self.sampling, (draft, valid))
             clean = hidden[:, :hidden.shape[1] - k - 1]  # the parent's hidden states: the text and the draft
-            logits = self.denoiser.causal_lm.get_output_embeddings()(clean[:, -(draft.shape[1] + 1):]).float()
+            logits = _parent_head(self.denoiser, clean, draft.shape[1] + 1)
             self.fresh = (fresh[:, 1:], None if fresh_probs is None else fresh_probs[:, 1:])
             self.forwards += 1
             self.seconds["verify_seconds"] += time.perf_counter() - began
