@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from .console import Parser, guarded, printable, quiet_libraries
-from .sampling import PARENT_STRATEGIES, STRATEGIES, Generation, default_strategy, get_strategy, split_options, strategy_options
+from .sampling import (PARENT_STRATEGIES, STRATEGIES, Generation, default_strategy, get_strategy, split_options,
+                       strategy_options)
 from .sampling.common import eos_token_ids
 from .sampling.render import LiveView, decode_pieces
 

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..defaults import DRAFT_LENGTH, ITERS, MAX_DRAFT, MAX_NEW_TOKENS
 from ..modeling.gate import MaskGate
-from ..modeling.cache import cache_keyword, crop_to, left_padded, position_ids_from_mask, query_rows, rebuilt_cache
+from ..modeling.cache import crop_to, left_padded, position_ids_from_mask, query_rows, rebuilt_cache
 from .common import Canvas, Step, draw_rows, eos_token_ids, filter_logits, finish, prepare, row_generators
 from .verify import greedy_round, sampled_round
 
@@ -88,14 +88,6 @@ class _Text:
         return common
 
 
-def _run(decoder, ids: Tensor, mask, position_ids: Tensor, kv, first: int) -> Tensor:
-    """Hidden states of columns [first, end) of `ids` against the K/V cache `kv` (columns [0, first)), which
-    keeps theirs appended (the caller crops or realigns)."""
-    out = decoder(input_ids=ids[:, first:], attention_mask=mask, position_ids=position_ids[:, first:],
-                  use_cache=True, **{cache_keyword(decoder): kv})
-    return out.last_hidden_state
-
-
 def _draft(denoiser, gate, text: _Text, kv, k: int, generators, sampling: dict, extra=None):
     """A denoiser forward over the text's uncached columns, `extra` ((draft, valid): a gated run's previous draft)
     and k mask slots against `kv`: (hidden states, drafted tokens [B, k], their distributions or None). The
@@ -111,7 +103,7 @@ def _draft(denoiser, gate, text: _Text, kv, k: int, generators, sampling: dict, 
     if denoiser.gated:  # the slots alone, even where the text holds the mask token
         adapted[:, :first_slot - first] = False
     with gate.at(adapted):
-        hidden = _run(denoiser.causal_lm.get_decoder(), ids, decoder_mask, position_ids, kv, first)
+        hidden = denoiser.decode_into(ids[:, first:], decoder_mask, position_ids[:, first:], kv)
     positions = torch.zeros_like(ids, dtype=torch.bool)
     positions[:, first_slot:] = True
     logits = denoiser.head_at(hidden, first, positions).view(rows, k, -1).float()
@@ -129,7 +121,7 @@ def _verify(denoiser, gate, text: _Text, kv, draft: Tensor) -> Tensor:
     first, position_ids = kv.get_seq_length(), position_ids_from_mask(mask)
     causal = query_rows(denoiser.draft_mask(mask, ids.shape[1], position_ids), first)  # no draft slots: all causal
     with gate.at(torch.zeros_like(ids[:, first:], dtype=torch.bool)):
-        hidden = _run(denoiser.causal_lm.get_decoder(), ids, causal, position_ids, kv, first)
+        hidden = denoiser.decode_into(ids[:, first:], causal, position_ids[:, first:], kv)
     return _parent_head(denoiser, hidden, draft.shape[1] + 1)
 
 
