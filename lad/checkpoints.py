@@ -107,12 +107,14 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def load_checkpoint_state(folder: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer and scheduler from `folder`; returns its state.json."""
+def load_checkpoint_state(folder: Path, *, model, optimizer, scheduler, verified: bool = False) -> dict:
+    """Restore weights, optimizer and scheduler from `folder`; returns its state.json. verified: the caller
+    already read every file's bytes (`resume.plan_resume` does, before anything loads), so they are not read
+    twice."""
     problem = checkpoint_problem(folder)
     if problem:
         raise RunDirError(f"checkpoint {folder} is unusable: {problem}")
-    problem = checkpoint_files_problem(folder)  # same sizes, other bytes (lad/integrity.py)
+    problem = None if verified else checkpoint_files_problem(folder)  # same sizes, other bytes (lad/integrity.py)
     if problem:
         raise RunDirError(problem + OLDER)
     load_trainable_weights(model, folder)

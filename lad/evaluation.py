@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--order", choices=["confidence", "l2r"], default=SCORE_ORDER,
                    help=f"denoise: reveal left to right or most-confident first (default {SCORE_ORDER}: scored "
                         "best in docs/results.md)")
+    p.add_argument("--lookahead", type=int, default=None, metavar="W",
+                   help="denoise, l2r: show each reveal W masks after the text so far instead of one per remaining "
+                        "token, so the model is not told how long each choice is (default: all of them)")
     p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice (default 128)")
     p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="denoise, elbo: run each context once and only the continuation per step (exact, and on by "
@@ -106,6 +109,10 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     checks = [
         (args.iters < 1, f"--iters must be >= 1, got {args.iters}"),
         (args.mc_samples < 1, f"--mc-samples must be >= 1, got {args.mc_samples}"),
+        (args.lookahead is not None and args.lookahead < 1, f"--lookahead must be >= 1, got {args.lookahead}"),
+        (args.lookahead is not None and (args.order != "l2r" or args.score != "denoise"),
+         f"--lookahead {args.lookahead} needs --score denoise --order l2r (got --score {args.score} "
+         f"--order {args.order})"),
         (not tasks, f"--tasks {args.tasks!r}: no task names (e.g. --tasks arc_easy,mmlu)"),
         (limit is not None and not (0 < limit < 1 or 1 <= limit < float("inf") and limit == int(limit)),
          f"--limit must be a number of examples (>= 1) or a fraction in (0, 1), got {limit}"),
@@ -165,18 +172,42 @@ def check_hub_data(names: list[str], task_manager) -> None:
     reason = offline_reason()
     if reason is None:
         return
-    from datasets import config
-
     for name in names:
         try:
             task_manager.load([name])
         except ConnectionError as err:  # datasets: not in the cache, and the hub not asked
             named = re.search(r"reach '([^']+)'", str(err))
-            dataset = named.group(1) if named else "its data set"
-            raise ConnectionError(
-                f"--tasks {name}: {dataset} is not in the local data set cache ({config.HF_DATASETS_CACHE}) and "
-                f"{reason}; score local JSONL copies with --data-dir DIR (docs/scoring.md), or run once where "
-                "the hub can be reached") from None
+            raise hub_data_missing(name, named.group(1) if named else "its data set", reason) from None
+
+
+def check_stock_data_early(names: list[str]) -> None:
+    """Before lm-eval indexes its thousands of task files (~10 s): a task whose hub data set LAD knows
+    (`STOCK_DATASETS`) fails at once when the hub cannot be reached and no local cache holds that data set."""
+    from .hub import offline_reason
+    from .scoring.tasks import STOCK_DATASETS
+
+    known = [name for name in names if name in STOCK_DATASETS]
+    reason = offline_reason() if known else None
+    if reason is None:
+        return
+    from datasets import config
+    from huggingface_hub import constants
+
+    for name in known:
+        dataset = STOCK_DATASETS[name]
+        places = (Path(config.HF_DATASETS_CACHE) / dataset.replace("/", "___"),
+                  Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}")
+        if not any(place.is_dir() for place in places):
+            raise hub_data_missing(name, dataset, reason)
+
+
+def hub_data_missing(name: str, dataset: str, reason: str) -> ConnectionError:
+    from datasets import config
+
+    return ConnectionError(
+        f"--tasks {name}: {dataset} is not in the local data set cache ({config.HF_DATASETS_CACHE}) and "
+        f"{reason}; score local JSONL copies with --data-dir DIR (docs/scoring.md), or run once where "
+        "the hub can be reached")
 
 
 def quiet_git_hash() -> None:
@@ -211,6 +242,7 @@ def run_one(lm, args, tasks, task_manager) -> dict:
     if results is not None:  # only rank 0 gets results
         results["config"].update(model="lad", model_args=args.model, iters=args.iters, score=args.score,
                                  order=args.order, mc_samples=args.mc_samples if args.score == "elbo" else None,
+                                 lookahead=args.lookahead,
                                  prefix_cache=lm.prefix_cache_used,
                                  baseline=lm.baseline, nfe=sum(nfe), processes=lm.world_size,
                                  wall_s=round(time.perf_counter() - started, 2))
@@ -244,7 +276,8 @@ def column_label(name: str, results: dict) -> str:
     if config.get("score") == "elbo":
         return f"{name} (elbo, {config.get('mc_samples')} samples)"
     if config.get("score") == "denoise":
-        return f"{name} (denoise, {config.get('order')} order, {config.get('iters')} iters)"
+        window = f", lookahead {config['lookahead']}" if config.get("lookahead") else ""
+        return f"{name} (denoise, {config.get('order')} order, {config.get('iters')} iters{window})"
     return name
 
 
@@ -314,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             from .safety import EVAL, check_destination
 
             check_destination(args.output_path, kind=EVAL, flag="--output_path")
+        if not args.data_dir:
+            check_stock_data_early([t.strip() for t in args.tasks.split(",") if t.strip()])
         from lm_eval.utils import make_table
 
         from .scoring.harness import LadLM
@@ -322,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
         lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
                    mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                   weights=args.weights, strategy=args.strategy, prefix_cache=args.prefix_cache)
+                   weights=args.weights, strategy=args.strategy, prefix_cache=args.prefix_cache,
+                   lookahead=args.lookahead)
         if args.baseline == "ar" or args.compare or args.strategy in PARENT_STRATEGIES:
             from .run import check_parent
 

@@ -204,8 +204,11 @@ def hub_id(base: dict) -> str | None:
 
 
 def eval_rows(run_dir: Path) -> list[str]:
-    """Markdown rows from every lad-eval results file in RUN_DIR/eval (lad-eval --output_path RUN/eval)."""
-    from .evaluation import metric_rows
+    """Markdown rows from every lad-eval results file in RUN_DIR/eval (lad-eval --output_path RUN/eval): each
+    metric with its stderr, how it was scored, the documents scored and, for a `--compare` file, LAD − parent
+    with its paired 95% interval and McNemar p on those documents (lad/scoring/paired.py)."""
+    from .evaluation import column_label, metric_rows
+    from .scoring.paired import interval_cell
 
     rows = []
     for path in sorted((run_dir / EVAL_DIR).glob("*.json")):
@@ -213,18 +216,27 @@ def eval_rows(run_dir: Path) -> list[str]:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
+        paired = payload.get("paired", {}) if isinstance(payload, dict) else {}
         for name, res in payload.items() if isinstance(payload, dict) else ():
             if not isinstance(res, dict) or "results" not in res:
                 continue
-            config = res.get("config", {})
-            how = "AR parent" if name == "ar" else \
-                f"LAD, {config.get('score', '?')} ({config.get('iters', '?')} iters)"
-            limit = config.get("limit")
+            how = "AR parent" if name == "ar" else column_label("LAD", res)
             for task, metrics in sorted(metric_rows(res).items()):
+                docs = documents_scored(res, task)
                 for metric, (value, err) in sorted(metrics.items()):
-                    rows.append(f"| {task} | {metric} | {value:.4f} ± {err:.4f} | {how} | "
-                                f"{'all' if limit is None else limit} | {path.name} |")
+                    pair = paired.get(f"{task}/{metric}") if name != "ar" else None
+                    rows.append(f"| {task} | {metric} | {value:.4f} ± {err:.4f} | {how} | {docs} | "
+                                f"{interval_cell(pair).split(' (n=')[0] if pair else '-'} | {path.name} |")
     return rows
+
+
+def documents_scored(res: dict, task: str) -> str:
+    """How many documents a task's numbers rest on: lm-eval's effective count, else the limit, else "all"."""
+    counted = (res.get("n-samples") or {}).get(task, {})
+    if isinstance(counted, dict) and counted.get("effective") is not None:
+        return str(counted["effective"])
+    limit = res.get("config", {}).get("limit")
+    return "all" if limit is None else str(limit)
 
 
 def public_base(base: dict, run_dir: Path) -> str:
@@ -308,7 +320,8 @@ def model_card(run_dir: Path, info: LadInfo, title: str) -> str:
     rows = eval_rows(run_dir)
     if rows:
         lines += ["Scores of the run this model was exported from (lm-evaluation-harness through `lad-eval`):", "",
-                  "| task | metric | value ± stderr | model | limit | file |", "|---|---|---|---|---|---|", *rows]
+                  "| task | metric | value ± stderr | model | documents | LAD − parent [paired 95%] | file |",
+                  "|---|---|---|---|---|---|---|", *rows]
     else:
         lines.append(f"No evaluation results in the run directory (`lad-eval --output_path RUN/{EVAL_DIR}` "
                      "puts them there).")

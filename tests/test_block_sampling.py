@@ -112,19 +112,26 @@ def test_a_finished_block_never_changes(tokenizer):
 
 
 @pytest.mark.parametrize("shift", [False, True])
-def test_one_pass_scoring_is_the_token_by_token_reveal(shift):
+@pytest.mark.parametrize("lookahead", [None, 2, 3])
+def test_one_pass_scoring_is_the_token_by_token_reveal(shift, lookahead):
+    """Also with a lookahead: W masks after the revealed tokens, cut at the block's end (block 3: W=3 pads each
+    last block to its full size, W=2 shows fewer masks than the block has), the same in one pass as revealed."""
     from lad.scoring.denoise import score_denoise
 
     den = denoiser(shift, block_size=3)
     g = torch.Generator().manual_seed(5)
     requests = [(torch.randint(0, 256, (c,), generator=g).tolist(), torch.randint(0, 256, (x,), generator=g).tolist())
-                for c, x in [(5, 1), (3, 7), (9, 3), (2, 10), (4, 6)]]
+                for c, x in [(5, 1), (3, 7), (9, 3), (2, 10), (4, 8)]]
     stats = {}
-    fast = score_denoise(den, requests, order="l2r", batch_size=3, stats=stats)
-    slow = score_denoise(den, requests, order="l2r", iters=64, one_pass=False, prefix_cache=False)
+    fast = score_denoise(den, requests, order="l2r", batch_size=3, stats=stats, lookahead=lookahead)
+    slow = score_denoise(den, requests, order="l2r", iters=64, one_pass=False, prefix_cache=False,
+                         lookahead=lookahead)
     assert [g for _, g in fast] == [g for _, g in slow]
     assert [lp for lp, _ in fast] == pytest.approx([lp for lp, _ in slow], abs=1e-4)
     assert stats["forward_calls"] == 2 and stats["nfe"] == len(requests)  # one forward per batch of requests
+    if lookahead is not None:  # the masks shown changed the numbers (x = 7, 8, 10 end mid-block)
+        plain = score_denoise(den, requests, order="l2r")
+        assert max(abs(a - b) for (a, _), (b, _) in zip(fast, plain)) > 1e-3
 
 
 @pytest.mark.parametrize("block_causal", [False, True])

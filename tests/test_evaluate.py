@@ -97,6 +97,23 @@ def test_prefix_cache_flag_reaches_the_scorer_and_is_recorded(run_dir, data_dir,
     assert logged["--prefix-cache"] != logged["--no-prefix-cache"]
 
 
+def test_lookahead_reaches_the_scorer_and_is_recorded(run_dir, data_dir, tmp_path):
+    """Each choice (a space and digits: several tokens) is scored with one mask after the text so far instead of
+    one per remaining token: other log-likelihoods, and the config and the table say so."""
+    logged = {}
+    for window in (None, "1"):
+        out = tmp_path / str(window)
+        flags = [] if window is None else ["--lookahead", window]
+        assert lad_eval(["--model", str(run_dir), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "3",
+                         "--iters", "8", "--output_path", str(out), "--log_samples", *flags]) == 0
+        data = results(out)["lad"]
+        assert data["config"]["lookahead"] == (None if window is None else 1)
+        samples = next(out.glob("samples_lad_arc_easy_*.jsonl")).read_text().splitlines()
+        logged[window] = [json.loads(line)["filtered_resps"] for line in samples]
+    assert logged["1"] != logged[None]
+    assert "lookahead 1" in next((tmp_path / "1").glob("*.md")).read_text()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "arc_eazy"], "did you mean 'arc_easy'"),
     (["--tasks", "arc_easy", "--data-dir", "/nonexistent/dir"], "is not a folder"),
@@ -110,9 +127,15 @@ def test_user_errors_exit_2_with_one_line(run_dir, argv, message, capsys):
 def test_not_a_run_and_bad_iters(tmp_path, capsys):
     assert lad_eval(["--model", str(tmp_path), "--tasks", "arc_easy"]) == 2
     assert "not a LAD run" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        lad_eval(["--model", str(tmp_path), "--tasks", "arc_easy", "--iters", "0"])
-    assert exit_info.value.code == 2
+    capsys.readouterr()
+    for flags, message in ((["--iters", "0"], "--iters must be >= 1"),
+                           (["--lookahead", "0"], "--lookahead must be >= 1, got 0"),
+                           (["--lookahead", "2", "--order", "confidence"], "needs --score denoise --order l2r")):
+        with pytest.raises(SystemExit) as exit_info:
+            lad_eval(["--model", str(tmp_path), "--tasks", "arc_easy", *flags])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
 
 
 def test_two_processes_shard_requests_and_agree(run_dir, data_dir, tmp_path):

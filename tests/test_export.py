@@ -174,14 +174,19 @@ def test_card_lists_the_run_eval_results_and_hub_base(runs, tmp_path):
     shutil.copytree(runs["noshift"], run)
     result = {"results": {"arc_easy": {"acc,none": 0.42, "acc_stderr,none": 0.03, "acc_norm,none": 0.4,
                                        "acc_norm_stderr,none": 0.031}},
-              "config": {"score": "denoise", "iters": 16, "limit": 200}}
+              "config": {"score": "denoise", "iters": 16, "order": "l2r", "limit": 200}}
     parent = {"results": {"arc_easy": {"acc,none": 0.5, "acc_stderr,none": 0.035}}, "config": {"limit": 200}}
+    # per-document results of both (as lad-eval --compare logs them): LAD right on 3 of 4, the parent on 1 of 4
+    result["samples"] = {"arc_easy": [{"doc_id": i, "acc": float(i < 3), "acc_norm": 1.0} for i in range(4)]}
+    parent["samples"] = {"arc_easy": [{"doc_id": i, "acc": float(i == 3), "acc_norm": 1.0} for i in range(4)]}
+    result["n-samples"] = {"arc_easy": {"original": 570, "effective": 4}}
     save_eval({"lad": result, "ar": parent}, "table", str(run / "eval"))  # what lad-eval --output_path RUN/eval writes
     out = export_run(run, tmp_path / "model", dtype="fp32", say=lambda _: None).out
     _, front, body = (out / "README.md").read_text().split("---\n", 2)
-    assert "| arc_easy | acc | 0.4200 ± 0.0300 | LAD, denoise (16 iters) | 200 |" in body
-    assert "| arc_easy | acc_norm | 0.4000 ± 0.0310 | LAD, denoise (16 iters) | 200 |" in body
-    assert "| arc_easy | acc | 0.5000 ± 0.0350 | AR parent | 200 |" in body
+    how = "LAD (denoise, l2r order, 16 iters)"
+    assert f"| arc_easy | acc | 0.4200 ± 0.0300 | {how} | 4 | +0.5000 [-0.5000, +1.0000] p=0.62 |" in body
+    assert f"| arc_easy | acc_norm | 0.4000 ± 0.0310 | {how} | 4 | +0.0000 [+0.0000, +0.0000] p=1 |" in body
+    assert "| arc_easy | acc | 0.5000 ± 0.0350 | AR parent | 200 | - |" in body
     info = LadInfo.load(out)  # a hub base goes into the metadata (not loaded here: the card only names it)
     info.base_model["name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     meta = yaml.safe_load(model_card(run, info, "m").split("---\n", 2)[1])

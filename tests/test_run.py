@@ -318,8 +318,13 @@ def test_load_checkpoint_state_restores_weights_optimizer_scheduler(tmp_path, mo
     # TinyModel is not a PeftModel: read its adapter file as a plain state dict
     monkeypatch.setattr(lad.checkpoints, "load_trainable_weights",
                         lambda model, f: model.load_state_dict(load_file(str(f / "adapter_model.safetensors"))))
+    read = []  # the files' bytes are read once per resume: plan_resume reads them, then says verified=True
+    monkeypatch.setattr(lad.checkpoints, "checkpoint_files_problem", lambda f: read.append(f))
+    other = make_training()
+    load_checkpoint_state(folder, model=other[0], optimizer=other[1], scheduler=other[2], verified=True)
+    assert read == []
     state = load_checkpoint_state(folder, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2])
-    assert state["step"] == 3 and state["tokens"] == 30
+    assert state["step"] == 3 and state["tokens"] == 30 and read == [folder]
     assert torch.equal(fresh[0].linear.weight, expected_weight)
     assert fresh[2].last_epoch == 3
     train_steps(*fresh, 2)

@@ -23,8 +23,14 @@ from ..modeling.attention import ANSWER, NOISY, PROMPT
 from .batching import check_requests, count, device_of, length_chunks
 
 
-def block_row(context: list[int], continuation: list[int], block_size: int, shift: bool, mask_id: int):
-    """(ids, position ids, kinds, blocks, source column of each continuation token) of one request's row."""
+def block_row(context: list[int], continuation: list[int], block_size: int, shift: bool, mask_id: int,
+              lookahead: int | None = None):
+    """(ids, position ids, kinds, blocks, source column of each continuation token) of one request's row.
+
+    lookahead W: the copy that scores offset j of a block holds min(W, block_size - j) masks after the revealed
+    tokens, past the continuation's end if need be (as `score_denoise(lookahead=W)` shows them; masks beyond the
+    block would be invisible anyway), so the last block no longer tells where the continuation ends. None: the
+    block's masks up to the continuation's end."""
     start = len(context)
     ids, kinds, blocks = context + continuation, [PROMPT] * start + [ANSWER] * len(continuation), [0] * start
     blocks += [offset // block_size for offset in range(len(continuation))]
@@ -35,23 +41,24 @@ def block_row(context: list[int], continuation: list[int], block_size: int, shif
             if shift and j == 0:  # the block's first token: from the clean token before it
                 sources.append(start + first - 1)
                 continue
-            column = len(ids)
-            ids += continuation[first:first + j] + [mask_id] * (size - j)
-            positions += range(start + first, start + first + size)
-            kinds += [NOISY + j] * size
-            blocks += [first // block_size] * size
+            column, masks = len(ids), size - j if lookahead is None else min(lookahead, block_size - j)
+            ids += continuation[first:first + j] + [mask_id] * masks
+            positions += range(start + first, start + first + j + masks)
+            kinds += [NOISY + j] * (j + masks)
+            blocks += [first // block_size] * (j + masks)
             sources.append(column + j - int(shift))
     return ids, positions, kinds, blocks, sources
 
 
 @torch.no_grad()
-def score_blocks(denoiser, requests, *, batch_size: int = 16, progress=None,
+def score_blocks(denoiser, requests, *, batch_size: int = 16, lookahead: int | None = None, progress=None,
                  stats: dict | None = None) -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) per request, in request order; stats["nfe"] += requests run (one forward each)."""
+    """(log-likelihood, is_greedy) per request, in request order; stats["nfe"] += requests run (one forward each).
+    lookahead: as `block_row`'s."""
     requests = check_requests(requests, need_context=denoiser.shift)
     denoiser.eval()
     device, results = device_of(denoiser), [None] * len(requests)
-    rows_of = {i: block_row(*requests[i], denoiser.block_size, denoiser.shift, denoiser.mask_id)
+    rows_of = {i: block_row(*requests[i], denoiser.block_size, denoiser.shift, denoiser.mask_id, lookahead)
                for i in range(len(requests))}
     for chunk in length_chunks([len(rows_of[i][0]) for i in range(len(requests))], batch_size):
         width = max(len(rows_of[i][0]) for i in chunk)

@@ -21,6 +21,11 @@ the model picks, an exact chain rule for the denoiser's conditionals. With fewer
 together are scored as independent (a product of marginals). Deterministic; a single-token continuation costs
 exactly one forward.
 
+The canvas holds one mask per continuation token, so every conditional also knows where the continuation ends:
+the score is log p(x | c, |x|), which lets a long, unlikely choice skip paying for its length. `lookahead=W`
+(l2r) shows each forward the revealed text and exactly W masks instead, past the end if need be, so every
+continuation looks equally long (docs/scoring.md, "The length of a choice shows through its masks").
+
 Batching: contexts are left-padded and continuations right-padded (`ContextBatch`), so every continuation starts at
 one column. Each row follows its own schedule; a row whose schedule is over leaves the batch (later forwards run
 only the rows still being revealed). `prefix_cache` (on by default for prompt-causal runs, where it is exact):
@@ -44,12 +49,16 @@ ORDERS = ("confidence", "l2r")
 
 @torch.no_grad()
 def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", batch_size: int = 16,
-                  prefix_cache: bool | None = None, one_pass: bool | None = None, progress=None,
-                  stats: dict | None = None) -> list[tuple[float, bool]]:
+                  prefix_cache: bool | None = None, one_pass: bool | None = None, lookahead: int | None = None,
+                  progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order.
 
     one_pass (default: on for a block-causal run scored left to right): every token's reveal state in one forward
     (`score_blocks`, lad/scoring/blocks.py), the exact one-token-at-a-time chain rule whatever `iters` says.
+
+    lookahead (l2r only; None: the whole continuation): each forward shows exactly this many masks after the
+    revealed text (at least the step's quota), past the continuation's end if need be, and nothing further, so
+    the canvas no longer tells the model how long the continuation is (`visible_window`).
 
     progress(n): called after each chunk with the number of requests it finished (tqdm's `update`).
     stats: if given, stats["nfe"] += sequences run through the model (Σ min(iters, L) over requests),
@@ -59,10 +68,13 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
         raise ValueError(f"iters must be >= 1, got {iters}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if lookahead is not None and (int(lookahead) < 1 or order != "l2r"):
+        raise ValueError(f"lookahead must be >= 1 and needs order='l2r', got {lookahead} with order={order!r}")
     if one_pass is None:
         one_pass = bool(getattr(denoiser, "block_causal", False)) and order == "l2r"
     if one_pass:
-        return score_blocks(denoiser, requests, batch_size=batch_size, progress=progress, stats=stats)
+        return score_blocks(denoiser, requests, batch_size=batch_size, lookahead=lookahead, progress=progress,
+                            stats=stats)
     requests = check_requests(requests, need_context=denoiser.shift)
     cached = use_prefix_cache(denoiser, prefix_cache)
     denoiser.eval()
@@ -76,8 +88,11 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
     for chunk in chunks:
         batch = context_batch(denoiser, [requests[i] for i in chunk], pad_id, device, cached, stats, kept)
         target, attention, lengths = batch.ids, batch.attention_mask, batch.lengths
-        rows, width = target.shape
         masked = batch.slots()  # continuation slots not revealed yet
+        if lookahead is not None:  # room for the masks shown past a continuation's end
+            target, attention, masked = (torch.nn.functional.pad(t, (0, int(lookahead)))
+                                         for t in (target, attention, masked))
+        rows, width = target.shape
         canvas = target.masked_fill(masked, mask_id)
         schedules = [num_transfer_tokens(length, min(int(iters), length)) for length in lengths]
         logp = torch.zeros(rows, dtype=torch.float64, device=device)
@@ -90,8 +105,9 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
             if cache is not None and len(live) != cache_rows:  # rows only ever leave
                 cache, cache_rows = batch.cache.select(live), len(live)
             quota = torch.tensor([schedules[r][step] for r in live.tolist()], device=device)
-            slots = masked[live]
-            log_probs = denoiser(canvas[live], attention[live], positions=slots, cache=cache,
+            slots, view, shown, keep = step_view(masked[live], canvas[live], attention[live], quota, order,
+                                                 lookahead, batch.context_width, mask_id)
+            log_probs = denoiser(view[:, :keep], shown[:, :keep], positions=slots[:, :keep], cache=cache,
                                  answer_start=batch.answer_start[live]).float().log_softmax(-1)  # [N, V]
             count(stats, rows=len(live))
             truth = target[live]
@@ -111,10 +127,35 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
             logp[live] += torch.where(reveal, true_lp, 0.0).sum(-1).double()
             greedy[live] &= ~(reveal & ~is_argmax).any(-1)
             canvas[live] = torch.where(reveal, truth, canvas[live])
-            masked[live] = slots & ~reveal
+            masked[live] = masked[live] & ~reveal
 
         for row, i in enumerate(chunk):
             results[i] = (float(logp[row]), bool(greedy[row]))
         if progress is not None:
             progress(len(chunk))
     return results
+
+
+def step_view(masked, canvas, attention, quota, order: str, lookahead: int | None, start: int, mask_id: int):
+    """(slots to read, canvas, attention, columns to run) of one reveal step: with a lookahead only its window
+    (`visible_window`); left to right only the slots revealed now are read (a small model's LM head costs much)."""
+    keep = canvas.shape[1]
+    if lookahead is not None:
+        canvas, attention, keep = visible_window(canvas, attention, masked, quota, int(lookahead), start, mask_id)
+        masked = masked & attention.bool()
+    if order == "l2r":
+        masked = masked & (masked.cumsum(-1) <= quota[:, None])
+    return masked, canvas, attention, keep
+
+
+def visible_window(canvas, attention, masked, quota, lookahead: int, start: int, mask_id: int):
+    """(canvas, attention, columns to run) for a `lookahead` forward: each row shows its revealed text and then
+    exactly max(lookahead, quota) masks, continuing past the continuation's end with extra masks (never scored),
+    so that every continuation looks equally long; columns right of the widest window need not be run."""
+    column = torch.arange(canvas.shape[1], device=canvas.device)
+    revealed = masked.int().argmax(-1)  # l2r: each row's first masked column (a live row has one)
+    end = revealed + quota.clamp(min=lookahead)
+    window = (column >= start) & (column < end[:, None])
+    canvas = torch.where(window & (column >= revealed[:, None]), torch.full_like(canvas, mask_id), canvas)
+    attention = torch.where(column >= start, window.to(attention.dtype), attention)
+    return canvas, attention, int(end.max())

@@ -48,7 +48,8 @@ class LadLM(TemplateLM):
                  baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "l2r",
                  mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
                  weights: str = "final", strategy: str | None = None, max_length: int | None = None,
-                 prefix_cache: bool | str | None = None, max_batch_size: int | None = None):
+                 prefix_cache: bool | str | None = None, max_batch_size: int | None = None,
+                 lookahead: int | str | None = None):
         super().__init__()
         if baseline not in ("none", "ar"):
             raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
@@ -72,6 +73,9 @@ class LadLM(TemplateLM):
         # None: the scorers' default (on exactly when exact: prompt-causal runs); model_args pass strings
         self.prefix_cache = (None if prefix_cache in (None, "", "auto")
                              else str(prefix_cache).lower() in ("1", "true", "yes"))
+        self.lookahead = None if lookahead in (None, "", "none", "None") else int(lookahead)
+        if self.lookahead is not None and (self.lookahead < 1 or order != "l2r"):
+            raise ValueError(f"lookahead must be >= 1 and needs order='l2r', got {lookahead} with order={order!r}")
         self.nfe = 0
         self.seconds = 0.0
 
@@ -173,7 +177,7 @@ class LadLM(TemplateLM):
                                     group_ids=[group_ids[i] for i in multi], prefix_cache=self.prefix_cache, **common)
             else:
                 scores = score_denoise(self.denoiser, chosen, iters=self.iters, order=self.order,
-                                       prefix_cache=self.prefix_cache, **common)
+                                       prefix_cache=self.prefix_cache, lookahead=self.lookahead, **common)
             for i, value in zip(multi, scores):
                 out[i] = value
         bar.close()
@@ -192,7 +196,10 @@ class LadLM(TemplateLM):
     def _mode(self) -> str:
         if self.baseline == "ar":
             return "ar baseline"
-        return f"elbo x{self.mc_samples}" if self.score == "elbo" else f"denoise {self.order} iters={self.iters}"
+        if self.score == "elbo":
+            return f"elbo x{self.mc_samples}"
+        window = "" if self.lookahead is None else f" lookahead={self.lookahead}"
+        return f"denoise {self.order} iters={self.iters}{window}"
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity tasks: lm-eval's disjoint rolling windows (each scored given the one token before it, as

@@ -23,6 +23,10 @@ OFFLINE_TASKS = {
     "mmlu": ("mmlu", None),
 }
 
+# lm-eval's `dataset_path` of those tasks: what they read from the hub without --data-dir
+STOCK_DATASETS = {"arc_easy": "allenai/ai2_arc", "arc_challenge": "allenai/ai2_arc", "hellaswag": "Rowan/hellaswag",
+                  "mmlu": "cais/mmlu"}
+
 
 class TaskDataError(ValueError):
     """Local benchmark data is missing or malformed."""

@@ -69,7 +69,8 @@ def restore(plan: ResumePlan, recipe: Recipe, denoiser, optimizer, scheduler, di
     and the optimisation settings the resume may change applied on top."""
     if plan.checkpoint is None:
         return TrainState(digest=digest)
-    saved = load_checkpoint_state(plan.checkpoint, model=denoiser.model, optimizer=optimizer, scheduler=scheduler)
+    saved = load_checkpoint_state(plan.checkpoint, model=denoiser.model, optimizer=optimizer, scheduler=scheduler,
+                                  verified=True)  # plan_resume checked every file's bytes
     state = TrainState(step=saved["step"], best_val=saved.get("best_val", math.inf),
                        tokens_seen=saved.get("tokens", 0), skipped=saved.get("skipped_steps", 0), digest=digest)
     apply_changes(plan, optimizer, scheduler, recipe)
