@@ -12,9 +12,12 @@ Settings: `parent` (the AR parent, `--baseline ar`), `itersN` (left to right ove
 token per step: the exact chain rule), `confN` (most-confident first, N steps); a `-wK` suffix adds
 `--lookahead K` (each reveal shows K masks, so the model is not told each choice's length).
 
-Length diagnostic: within each document, the slope of (LAD − parent) log-likelihood against the choice's length,
-in nats per 10 characters. Zero when LAD and parent differ by the same amount on every choice; positive when LAD
-favours longer choices more than the parent does (as a model told the length of each choice would).
+Length diagnostics (`length_fit`) of d = LAD − parent log-likelihood per choice: the slope, within documents, of d
+against the choice's length in nats per 10 characters (zero when LAD and parent differ by the same amount on every
+choice of a document; positive when LAD favours longer choices more than its parent, as a model told each
+choice's length would), which moves acc; and the offset, the mean nats per choice left once the slope is taken
+out, which moves acc_norm (it divides by length, so a constant c adds c / length: a negative one favours long
+choices there) but not acc.
 """
 
 from __future__ import annotations
@@ -102,15 +105,21 @@ def outcomes(docs: list[list]) -> dict[str, np.ndarray]:
     return {"acc": np.array(acc), "acc_norm": np.array(norm)}
 
 
-def length_slope(mine: list[list], theirs: list[list]) -> float:
-    """Nats per 10 characters: the within-document slope of (LAD − parent) log-likelihood on choice length."""
-    xs, ys = [], []
+def length_fit(mine: list[list], theirs: list[list]) -> tuple[float, float]:
+    """(slope, offset) of (LAD − parent) log-likelihood against choice length. slope: nats per 10 characters,
+    within documents (what moves acc: a choice's sum); offset: the mean nats per choice left once the slope is
+    taken out (what moves acc_norm, which divides by length: a constant c adds c / length)."""
+    xs, ys, diffs, lengths = [], [], [], []
     for (_, _, ll, chars), (_, _, ll_parent, _) in zip(mine, theirs):
         diff, length = np.asarray(ll) - np.asarray(ll_parent), np.asarray(chars, dtype=float)
         xs += list(length - length.mean())
         ys += list(diff - diff.mean())
+        diffs += list(diff)
+        lengths += list(length)
     xs, ys = np.asarray(xs), np.asarray(ys)
-    return float(10 * (xs @ ys) / (xs @ xs)) if (xs @ xs) > 0 else 0.0
+    slope = float((xs @ ys) / (xs @ xs)) if (xs @ xs) > 0 else 0.0
+    offset = float(np.mean(np.asarray(diffs) - slope * np.asarray(lengths))) if diffs else 0.0
+    return 10 * slope, offset
 
 
 def compare(lad: dict, parent: dict) -> dict:
@@ -120,7 +129,8 @@ def compare(lad: dict, parent: dict) -> dict:
     theirs = [theirs[d[0]] for d in mine]
     a, b = outcomes(mine), outcomes(theirs)
     row = {"task": lad["task"], "label": lad["label"], "setting": lad["setting"], "n": len(mine),
-           "wall_s": lad["wall_s"], "slope": length_slope(mine, theirs)}
+           "wall_s": lad["wall_s"]}
+    row["slope"], row["offset"] = length_fit(mine, theirs)
     for metric in ("acc", "acc_norm"):
         delta, low, high = paired_interval(a[metric], b[metric])
         row[metric] = {"lad": float(a[metric].mean()), "parent": float(b[metric].mean()), "delta": delta,
@@ -142,12 +152,12 @@ def rows() -> list[dict]:
 
 def table(found: list[dict]) -> str:
     lines = ["| run | task (docs) | setting | parent acc / acc_norm | LAD acc / acc_norm | Δ acc [95%] p | "
-             "Δ acc_norm [95%] p | length slope | LAD s |", "|---|---|---|---|---|---|---|---|---|"]
+             "Δ acc_norm [95%] p | slope | offset | LAD s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         a, n = r["acc"], r["acc_norm"]
         lines.append(f"| {r['label']} | {r['task']} ({r['n']}) | {r['setting']} | {a['parent']:.3f} / "
                      f"{n['parent']:.3f} | {a['lad']:.3f} / {n['lad']:.3f} | {interval_cell(a).split(' (n=')[0]} | "
-                     f"{interval_cell(n).split(' (n=')[0]} | {r['slope']:+.3f} | {r['wall_s']:.0f} |")
+                     f"{interval_cell(n).split(' (n=')[0]} | {r['slope']:+.3f} | {r['offset']:+.2f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .console import Parser, quiet_libraries
-from .defaults import ITERS, SCORE_ORDER
+from .defaults import ITERS, SCORE_ITERS, SCORE_ORDER
 from .run import RunDirError
 from .sampling import PARENT_STRATEGIES, STRATEGIES
 
@@ -50,9 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a LAD run directory (or exported model folder)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
-    p.add_argument("--iters", type=int, default=ITERS,
-                   help=f"reveal steps per choice for --score denoise, and the sampler's for generative tasks "
-                        f"(default {ITERS})")
+    p.add_argument("--iters", type=int, default=SCORE_ITERS,
+                   help="reveal steps per choice for --score denoise (default: one per token, the exact chain rule; "
+                        "fewer score several tokens at once and tilt long choices, docs/scoring.md), and the "
+                        f"sampler's iterations for generative tasks (default {ITERS})")
     p.add_argument("--score", choices=["denoise", "elbo"], default="denoise",
                    help="denoise: reveal the continuation step by step; elbo: Monte-Carlo bound (default denoise)")
     p.add_argument("--order", choices=["confidence", "l2r"], default=SCORE_ORDER,
@@ -107,7 +108,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
 
     limit, tasks = args.limit, [t for t in args.tasks.split(",") if t.strip()]
     checks = [
-        (args.iters < 1, f"--iters must be >= 1, got {args.iters}"),
+        (args.iters is not None and args.iters < 1, f"--iters must be >= 1, got {args.iters}"),
         (args.mc_samples < 1, f"--mc-samples must be >= 1, got {args.mc_samples}"),
         (args.lookahead is not None and args.lookahead < 1, f"--lookahead must be >= 1, got {args.lookahead}"),
         (args.lookahead is not None and (args.order != "l2r" or args.score != "denoise"),
@@ -277,7 +278,8 @@ def column_label(name: str, results: dict) -> str:
         return f"{name} (elbo, {config.get('mc_samples')} samples)"
     if config.get("score") == "denoise":
         window = f", lookahead {config['lookahead']}" if config.get("lookahead") else ""
-        return f"{name} (denoise, {config.get('order')} order, {config.get('iters')} iters{window})"
+        steps = f"{config['iters']} iters" if config.get("iters") else "one token per step"
+        return f"{name} (denoise, {config.get('order')} order, {steps}{window})"
     return name
 
 

@@ -92,9 +92,19 @@ def test_prefix_cache_flag_reaches_the_scorer_and_is_recorded(run_dir, data_dir,
                          "--iters", "2", "--output_path", str(out), "--log_samples", flag]) == 0
         data = results(out)["lad"]
         assert data["config"]["prefix_cache"] is (flag == "--prefix-cache")
+        assert data["config"]["iters"] == 2
         samples = next(out.glob("samples_lad_arc_easy_*.jsonl")).read_text().splitlines()
         logged[flag] = [json.loads(line)["filtered_resps"] for line in samples]
     assert logged["--prefix-cache"] != logged["--no-prefix-cache"]
+
+
+def test_default_scores_one_token_per_step(run_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    assert lad_eval(["--model", str(run_dir), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "2",
+                     "--output_path", str(out)]) == 0
+    config = results(out)["lad"]["config"]
+    assert config["iters"] is None and config["nfe"] == 2 * 3 * 2  # 2 documents, 3 choices of 2 tokens, 1 per step
+    assert "(denoise, l2r order, one token per step)" in next(out.glob("*.md")).read_text()
 
 
 def test_lookahead_reaches_the_scorer_and_is_recorded(run_dir, data_dir, tmp_path):
@@ -108,6 +118,7 @@ def test_lookahead_reaches_the_scorer_and_is_recorded(run_dir, data_dir, tmp_pat
                          "--iters", "8", "--output_path", str(out), "--log_samples", *flags]) == 0
         data = results(out)["lad"]
         assert data["config"]["lookahead"] == (None if window is None else 1)
+        assert data["config"]["iters"] == 8
         samples = next(out.glob("samples_lad_arc_easy_*.jsonl")).read_text().splitlines()
         logged[window] = [json.loads(line)["filtered_resps"] for line in samples]
     assert logged["1"] != logged[None]

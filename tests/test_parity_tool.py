@@ -49,8 +49,9 @@ def test_paired_row_and_length_slope():
     row = parity.compare(lad, {"docs": parent_docs})
     assert row["n"] == 40  # matched by document id; the document the parent lacks is left out
     assert row["slope"] == pytest.approx(1.0)  # 0.1 nats per character = 1 nat per 10 characters
+    assert row["offset"] == pytest.approx(np.mean(range(40)))  # the per-document constants, averaged
     a, b = parity.outcomes(lad_docs), parity.outcomes(parent_docs)
     assert row["acc"]["lad"] == pytest.approx(a["acc"].mean()) and row["acc"]["parent"] == pytest.approx(b["acc"].mean())
     assert row["acc"]["low"] <= row["acc"]["delta"] <= row["acc"]["high"]
     same = parity.compare({**lad, "docs": parent_docs}, {"docs": parent_docs})
-    assert same["slope"] == 0.0 and same["acc"]["delta"] == 0.0 and same["acc"]["p"] == 1.0
+    assert same["slope"] == 0.0 and same["offset"] == 0.0 and same["acc"]["delta"] == 0.0 and same["acc"]["p"] == 1.0

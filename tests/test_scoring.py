@@ -315,3 +315,13 @@ def test_single_token_choices_share_one_forward(den, den_shift, shift):
     assert stats["nfe"] == 2
     for (a, ga), (b, gb) in zip(causal, score_ar(model, requests)):
         assert a == pytest.approx(b, abs=1e-5) and ga == gb
+
+
+def test_default_reveals_one_token_per_step(den):
+    """The default (lad/defaults.py SCORE_ITERS = None) is the exact chain rule: one token per reveal step,
+    whatever the continuation's length, the same as any iters >= L; 2 steps give another number."""
+    stats = {}
+    exact = score_denoise(den, MIXED, batch_size=4, stats=stats)
+    assert stats["nfe"] == sum(len(x) for _, x in MIXED)
+    assert exact == score_denoise(den, MIXED, iters=100, batch_size=4)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(exact, score_denoise(den, MIXED, iters=2, batch_size=4))) > 1e-3

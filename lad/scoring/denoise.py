@@ -1,6 +1,7 @@
 """`score_denoise`: log-likelihood of a continuation by revealing it over a few iterations (any-order chain rule).
 
-For one request (context c, continuation x of L tokens), with S = min(iters, L) iterations:
+For one request (context c, continuation x of L tokens), with S = min(iters, L) iterations (S = L, one token per
+step, when iters is None: the default, lad/defaults.py SCORE_ITERS):
 
     canvas = c + [MASK] * L
     quotas = num_transfer_tokens(L, S)          # LLaDA: L // S per iteration, the first L % S one more
@@ -22,9 +23,9 @@ together are scored as independent (a product of marginals). Deterministic; a si
 exactly one forward.
 
 The canvas holds one mask per continuation token, so every conditional also knows where the continuation ends:
-the score is log p(x | c, |x|), which lets a long, unlikely choice skip paying for its length. `lookahead=W`
-(l2r) shows each forward the revealed text and exactly W masks instead, past the end if need be, so every
-continuation looks equally long (docs/scoring.md, "The length of a choice shows through its masks").
+the score is log p(x | c, |x|) rather than log p(x | c). `lookahead=W` (l2r) shows each forward the revealed text
+and exactly W masks instead, past the end if need be, so every continuation looks equally long (measured to change
+little; docs/scoring.md, "Why one token per step (the default), and `--lookahead`").
 
 Batching: contexts are left-padded and continuations right-padded (`ContextBatch`), so every continuation starts at
 one column. Each row follows its own schedule; a row whose schedule is over leaves the batch (later forwards run
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import torch
 
+from ..defaults import SCORE_ITERS
 from ..modeling.cache import KeptContexts
 from ..sampling.confidence import num_transfer_tokens  # the samplers' reveal schedule, shared
 from .blocks import score_blocks
@@ -48,10 +50,12 @@ ORDERS = ("confidence", "l2r")
 
 
 @torch.no_grad()
-def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", batch_size: int = 16,
+def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order: str = "l2r", batch_size: int = 16,
                   prefix_cache: bool | None = None, one_pass: bool | None = None, lookahead: int | None = None,
                   progress=None, stats: dict | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order.
+
+    iters: reveal steps per continuation, at most its length; None: one token per step (the exact chain rule).
 
     one_pass (default: on for a block-causal run scored left to right): every token's reveal state in one forward
     (`score_blocks`, lad/scoring/blocks.py), the exact one-token-at-a-time chain rule whatever `iters` says.
@@ -64,7 +68,7 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
     stats: if given, stats["nfe"] += sequences run through the model (Σ min(iters, L) over requests),
     stats["forward_calls"] += batched forwards, and with the cache stats["prefix_rows"] += contexts run.
     """
-    if int(iters) < 1:
+    if iters is not None and int(iters) < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -94,7 +98,8 @@ def score_denoise(denoiser, requests, *, iters: int = 16, order: str = "l2r", ba
                                          for t in (target, attention, masked))
         rows, width = target.shape
         canvas = target.masked_fill(masked, mask_id)
-        schedules = [num_transfer_tokens(length, min(int(iters), length)) for length in lengths]
+        schedules = [num_transfer_tokens(length, length if iters is None else min(int(iters), length))
+                     for length in lengths]
         logp = torch.zeros(rows, dtype=torch.float64, device=device)
         greedy = torch.ones(rows, dtype=torch.bool, device=device)
         column = torch.arange(width, device=device).expand(rows, width)

@@ -21,6 +21,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
+from ..defaults import ITERS, SCORE_ITERS
 from ..run import load_run
 from ..sampling import default_strategy
 
@@ -45,7 +46,8 @@ class LadLM(TemplateLM):
         return super().create_from_arg_string(arg_string, additional_config)
 
     def __init__(self, pretrained: str | None = None, *, denoiser=None, tokenizer=None, info=None,
-                 baseline: str = "none", score: str = "denoise", iters: int = 16, order: str = "l2r",
+                 baseline: str = "none", score: str = "denoise", iters: int | str | None = SCORE_ITERS,
+                 order: str = "l2r",
                  mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
                  weights: str = "final", strategy: str | None = None, max_length: int | None = None,
                  prefix_cache: bool | str | None = None, max_batch_size: int | None = None,
@@ -55,7 +57,8 @@ class LadLM(TemplateLM):
             raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
         if score not in ("denoise", "elbo"):
             raise ValueError(f"score must be 'denoise' or 'elbo', got {score!r}")
-        if int(iters) < 1:
+        iters = None if iters in (None, "", "none", "None", "exact") else int(iters)
+        if iters is not None and iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
         self._setup_processes(device)
         if denoiser is None:
@@ -65,7 +68,7 @@ class LadLM(TemplateLM):
         self.denoiser = denoiser.to(self._device).eval()
         self.tokenizer = tokenizer
         self.info = info
-        self.baseline, self.score, self.iters, self.order = baseline, score, int(iters), order
+        self.baseline, self.score, self.iters, self.order = baseline, score, iters, order  # None: one per token
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         self.strategy = strategy or default_strategy(self.denoiser)  # generative tasks: the run's own sampler
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
@@ -199,7 +202,7 @@ class LadLM(TemplateLM):
         if self.score == "elbo":
             return f"elbo x{self.mc_samples}"
         window = "" if self.lookahead is None else f" lookahead={self.lookahead}"
-        return f"denoise {self.order} iters={self.iters}{window}"
+        return f"denoise {self.order} iters={self.iters or 'exact'}{window}"
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Perplexity tasks: lm-eval's disjoint rolling windows (each scored given the one token before it, as
@@ -244,7 +247,7 @@ class LadLM(TemplateLM):
         blocks (and given at least one iteration per block); its answers are cut back to `max_new` tokens."""
         block = getattr(self.denoiser, "block_size", None) if self.baseline != "ar" else None
         slots = -(-max_new // block) * block if block else max_new
-        iters = max(min(self.iters, slots), slots // block if block else 1)
+        iters = max(min(self.iters or ITERS, slots), slots // block if block else 1)
         started = time.perf_counter()
         generations = strategy(self.denoiser, self.tokenizer, contexts, max_new_tokens=slots, iters=iters,
                                seed=self.seed, temperature=temperature, chat_template="raw")
