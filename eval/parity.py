@@ -156,8 +156,8 @@ def table(found: list[dict]) -> str:
     for r in found:
         a, n = r["acc"], r["acc_norm"]
         lines.append(f"| {r['label']} | {r['task']} ({r['n']}) | {r['setting']} | {a['parent']:.3f} / "
-                     f"{n['parent']:.3f} | {a['lad']:.3f} / {n['lad']:.3f} | {interval_cell(a).split(' (n=')[0]} | "
-                     f"{interval_cell(n).split(' (n=')[0]} | {r['slope']:+.3f} | {r['offset']:+.2f} | {r['wall_s']:.0f} |")
+                     f"{n['parent']:.3f} | {a['lad']:.3f} / {n['lad']:.3f} | {interval_cell(a, documents=False)} | "
+                     f"{interval_cell(n, documents=False)} | {r['slope']:+.3f} | {r['offset']:+.2f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -349,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
             from .safety import EVAL, check_destination
 
             check_destination(args.output_path, kind=EVAL, flag="--output_path")
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not args.data_dir:
-            check_stock_data_early([t.strip() for t in args.tasks.split(",") if t.strip()])
+            check_stock_data_early(names)
         from lm_eval.utils import make_table
 
         from .scoring.harness import LadLM
 
         task_manager = task_manager_for(args.include_path)
-        tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
+        tasks = resolve_tasks(names, args, task_manager)
         lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
                    mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
                    weights=args.weights, strategy=args.strategy, prefix_cache=args.prefix_cache,
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, model in runs.items():
             if args.compare and args.data_dir:  # tasks are objects holding state: build them afresh per model
-                tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args, task_manager)
+                tasks = resolve_tasks(names, args, task_manager)
             results[name] = run_one(model, args, tasks, task_manager)
         if lm.rank != 0:
             return 0

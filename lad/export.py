@@ -226,7 +226,7 @@ def eval_rows(run_dir: Path) -> list[str]:
                 for metric, (value, err) in sorted(metrics.items()):
                     pair = paired.get(f"{task}/{metric}") if name != "ar" else None
                     rows.append(f"| {task} | {metric} | {value:.4f} ± {err:.4f} | {how} | {docs} | "
-                                f"{interval_cell(pair).split(' (n=')[0] if pair else '-'} | {path.name} |")
+                                f"{interval_cell(pair, documents=False)} | {path.name} |")
     return rows
 
 

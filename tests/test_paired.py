@@ -40,3 +40,5 @@ def test_paired_rows_match_documents_by_id_and_pool_groups():
     assert rows[("b", "acc")]["n"] == 1 and rows[("b", "acc")]["delta"] == 1.0  # doc 5 only the parent scored
     assert rows[("g", "acc")]["n"] == 4 and rows[("g", "acc")]["delta"] == pytest.approx(0.25)
     assert "n=4" in interval_cell(rows[("g", "acc")]) and interval_cell(None) == "-"
+    assert "n=" not in interval_cell(rows[("g", "acc")], documents=False)
+    assert interval_cell(rows[("g", "acc")]).startswith(interval_cell(rows[("g", "acc")], documents=False) + " (n=")

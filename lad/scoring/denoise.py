@@ -96,13 +96,12 @@ def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order:
         if lookahead is not None:  # room for the masks shown past a continuation's end
             target, attention, masked = (torch.nn.functional.pad(t, (0, int(lookahead)))
                                          for t in (target, attention, masked))
-        rows, width = target.shape
+        rows = target.shape[0]
         canvas = target.masked_fill(masked, mask_id)
         schedules = [num_transfer_tokens(length, length if iters is None else min(int(iters), length))
                      for length in lengths]
         logp = torch.zeros(rows, dtype=torch.float64, device=device)
         greedy = torch.ones(rows, dtype=torch.bool, device=device)
-        column = torch.arange(width, device=device).expand(rows, width)
         cache, cache_rows = batch.cache, rows  # the cache of the live rows
 
         for step in range(max(len(s) for s in schedules)):
@@ -120,15 +119,8 @@ def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order:
             true_lp[slots] = log_probs.gather(-1, truth[slots].unsqueeze(-1)).squeeze(-1)
             is_argmax = torch.zeros_like(slots)
             is_argmax[slots] = log_probs.argmax(-1) == truth[slots]
-            # priority of each masked slot (higher is revealed first); the true token plays no part in it
-            if order == "confidence":
-                priority = torch.full(slots.shape, float("-inf"), device=device)
-                priority[slots] = log_probs.max(-1).values  # log of the max probability: same order
-            else:
-                priority = (-column[live].float()).masked_fill(~slots, float("-inf"))
-            ranked = priority.sort(dim=-1, descending=True, stable=True).indices  # stable: ties by position
-            reveal = torch.zeros_like(slots)
-            reveal.scatter_(1, ranked, torch.arange(width, device=device).expand_as(ranked) < quota[:, None])
+            # the true token plays no part in which slots are revealed; l2r: step_view kept only those
+            reveal = most_confident(log_probs, slots, quota) if order == "confidence" else slots
             logp[live] += torch.where(reveal, true_lp, 0.0).sum(-1).double()
             greedy[live] &= ~(reveal & ~is_argmax).any(-1)
             canvas[live] = torch.where(reveal, truth, canvas[live])
@@ -139,6 +131,16 @@ def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order:
         if progress is not None:
             progress(len(chunk))
     return results
+
+
+def most_confident(log_probs, slots, quota):
+    """Bool like `slots`: each row's `quota` slots of highest max-probability (ties: the leftmost)."""
+    priority = torch.full(slots.shape, float("-inf"), device=slots.device)
+    priority[slots] = log_probs.max(-1).values  # log of the max probability: same order
+    ranked = priority.sort(dim=-1, descending=True, stable=True).indices  # stable: ties by position
+    reveal = torch.zeros_like(slots)
+    reveal.scatter_(1, ranked, torch.arange(slots.shape[1], device=slots.device).expand_as(ranked) < quota[:, None])
+    return reveal
 
 
 def step_view(masked, canvas, attention, quota, order: str, lookahead: int | None, start: int, mask_id: int):

@@ -26,6 +26,11 @@ from ..run import load_run
 from ..sampling import default_strategy
 
 
+def optional_int(value, *also_none: str) -> int | None:
+    """An int from a Python value or a model_args string; None for None, "" and "none" (and `also_none`)."""
+    return None if value is None or str(value).lower() in ("", "none", *also_none) else int(value)
+
+
 @register_model("lad")
 class LadLM(TemplateLM):
     @classmethod
@@ -57,9 +62,11 @@ class LadLM(TemplateLM):
             raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
         if score not in ("denoise", "elbo"):
             raise ValueError(f"score must be 'denoise' or 'elbo', got {score!r}")
-        iters = None if iters in (None, "", "none", "None", "exact") else int(iters)
+        iters, lookahead = optional_int(iters, "exact"), optional_int(lookahead)  # model_args pass strings
         if iters is not None and iters < 1:
             raise ValueError(f"iters must be >= 1, got {iters}")
+        if lookahead is not None and (lookahead < 1 or order != "l2r"):
+            raise ValueError(f"lookahead must be >= 1 and needs order='l2r', got {lookahead} with order={order!r}")
         self._setup_processes(device)
         if denoiser is None:
             if pretrained is None:
@@ -76,9 +83,7 @@ class LadLM(TemplateLM):
         # None: the scorers' default (on exactly when exact: prompt-causal runs); model_args pass strings
         self.prefix_cache = (None if prefix_cache in (None, "", "auto")
                              else str(prefix_cache).lower() in ("1", "true", "yes"))
-        self.lookahead = None if lookahead in (None, "", "none", "None") else int(lookahead)
-        if self.lookahead is not None and (self.lookahead < 1 or order != "l2r"):
-            raise ValueError(f"lookahead must be >= 1 and needs order='l2r', got {lookahead} with order={order!r}")
+        self.lookahead = lookahead
         self.nfe = 0
         self.seconds = 0.0
 

@@ -78,8 +78,10 @@ def paired_rows(lad: dict, parent: dict) -> dict[tuple[str, str], dict]:
     return out
 
 
-def interval_cell(row: dict | None) -> str:
-    """"+0.0120 [-0.0100, +0.0340] p=0.31 (n=500)", or "-" without per-document results."""
+def interval_cell(row: dict | None, documents: bool = True) -> str:
+    """"+0.0120 [-0.0100, +0.0340] p=0.31 (n=500)" (without "(n=…)" when not `documents`: a table that gives the
+    count in a column of its own), or "-" without per-document results."""
     if row is None:
         return "-"
-    return f"{row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] p={row['p']:.2g} (n={row['n']})"
+    cell = f"{row['delta']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] p={row['p']:.2g}"
+    return f"{cell} (n={row['n']})" if documents else cell
