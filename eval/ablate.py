@@ -4,6 +4,7 @@
     python -m eval.ablate --variants prompt_causal,prompt_causal_mask          # the prompt read causally
     python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
     python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary
+    python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair --tasks none --quality 0  # issue 31
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
@@ -64,6 +65,13 @@ VARIANTS = {
     "block8_plain": ["shift=true", "attention=block_causal", "block_size=8"],
     "block8_complementary": ["shift=true", "attention=block_causal", "block_size=8", "noise.complementary=true",
                              "distill_weight=1.0"],
+    # issue 31: what the structural schedule buys, on `prompt_causal_mask` (the control): the objectives alone,
+    # then a schedule that spends more of the budget on edits than on masks
+    "pc_structural": ["shift=true", "attention=prompt_causal", "noise.objective=structural"],
+    "pc_mixed": ["shift=true", "attention=prompt_causal", "noise.objective=mixed"],
+    "pc_repair": ["shift=true", "attention=prompt_causal", "noise.objective=structural", "noise.mask_rate=0.5",
+                  "noise.replace_rate=0.3", "noise.swap_rate=0.2", "noise.duplicate_rate=0.1",
+                  "noise.span_shift_rate=0.1"],
 }
 
 
@@ -135,7 +143,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--variants", default="mask,both,distill,suffix,anneal,shift")
-    p.add_argument("--tasks", default="arc_easy")
+    p.add_argument("--tasks", default="arc_easy", help="comma-separated lm-eval tasks, or none (train only)")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--orders", default="confidence,l2r")
     p.add_argument("--quality", type=int, default=32, metavar="N",
@@ -145,7 +153,8 @@ def main() -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    tasks, orders = args.tasks.split(","), args.orders.split(",")
+    tasks = [] if args.tasks == "none" else args.tasks.split(",")  # none: train only (eval/bench_refine.py)
+    orders = args.orders.split(",")
     summary_path = RESULTS / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"variants": {}, "parent": {}}
     summary.update(versions=versions(), recipe=RECIPE, data_dir=DATA_DIR, variant_overrides=VARIANTS)
@@ -166,7 +175,7 @@ def main() -> int:
             save()
     for name in names:
         entry = summary["variants"].setdefault(name, {"scores": {}})
-        entry["train"] = train(name, VARIANTS[name], args.steps, need_weights=missing(name))
+        entry["train"] = train(name, VARIANTS[name], args.steps, need_weights=missing(name) or not tasks)
         for task in tasks:
             for order in orders:
                 entry["scores"][f"{task}/{order}"] = score(name, RUNS / name, task, order, args.limit)

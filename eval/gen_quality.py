@@ -23,15 +23,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (ROOT, cell, command_line, environment, load_denoiser, peak_rss_mb,  # noqa: E402
                          reset_peak_rss, prompt_set, quiet, rss_mb, write_record)
-from lad.quality import answer_quality  # noqa: E402
+from lad.quality import agreement, answer_quality  # noqa: E402
 
 
-def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict) -> dict:
-    """Answers to every prompt, with seconds per prompt and NFE per batch (the cost each prompt shared)."""
+def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict, polish: int = 0,
+           keep: float | None = None) -> dict:
+    """Answers to every prompt, with seconds per prompt and NFE per batch (the cost each prompt shared);
+    `polish`: then up to that many noiseless passes over each batch's drafts (their forwards counted)."""
+    from lad.sampling.polish import polish as polish_drafts
+
     answers, texts, nfe, seconds = [], [], [], 0.0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         gens = fn(denoiser, tokenizer, batch, **options)
+        gens = polish_drafts(denoiser, tokenizer, gens, polish, max_new_tokens=options["max_new_tokens"],
+                             chat_template=options["chat_template"], **({} if keep is None else {"keep": keep}))
         answers += [g.token_ids for g in gens]
         texts += [g.text for g in gens]
         nfe.append(gens[0].nfe)
@@ -41,29 +47,31 @@ def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options
 
 
 def plot(record: dict, path: Path) -> None:
-    """Parent perplexity and distinct-2 against iterations, one line per strategy, AR as a horizontal line."""
+    """Parent perplexity, agreement with the parent's answers and distinct-2 against the forwards spent, one line
+    per strategy (and polish), AR as a horizontal line: draft + polish and a slower draft compare at equal cost."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (("parent_ppl", "AR parent's perplexity of the answers"),
+              ("parent_agreement", "token agreement with the parent's answers"),
+              ("distinct_2", "distinct-2 over all answers"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
     ar = record["ar"]
-    for ax, key, label in ((axes[0], "parent_ppl", "AR parent's perplexity of the answers"),
-                           (axes[1], "distinct_2", "distinct-2 over all answers")):
+    for ax, (key, label) in zip(axes, panels):
         for strategy, rows in record["sweep"].items():
-            points = [(r["iters"], r[key]) for r in rows if r[key] is not None]
+            points = [(r["mean_nfe_per_batch"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=strategy)
-        if ar[key] is not None:
-            ax.axhline(ar[key], color="k", linestyle="--", label="AR parent (KV cache)")
+                ax.plot(*zip(*points), marker="o", label=strategy, linestyle="--" if "polish" in strategy else "-")
+        if ar.get(key) is not None:
+            ax.axhline(ar[key], color="k", linestyle=":", label="AR parent (KV cache)")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(record["settings"]["iters"], [str(i) for i in record["settings"]["iters"]])
-        ax.set_xlabel("iterations (forward budget)")
+        ax.set_xlabel("forwards per batch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=7)
     s = record["settings"]
     fig.suptitle(f"{record['model_short']}: {s['prompts']} prompts, {s['max_new_tokens']} new tokens, greedy "
                  f"({record['date'][:10]})", fontsize=9)
@@ -82,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=["refine", "confidence", "threshold"])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.9, help="τ of the threshold strategy")
+    parser.add_argument("--polish", type=int, nargs="*", default=[],
+                        help="also each strategy and iters followed by N noiseless passes (lad-generate --polish N)")
+    parser.add_argument("--polish-keep", type=float, default=None, metavar="P",
+                        help="with --polish: lad-generate --polish-keep P (default: LAD's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "gen_quality.json"))
@@ -100,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts, source = prompt_set(args.prompts)
     base = dict(max_new_tokens=args.max_new_tokens, seed=0, chat_template=chat_template)
 
-    def measure(name: str, **options) -> dict:
-        out = answer(STRATEGIES[name], denoiser, tokenizer, prompts, args.batch_size, {**base, **options})
+    parent_answers = []
+
+    def measure(name: str, polish: int = 0, **options) -> dict:
+        out = answer(STRATEGIES[name], denoiser, tokenizer, prompts, args.batch_size, {**base, **options}, polish,
+                     args.polish_keep)
         quality = answer_quality(denoiser, tokenizer, prompts, out["answers"], chat_template)
+        quality["parent_agreement"] = agreement(out["answers"], parent_answers) if parent_answers else 1.0
+        parent_answers[:] = parent_answers or out["answers"]  # the first measured are the parent's own
         return {**{k: v for k, v in out.items() if k != "answers"}, **quality}
 
     ar = measure("ar")
@@ -110,20 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     sweep = {}
     for name in args.strategies:
         extra = {"threshold": args.threshold} if name == "threshold" else {}
-        label = f"threshold τ{args.threshold:g}" if name == "threshold" else name
-        sweep[label] = []
-        for iters in args.iters:
-            row = {"iters": iters, **measure(name, iters=iters, **extra)}
-            sweep[label].append(row)
-            print(f"  {label} iters {iters}: ppl {cell(row['parent_ppl'], '.4g')}, {row['s_per_prompt']:.2f} s/prompt", flush=True)
+        for polish in [0, *args.polish]:
+            label = f"threshold τ{args.threshold:g}" if name == "threshold" else name
+            label += f" + polish {polish}" if polish else ""
+            sweep[label] = []
+            for iters in args.iters:
+                row = {"iters": iters, "polish": polish, **measure(name, polish, iters=iters, **extra)}
+                sweep[label].append(row)
+                print(f"  {label} iters {iters}: ppl {cell(row['parent_ppl'], '.4g')}, "
+                      f"{row['mean_nfe_per_batch']:.1f} forwards, {row['s_per_prompt']:.2f} s/prompt", flush=True)
 
     fmt = cell
-    header = f"{'strategy':<16}{'iters':>6}{'parent ppl':>12}{'distinct-1':>11}{'distinct-2':>11}{'tokens':>8}" \
-             f"{'NFE':>6}{'s/prompt':>10}"
+    header = f"{'strategy':<26}{'iters':>6}{'parent ppl':>12}{'agree':>7}{'distinct-1':>11}{'distinct-2':>11}" \
+             f"{'tokens':>8}{'NFE':>6}{'s/prompt':>10}"
     print(f"\n{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens, greedy\n{header}\n" + "-" * len(header))
     for label, rows in [("ar (parent)", [{"iters": None, **ar}])] + list(sweep.items()):
         for r in rows:
-            print(f"{label:<16}{fmt(r['iters'], '>6')}{fmt(r['parent_ppl'], '>12.4g')}{fmt(r['distinct_1'], '>11.3f')}"
+            print(f"{label:<26}{fmt(r['iters'], '>6')}{fmt(r['parent_ppl'], '>12.4g')}"
+                  f"{fmt(r['parent_agreement'], '>7.2f')}{fmt(r['distinct_1'], '>11.3f')}"
                   f"{fmt(r['distinct_2'], '>11.3f')}{r['mean_answer_tokens']:>8.1f}{r['mean_nfe_per_batch']:>6.0f}"
                   f"{r['s_per_prompt']:>10.2f}")
     record = {"command": command_line("eval/gen_quality.py", argv), "model": description,

@@ -19,6 +19,8 @@ SCORE_ITERS = None  # lad-eval likelihoods: one token per reveal step, the exact
 DRAFT_LENGTH = 4  # speculative: tokens drafted per round (provisional, until the draft-length sweep chooses)
 MAX_DRAFT = 16  # speculative with adaptive=True: the longest draft
 MAX_NEW_TOKENS = 64  # the answer length of lad-generate, the demo and the training report
+POLISH_KEEP = 1.0  # --polish: a slot keeps its token when the model gives it at least this probability; 1 = every
+#                    slot takes the greedy token (provisional, until the repair benchmark chooses; issue 31)
 
 
 def strategy_for(objective: str) -> str:

@@ -172,17 +172,22 @@ def export_run(run_dir, out, *, dtype: str = "auto", overwrite: bool = False, we
     base = dict(info.base_model)
     if str(base.get("name_or_path") or "").startswith("./"):  # a scratch base saved inside the run
         base["name_or_path"] = str((run_dir / base["name_or_path"][2:]).resolve())
-    export = {"source": str(run_dir.resolve()), "weights": weights, "dtype": dtype, "from_adapter": info.adapter,
-              "base_quantization": quant, "lad_version": __version__}
-    exported = dataclasses.replace(info, base_model=base, merged=True, step=step, lad_version=__version__,
+    shared = dict(base)  # a merged export loads from itself: a folder of this machine is kept as a name only
+    if os.path.isabs(shared.get("name_or_path") or "") or str(shared.get("name_or_path")).startswith("~/"):
+        shared["name_or_path"] = public_path(shared["name_or_path"])
+    export = {"source": public_path(str(run_dir.resolve())), "weights": weights, "dtype": dtype,
+              "from_adapter": info.adapter, "base_quantization": quant, "lad_version": __version__}
+    exported = dataclasses.replace(info, base_model=shared, merged=True, step=step, lad_version=__version__,
                                    extra={**info.extra, "export": export})
     with staged(out) as tmp:  # nothing is left behind if any of it fails
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         exported.save(tmp)
-        if (run_dir / "recipe.yaml").is_file():
-            shutil.copyfile(run_dir / "recipe.yaml", tmp / "recipe.yaml")
-        (tmp / "README.md").write_text(model_card(run_dir, exported, out.name), encoding="utf-8")
+        if (run_dir / "recipe.yaml").is_file():  # shared: with no folder of this machine in it
+            recipe = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+            (tmp / "recipe.yaml").write_text(public_recipe(recipe), encoding="utf-8")
+        card = model_card(run_dir, dataclasses.replace(exported, base_model=base), out.name)  # names it publicly
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         check_out(run_dir, out, overwrite)  # once more, right before an existing export is replaced
     result = ExportResult(out, dtype, info.adapter, None if info.merged else quant,
                           round(time.perf_counter() - started, 2), folder_bytes(out))
@@ -198,7 +203,8 @@ def hub_id(base: dict) -> str | None:
     from .modeling.locate import looks_local
 
     name = base.get("name_or_path")
-    if base.get("init") != "pretrained" or not name or name.startswith("pkg://") or looks_local(name):
+    if (base.get("init") != "pretrained" or not name or name.startswith(("pkg://", "…/"))  # …/: `public_path`
+            or looks_local(name)):
         return None
     return name
 
@@ -262,8 +268,13 @@ def public_recipe(text: str) -> str:
         return [node] if isinstance(node, str) and (os.path.isabs(node) or node.startswith("~/")) else []
 
     for path in sorted(set(paths(yaml.safe_load(text) or {})), key=len, reverse=True):
-        text = text.replace(path, f"…/{Path(path).name}")
+        text = text.replace(path, public_path(path))
     return text
+
+
+def public_path(path: str) -> str:
+    """A folder of this machine as a shared file names it: `…/NAME` (where it was means nothing elsewhere)."""
+    return f"…/{Path(path).name}"
 
 
 def cell(text: str) -> str:

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 
 from .console import Parser, guarded, printable, quiet_libraries
+from .defaults import POLISH_KEEP
 from .sampling import (PARENT_STRATEGIES, STRATEGIES, Generation, default_strategy, get_strategy, split_options,
                        strategy_options)
 from .sampling.common import eos_token_ids
+from .sampling.polish import polish as polish_drafts
 from .sampling.render import LiveView, decode_pieces
 
 PROG = "lad-generate"
@@ -62,13 +64,16 @@ def _chat_template(denoiser, options: dict) -> bool | str:
 
 def generate(model, prompts: list[str] | str, *, strategy: str | None = None, tokenizer=None,
              batch_size: int | None = None, device: str | torch.device | None = None, weights: str = "final",
-             on_step=None, trace: bool = False, **options) -> list[Generation]:
+             polish: int = 0, polish_keep: float = POLISH_KEEP, on_step=None, trace: bool = False,
+             **options) -> list[Generation]:
     """Answer `prompts` with `strategy` (default: the run's own, `default_strategy`); returns one `Generation`
     per prompt, in order.
 
     model: a run directory (loaded here; `device`, `weights` as for `load_run`) or a `Denoiser` (then
     `tokenizer` is required). Prompts run in batches of `batch_size` (default: 8). `options` go to the
     strategy (max_new_tokens, iters, seed, temperature, ...); `chat_template` defaults to the run's.
+    `polish`: up to this many noiseless refinement passes over each finished draft (lad/sampling/polish.py), in
+    which a slot keeps its token when the model gives it at least `polish_keep` probability.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -78,6 +83,10 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     if batch_size < 1:
         raise GenerateError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(polish, bool) or not isinstance(polish, int) or polish < 0:
+        raise GenerateError(f"polish must be an integer >= 0, got {polish!r}")
+    if not 0 <= polish_keep <= 1:
+        raise GenerateError(f"polish_keep must be in [0, 1], got {polish_keep!r}")
     if strategy is not None and strategy not in STRATEGIES:
         raise GenerateError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if isinstance(model, (str, os.PathLike)):
@@ -95,10 +104,13 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
         owners = ", ".join(s for s in STRATEGIES if set(others) <= strategy_options(s)) or "other strategies"
         raise GenerateError(f"strategy {strategy!r} does not take {', '.join(sorted(others))} (options of {owners})")
     fn = get_strategy(strategy)
+    width = options.get("max_new_tokens", inspect.signature(fn).parameters["max_new_tokens"].default)
     out: list[Generation] = []
     for start in range(0, len(prompts), batch_size):
-        out += fn(model, tokenizer, prompts[start:start + batch_size], chat_template=chat_template,
-                  on_step=on_step, trace=trace, **options)
+        drafts = fn(model, tokenizer, prompts[start:start + batch_size], chat_template=chat_template,
+                    on_step=on_step, trace=trace, **options)
+        out += polish_drafts(model, tokenizer, drafts, polish, max_new_tokens=width, chat_template=chat_template,
+                             keep=polish_keep, on_step=on_step, trace=trace)
     return out
 
 
@@ -183,6 +195,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="speculative: double the draft after a round kept in full, halve it after one mostly "
                           "rejected")
     how.add_argument("--max-draft", type=int, help="speculative with --adaptive: the longest draft (default 16)")
+    how.add_argument("--polish", type=int, default=0, metavar="N",
+                     help="any strategy: then up to N noiseless refinement passes over the finished draft, each "
+                          "re-predicting every slot from the draft (stops when a pass changes nothing; default 0)")
+    how.add_argument("--polish-keep", type=float, default=POLISH_KEEP, metavar="P",
+                     help="with --polish: a slot keeps its token when the model gives it at least this probability "
+                          f"(1 = every slot takes the greedy token; default {POLISH_KEEP:g})")
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")
@@ -201,6 +219,8 @@ def check_args(args: argparse.Namespace) -> None:
         (args.max_new_tokens is not None and args.max_new_tokens < 1,
          f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.polish < 0, f"--polish must be >= 0, got {args.polish}"),
+        (not 0 <= args.polish_keep <= 1, f"--polish-keep must be in [0, 1], got {args.polish_keep}"),
         (args.draft_length is not None and args.draft_length < 1,
          f"--draft-length must be >= 1, got {args.draft_length}"),
         (args.max_draft is not None and args.max_draft < 1, f"--max-draft must be >= 1, got {args.max_draft}"),
@@ -309,8 +329,7 @@ def _plain(index: int | None, gen: Generation, ar: Generation | None) -> str:
     if ar is None:
         lines.append(gen.text)
     else:
-        prefix = f" + {gen.prefix_forwards} prompt pass" if gen.prefix_forwards else ""
-        lines.append(f"lad ({gen.strategy}, {gen.nfe} forwards{prefix}, {gen.seconds:.2f} s): {gen.text}")
+        lines.append(f"lad ({gen.strategy}, {gen.forwards_text()}, {gen.seconds:.2f} s): {gen.text}")
         lines.append(f"ar  (parent, {ar.nfe} tokens, {ar.seconds:.2f} s): {ar.text}")
     return printable("\n".join(lines))
 
@@ -354,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         defaults = inspect.signature(get_strategy(args.strategy)).parameters
         iters = options.get("iters", defaults["iters"].default if "iters" in defaults else None)
         iters = None if args.strategy in PARENT_STRATEGIES else iters  # a step per token or round: no fixed total
+        iters = iters + args.polish if iters else iters
         view = LiveView(tokenizer, denoiser.mask_id, stream=stream, color=color,
                         redraw=False if args.no_redraw else None, pause=args.pause, iters=iters,
                         eos_ids=eos_token_ids(tokenizer, denoiser))
@@ -364,12 +384,14 @@ def run(args: argparse.Namespace) -> int:
         if view is not None:
             view.reset([f"[{start + i + 1}]" for i in range(len(batch))] if numbered else None)
         gens = generate(denoiser, batch, strategy=args.strategy, tokenizer=tokenizer, batch_size=len(batch),
-                        on_step=view, trace=args.json, **options)
+                        polish=args.polish, polish_keep=args.polish_keep, on_step=view, trace=args.json, **options)
         ars = ar_generate(denoiser, tokenizer, batch, chat_template=denoiser.info.chat_template,
                           **options) if args.ar else [None] * len(batch)
         for i, (gen, ar) in enumerate(zip(gens, ars)):
             if args.json:
                 record = {**trace_dict(gen, tokenizer, cache), "options": options}
+                if args.polish:
+                    record["polish"], record["polish_keep"] = args.polish, args.polish_keep
                 if ar is not None:
                     record["ar"] = ar.to_dict(with_steps=False)
                 print(json.dumps(record, ensure_ascii=False), flush=True)

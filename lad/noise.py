@@ -123,27 +123,47 @@ def _span_shift(x: Tensor, a: int, k: int, d: int) -> None:
         x[lo:hi] = torch.roll(x[lo:hi].clone(), roll)
 
 
+EDITS = ("span_shift", "duplicate", "swap", "replace", "mask")  # the order the structural schedule applies them
+
+
+def apply_edit(x: Tensor, edit: str, p: float, mask_id: int, pool: Tensor, gen: torch.Generator,
+               max_span: int = 4, max_shift: int = 2) -> None:
+    """Apply one kind of edit in place to one answer span x, each eligible position drawing it with prob p: the
+    structural schedule's step, and on its own the repair benchmark's corruption (eval/bench_refine.py)."""
+    n = len(x)
+    if edit == "span_shift":
+        for a in _events(n, p, gen):
+            k = _randint(1, max_span + 1, gen)
+            d = _randint(1, max_shift + 1, gen) * (1 if _randint(0, 2, gen) else -1)
+            _span_shift(x, a, k, d)
+    elif edit == "duplicate":
+        for j in _events(n - 1, p, gen):
+            x[j + 1:] = x[j:-1].clone()
+    elif edit == "swap":
+        last = -2
+        for j in _events(n - 1, p, gen):
+            if j > last + 1:  # skip overlapping swaps: changes stay disjoint adjacent pairs
+                x[[j, j + 1]] = x[[j + 1, j]]
+                last = j
+    elif edit == "replace":
+        for j in _events(n, p, gen):
+            x[j] = pool[_randint(0, len(pool), gen)]
+    elif edit == "mask":
+        x[_rand(n, gen) < p] = mask_id
+    else:
+        raise ValueError(f"edit must be one of {', '.join(EDITS)}, got {edit!r}")
+
+
 def _structural(x: Tensor, t: float, cfg: NoiseConfig, mask_id: int, pool: Tensor,
                 gen: torch.Generator) -> None:
     """Apply the structural schedule in place to one answer span x."""
-    n = len(x)
     if _rand(1, gen).item() < cfg.full_mask_share:
         x[:] = mask_id
         return
-    for a in _events(n, cfg.span_shift_rate * t, gen):
-        k = _randint(1, cfg.max_span + 1, gen)
-        d = _randint(1, cfg.max_shift + 1, gen) * (1 if _randint(0, 2, gen) else -1)
-        _span_shift(x, a, k, d)
-    for j in _events(n - 1, cfg.duplicate_rate * t, gen):
-        x[j + 1:] = x[j:-1].clone()
-    last = -2
-    for j in _events(n - 1, cfg.swap_rate * t, gen):
-        if j > last + 1:  # skip overlapping swaps: changes stay disjoint adjacent pairs
-            x[[j, j + 1]] = x[[j + 1, j]]
-            last = j
-    for j in _events(n, cfg.replace_rate * t, gen):
-        x[j] = pool[_randint(0, len(pool), gen)]
-    x[_rand(n, gen) < cfg.mask_rate * t] = mask_id
+    rates = {"span_shift": cfg.span_shift_rate, "duplicate": cfg.duplicate_rate, "swap": cfg.swap_rate,
+             "replace": cfg.replace_rate, "mask": cfg.mask_rate}
+    for edit in EDITS:
+        apply_edit(x, edit, rates[edit] * t, mask_id, pool, gen, cfg.max_span, cfg.max_shift)
 
 
 def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseConfig,

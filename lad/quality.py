@@ -41,6 +41,15 @@ def answer_nll(denoiser, prompts: list[list[int]], answers: list[list[int]], bat
     return out
 
 
+def agreement(answers: list[list[int]], references: list[list[int]]) -> float | None:
+    """Share of token positions where an answer holds its reference's token, over the longer of the two
+    (a missing token disagrees): how close answers are to the parent's own, position by position."""
+    pairs = [(a, r) for a, r in zip(answers, references) if a or r]
+    if not pairs:
+        return None
+    return sum(sum(x == y for x, y in zip(a, r)) for a, r in pairs) / sum(max(len(a), len(r)) for a, r in pairs)
+
+
 def perplexity(nll: list[float], lengths: list[int]) -> float | None:
     """exp(total NLL / total tokens): token-weighted, so long answers count per token."""
     tokens = sum(lengths)

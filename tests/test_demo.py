@@ -105,6 +105,11 @@ def test_bad_settings_name_the_setting(change, message):
         view.sampler_options(**{**SETTINGS, **change})
 
 
+def test_bad_polish_is_shown_in_the_page(model):
+    (frame,) = frames(model, polish=-1)
+    assert "polish passes must be between 0 and 64, got -1" in frame.status
+
+
 # ---------------------------------------------------------------- DemoModel.stream: what the page receives
 
 
@@ -118,6 +123,18 @@ def test_stream_shows_masks_changes_then_the_answer(model):
     assert "lad-masked" in steps[0].lad and "lad-changed" in steps[0].lad  # step 1: re-masked + predicted
     assert "lad-masked" not in steps[-1].lad  # refine re-masks nothing at the end
     assert last.lad == view.final_html(gen.text) and last.status.startswith(f"**LAD** (refine): {gen.nfe} forwards")
+
+
+def test_stream_polishes_the_draft_after_its_steps(model):
+    plain = frames(model, strategy="confidence")
+    out = frames(model, strategy="confidence", polish=3)
+    (gen,) = generate(model.denoiser, "What is 2+2?", tokenizer=model.tokenizer, strategy="confidence", iters=6,
+                      max_new_tokens=12, polish=3)
+    assert 1 <= gen.polish_forwards <= 3 and len(out) == len(plain) + gen.polish_forwards
+    assert out[-2].status == f"LAD: step {gen.nfe}/9 · {gen.nfe} forwards"  # the passes are steps of their own
+    assert out[-1].lad == view.final_html(gen.text)
+    assert out[-1].status.startswith(f"**LAD** (confidence): {gen.nfe} forwards, {gen.polish_forwards} of them "
+                                     "polishing")
 
 
 def test_stream_with_the_ar_parent_and_both_timings(model):

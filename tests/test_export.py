@@ -131,8 +131,10 @@ def test_folder_contents_lad_json_and_card(runs, exported):
     info, source = LadInfo.load(out), LadInfo.load(run)
     assert info.merged and info.adapter == "lora" and info.step == source.step == 4
     assert (info.mask_token, info.mask_token_id, info.mask_token_added) == ("<|mask|>", source.mask_token_id, True)
-    assert info.base_model["name_or_path"] == str((run / "base").resolve())  # provenance, absolute
-    assert info.extra["export"]["dtype"] == "fp32" and info.extra["export"]["source"] == str(run.resolve())
+    assert info.base_model["name_or_path"] == "…/base"  # a shared folder names no folder of the exporting machine
+    for name in ("lad.json", "recipe.yaml", "README.md", "config.json"):
+        assert str(run.parent.resolve()) not in (out / name).read_text(), name
+    assert info.extra["export"]["dtype"] == "fp32" and info.extra["export"]["source"] == f"…/{run.resolve().name}"
     card = (out / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)

@@ -33,7 +33,7 @@ def describe(model: DemoModel) -> str:
 
 SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_start", "retention", "temperature",
             "pause", "remask", "threshold", "block_length", "delay_eos", "block_cache", "draft_length",
-            "compare")  # on_run's order
+            "polish", "compare")  # on_run's order
 
 
 def settings_controls(gr, model: DemoModel) -> dict:
@@ -65,11 +65,13 @@ def settings_controls(gr, model: DemoModel) -> dict:
             draft_length = gr.Slider(1, MAX_DRAFT, value=DRAFT_LENGTH, step=1,
                                      label="Draft length (speculative: the parent's exact output)",
                                      elem_id="lad-draft-length")
+            polish = gr.Slider(0, 8, value=0, step=1, label="Polish passes (any strategy: noiseless refinement of "
+                               "the finished draft)", elem_id="lad-polish")
             compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
     return dict(strategy=strategy, iterations=iterations, max_new=max_new, seed=seed, no_noise=no_noise,
                 noise_start=noise_start, retention=retention, temperature=temperature, pause=pause, remask=remask,
                 threshold=threshold, block_length=block_length, delay_eos=delay_eos, block_cache=block_cache,
-                draft_length=draft_length, compare=compare)
+                draft_length=draft_length, polish=polish, compare=compare)
 
 
 class Sessions:
@@ -144,14 +146,14 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             return gr.Button("Running…", interactive=False), "Waiting for the model…"
 
         def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                   pause, remask, threshold, block_length, delay_eos, block_cache, draft_length, compare,
+                   pause, remask, threshold, block_length, delay_eos, block_cache, draft_length, polish, compare,
                    request: gr.Request):
             key = session(request)
             state = sessions.start(key)
             settings = dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, noise_start=noise_start,
                             no_noise=no_noise, retention=retention, remask=remask, temperature=temperature,
                             seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos,
-                            block_cache=block_cache, draft_length=draft_length)
+                            block_cache=block_cache, draft_length=draft_length, polish=polish)
             last = False
             try:
                 for frame in model.stream(prompt, settings, pause, compare, state["stop"]):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..run import RunDirError, check_parent
 from ..sampling import PARENT_STRATEGIES, Step, get_strategy, split_options
 from ..sampling.common import eos_token_ids
+from ..sampling.polish import polish as polish_drafts
 from ..sampling.render import decode_pieces
 from . import view
 
@@ -49,8 +50,9 @@ class DemoModel:
         return view.segments_html(view.segments(step, pieces, self.eos_ids))
 
     def work(self, prompt: str, strategy: str, options: dict, compare: bool, out: queue.Queue,
-             stop: threading.Event) -> None:
-        """The worker thread: run the strategy (then the AR parent), reporting everything on `out`."""
+             stop: threading.Event, polish: int = 0) -> None:
+        """The worker thread: run the strategy (then `polish` noiseless passes over its answer, then the AR
+        parent), reporting everything on `out`."""
 
         def reporter(kind):
             def on_step(steps: list[Step]) -> None:
@@ -64,6 +66,9 @@ class DemoModel:
                 common = dict(chat_template=self.chat_template, **options)  # the page's settings, every strategy's
                 (gen,) = get_strategy(strategy)(self.denoiser, self.tokenizer, [prompt], on_step=reporter("lad"),
                                                 **split_options(strategy, common)[0])
+                (gen,) = polish_drafts(self.denoiser, self.tokenizer, [gen], polish,
+                                       max_new_tokens=options["max_new_tokens"], chat_template=self.chat_template,
+                                       on_step=reporter("lad"))
                 out.put(("lad-done", gen))
                 if compare:
                     (ar,) = get_strategy("ar")(self.denoiser, self.tokenizer, [prompt], on_step=reporter("ar"),
@@ -92,15 +97,17 @@ class DemoModel:
                     check_parent(info, "this model")
                 except RunDirError as err:
                     raise view.SettingsError(str(err)) from None
+            settings = dict(settings)
+            polish = view.polish_passes(settings.pop("polish", 0))
             options = view.sampler_options(**settings)
             pause = view.pause_seconds(pause)
         except view.SettingsError as err:
             yield Frame(view.placeholder_html("nothing generated"), idle, view.error_text(str(err)))
             return
         strategy, n = settings["strategy"], options["max_new_tokens"]
-        iters = options["iters"]
+        iters = options["iters"] + polish
         out: queue.Queue = queue.Queue()
-        threading.Thread(target=self.work, args=(prompt, strategy, options, compare, out, stop), daemon=True,
+        threading.Thread(target=self.work, args=(prompt, strategy, options, compare, out, stop, polish), daemon=True,
                          name="lad-demo-worker").start()
         blank = Step(-1, [self.denoiser.mask_id] * n, [True] * n, [False] * n, [0.0] * n, 0)
         frame = Frame(self.html(blank) if strategy not in PARENT_STRATEGIES else view.placeholder_html("…"),

@@ -30,6 +30,7 @@ BOX_STYLE = ("font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:
 TOKEN_STYLE = "border-radius:3px;padding:1px 0;"
 MAX_NEW_TOKENS = 1024  # a page setting; longer answers belong to lad-generate
 MAX_ITERS = 1024
+MAX_POLISH = 64
 
 
 class SettingsError(ValueError):
@@ -96,8 +97,7 @@ def progress_text(label: str, step, iters: int | None) -> str:
 
 def summary_text(gen, ar=None) -> str:
     """Both timings, as `lad-generate --ar` prints them."""
-    prefix = f" + {gen.prefix_forwards} prompt pass" if gen.prefix_forwards else ""
-    line = f"**LAD** ({gen.strategy}): {gen.nfe} forwards{prefix}, {gen.seconds:.2f} s"
+    line = f"**LAD** ({gen.strategy}): {gen.forwards_text()}, {gen.seconds:.2f} s"
     if ar is not None:
         line += f" · **AR parent**: {ar.nfe} tokens, {ar.seconds:.2f} s"
     return line
@@ -160,6 +160,11 @@ def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_n
     if block_cache:
         options["block_cache"] = True
     return options
+
+
+def polish_passes(value) -> int:
+    """Noiseless passes over the finished draft (any strategy's; lad/sampling/polish.py), not a strategy option."""
+    return _integer("polish passes", value or 0, 0, MAX_POLISH)
 
 
 def pause_seconds(value) -> float:

@@ -60,6 +60,7 @@ class Generation:
     steps: list[Step] = field(default_factory=list)
     prefix_forwards: int = 0  # prompt-only forwards building the prefix cache (not counted in nfe)
     speculation: dict | None = None  # speculative: rounds, drafted and accepted tokens of the batch
+    polish_forwards: int = 0  # forwards of noiseless passes after the draft (`polish`), counted in nfe
 
     @property
     def mean_accepted(self) -> float | None:
@@ -68,6 +69,11 @@ class Generation:
         s = self.speculation
         return s["accepted"] / s["row_rounds"] if s and s["row_rounds"] else None
 
+    def forwards_text(self) -> str:
+        """What the answer cost, as lad-generate --ar and the demo say it: "12 forwards + 1 prompt pass"."""
+        text = f"{self.nfe} forwards" + (f" + {self.prefix_forwards} prompt pass" if self.prefix_forwards else "")
+        return text + (f", {self.polish_forwards} of them polishing" if self.polish_forwards else "")
+
     def to_dict(self, with_steps: bool = True) -> dict:
         out = {"prompt": self.prompt, "text": self.text, "token_ids": self.token_ids, "nfe": self.nfe,
                "seconds": round(self.seconds, 4), "strategy": self.strategy}
@@ -75,6 +81,8 @@ class Generation:
             out["prefix_forwards"] = self.prefix_forwards
         if self.speculation:
             out["speculation"] = self.speculation
+        if self.polish_forwards:
+            out["polish_forwards"] = self.polish_forwards
         if with_steps:
             out["steps"] = [s.to_dict() for s in self.steps]
         return out

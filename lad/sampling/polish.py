@@ -1,0 +1,104 @@
+"""Noiseless refinement of a finished draft: `--polish N` after any strategy, and the repair benchmark's passes.
+
+A pass re-predicts every answer slot from the draft as it stands (no masks) and keeps the model's greedy token at
+each: what LAD's structural noise trains a denoiser to do (repair a wrong token without re-masking it). Where the
+model already prefers the draft's token the pass changes nothing, so a draft the model is certain of is never
+changed, and a pass that changes nothing ends the polishing (greedy passes would repeat it). A block-causal run's
+forward reads every block against the draft's earlier blocks, as its training read clean earlier blocks, so one
+forward polishes every block within itself.
+
+`polish_canvas` works on a canvas (ids in, ids out); `polish` rebuilds the canvas of finished `Generation`s (the
+answer, its end, then end tokens to the canvas width) so that it follows any strategy, the AR parent's included.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from ..defaults import POLISH_KEEP
+from .common import (Generation, answer_logits, build_canvas, decode_blocks, eos_token_ids, record_step,
+                     sampler_cache)
+
+
+@torch.no_grad()
+def polish_canvas(denoiser, canvas, passes: int, *, cache=None, editable=None, keep: float = POLISH_KEEP,
+                  steps=None, on_step=None, first_iteration: int = 0, nfe: int = 0) -> int:
+    """Up to `passes` noiseless passes over `canvas.answer`, in place; returns the forwards spent. `editable`
+    (bool [B, N], default all): the slots a pass may change. `keep`: a slot whose current token the model gives
+    at least this probability keeps it (1: every slot takes the model's greedy token). Stops early once a pass
+    changes nothing."""
+    if passes < 0:
+        raise ValueError(f"polish must be >= 0, got {passes}")
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"polish keep must be in [0, 1], got {keep}")
+    editable = torch.ones_like(canvas.answer, dtype=torch.bool) if editable is None else editable
+    spent = 0
+    for i in range(passes):
+        before = canvas.answer.clone()
+        probs = answer_logits(denoiser, canvas, cache).softmax(-1)
+        spent += 1
+        confidence, predicted = probs.max(-1)
+        current = probs.gather(-1, before.to(probs.device).unsqueeze(-1)).squeeze(-1)
+        change = editable & (current < keep).to(before.device)
+        after = torch.where(change, predicted.to(before.device), before)
+        canvas.answer.copy_(after)
+        record_step(steps, on_step, first_iteration + i, before, after, confidence.to(before.device),
+                    denoiser.mask_id, nfe + spent)
+        if bool((after == before).all()):
+            break
+    return spent
+
+
+def end_token(tokenizer, denoiser) -> int:
+    """The token a finished answer ends with (the tokenizer's EOS, the chat turn's end for chat models)."""
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    ids = eos_token_ids(tokenizer, denoiser)
+    if not ids:
+        raise ValueError("polish needs an end-of-answer token: the tokenizer and the model name none")
+    return min(ids)
+
+
+@torch.no_grad()
+def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, max_new_tokens: int,
+           chat_template: bool | str = True, keep: float = POLISH_KEEP, on_step=None,
+           trace: bool = False) -> list[Generation]:
+    """`generations` (one batch, in prompt order) after up to `passes` noiseless passes: same prompts, the text
+    the passes left, `nfe` counting their forwards, the passes' steps appended to the trace (iterations numbered
+    on from the draft's). An answer longer than `max_new_tokens` (an AR draft) is cut to it first."""
+    if passes < 0:
+        raise ValueError(f"polish must be >= 0, got {passes}")
+    if passes == 0 or not generations:
+        return generations
+    started = time.perf_counter()
+    denoiser.eval()
+    device = next(denoiser.parameters()).device
+    canvas = build_canvas(tokenizer, [g.prompt for g in generations], max_new_tokens, denoiser.mask_id,
+                          chat_template=chat_template, device=device)
+    end = end_token(tokenizer, denoiser)
+    for row, gen in enumerate(generations):
+        draft = gen.token_ids[:max_new_tokens]
+        canvas.answer[row] = torch.tensor(draft + [end] * (max_new_tokens - len(draft)), device=device)
+    decode_blocks(denoiser, canvas, None)  # a block-causal run reads the draft in its trained blocks
+    cache = sampler_cache(denoiser, canvas, None)  # the prompt's K/V where that is exact
+    # the passes are numbered on from the draft's steps (its forwards when it kept no trace)
+    done = max((g.steps[-1].iteration + 1 if g.steps else g.nfe for g in generations), default=0)
+    steps = [[] for _ in generations] if trace else None
+    draft_nfe = generations[0].nfe
+    spent = polish_canvas(denoiser, canvas, passes, cache=cache, keep=keep, steps=steps, on_step=on_step,
+                          first_iteration=done, nfe=draft_nfe)
+    eos = eos_token_ids(tokenizer, denoiser)
+    seconds = time.perf_counter() - started
+    out = []
+    for row, gen in enumerate(generations):
+        answer = canvas.answer[row].tolist()
+        cut = next((i for i, t in enumerate(answer) if t in eos), len(answer))
+        ids = answer[:cut]
+        out.append(replace(gen, text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                           nfe=gen.nfe + spent, seconds=gen.seconds + seconds,
+                           steps=gen.steps + (steps[row] if steps is not None else []),
+                           polish_forwards=spent))
+    return out

@@ -1,0 +1,200 @@
+"""Noiseless refinement after a draft (`--polish N`, lad/sampling/polish.py) and the repair benchmark
+(eval/bench_refine.py): an oracle denoiser repairs every kind of corruption, a draft the model is certain of is
+never changed, and the passes are counted, traced and reported wherever a strategy's answer is."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from eval import bench_refine
+from lad.generate import generate, load
+from lad.noise import EDITS, apply_edit
+from lad.sampling.common import build_canvas
+from lad.sampling.polish import polish, polish_canvas
+
+REPO = Path(__file__).resolve().parents[1]
+MASK = 262  # the byte tokenizer's spare id the tiny runs use as mask
+
+
+class Oracle(nn.Module):
+    """Predicts `table[j]` at answer slot j whatever the canvas holds (a repair oracle when the table is the
+    reference); counts its forwards."""
+
+    prefix_cache_exact = False
+
+    def __init__(self, tokens: list[int], vocab: int, p: float = 0.99):
+        super().__init__()
+        self.mask_id, self.shift, self.calls = MASK, False, 0
+        self.table = torch.full((len(tokens), vocab), math.log((1 - p) / (vocab - 1)))
+        self.table[torch.arange(len(tokens)), torch.tensor(tokens)] = math.log(p)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, attention_mask=None, positions=None, **_):
+        self.calls += 1
+        return self.table.repeat(ids.shape[0], 1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from lad.finetune import main as finetune
+
+    out = tmp_path_factory.mktemp("polish") / "run"
+    assert finetune([str(REPO / "recipes" / "tiny.yaml"), "max_steps=20", f"output_dir={out}", "eval_every=0",
+                     "save_every=0"]) == 0
+    return out
+
+
+REFERENCE = [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 72, 105, 46, 257]
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_oracle_repairs_every_kind_of_corruption_in_one_pass(byte_tokenizer, edit):
+    pool = torch.tensor(REFERENCE)
+    x = torch.tensor(REFERENCE)
+    apply_edit(x, edit, 0.4, MASK, pool, torch.Generator().manual_seed(1))
+    assert (x != pool).any(), "the corruption must corrupt something for the test to mean anything"
+    oracle = Oracle(REFERENCE, len(byte_tokenizer))
+    after = bench_refine.polish_rows(oracle, byte_tokenizer, "fix me", x[None], [1, 2, 4], chat_template=False)
+    counts = bench_refine.repair_counts(pool, x, after[4][0])
+    assert counts["repaired"] == counts["corrupted"] > 0 and counts["damaged"] == 0 and counts["edits_after"] == 0
+    assert counts["edits_before"] > 0 and oracle.calls == 2  # the second pass changed nothing: polishing stopped
+
+
+def test_apply_edit_does_what_each_edit_says():
+    ref = torch.arange(10, 30)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    swapped = ref.clone()
+    apply_edit(swapped, "swap", 1.0, MASK, ref, gen())
+    assert swapped[:4].tolist() == [11, 10, 13, 12]  # every position starts a swap; overlapping ones are skipped
+    masked = ref.clone()
+    apply_edit(masked, "mask", 1.0, MASK, ref, gen())
+    assert (masked == MASK).all()
+    duplicated = ref.clone()
+    apply_edit(duplicated, "duplicate", 0.05, MASK, ref, torch.Generator().manual_seed(0))  # one event
+    j = int((duplicated != ref).nonzero()[0]) - 1
+    assert duplicated[j] == duplicated[j + 1] and duplicated[j + 2:].tolist() == ref[j + 1:-1].tolist()
+    replaced = ref.clone()
+    apply_edit(replaced, "replace", 1.0, MASK, torch.tensor([7]), gen())
+    assert (replaced == 7).all()
+    with pytest.raises(ValueError, match="edit must be one of"):
+        apply_edit(ref.clone(), "delete", 0.5, MASK, ref, gen())
+
+
+def test_polish_never_changes_a_draft_the_model_is_certain_of(byte_tokenizer):
+    oracle = Oracle(REFERENCE, len(byte_tokenizer), p=0.6)
+    canvas = build_canvas(byte_tokenizer, ["a", "b"], len(REFERENCE), MASK, chat_template=False)
+    canvas.answer.copy_(torch.tensor([REFERENCE, REFERENCE]))
+    steps = [[], []]
+    assert polish_canvas(oracle, canvas, 5, steps=steps, first_iteration=7, nfe=3) == 1
+    assert canvas.answer.tolist() == [REFERENCE, REFERENCE]
+    assert steps[0][0].iteration == 7 and steps[0][0].nfe == 4 and not any(steps[0][0].changed)
+    editable = torch.zeros_like(canvas.answer, dtype=torch.bool)
+    canvas.answer[:, 0] = 5
+    assert polish_canvas(oracle, canvas, 3, editable=editable) == 1 and canvas.answer[0, 0] == 5  # nothing editable
+    with pytest.raises(ValueError, match="polish must be >= 0"):
+        polish_canvas(oracle, canvas, -1)
+
+
+def test_polish_after_each_strategy_counts_traces_and_reaches_a_fixed_point(run_dir):
+    denoiser, tokenizer = load(run_dir)
+    for strategy in ("confidence", "refine", "threshold", "ar"):
+        (draft,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy=strategy, max_new_tokens=12,
+                            trace=True)
+        (polished,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy=strategy, max_new_tokens=12,
+                               trace=True, polish=4)
+        assert 1 <= polished.polish_forwards <= 4 and polished.nfe == draft.nfe + polished.polish_forwards
+        assert len(polished.steps) == len(draft.steps) + polished.polish_forwards
+        if draft.steps:
+            assert polished.steps[len(draft.steps)].iteration == draft.steps[-1].iteration + 1
+        assert polished.to_dict(with_steps=False)["polish_forwards"] == polished.polish_forwards
+        if polished.polish_forwards < 4:  # it stopped because a pass changed nothing: polishing again cannot move it
+            (again,) = polish(denoiser, tokenizer, [polished], 2, max_new_tokens=12,
+                              chat_template=denoiser.info.chat_template)
+            assert again.text == polished.text and again.polish_forwards == 1
+    (plain,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy="confidence", max_new_tokens=12)
+    assert plain.polish_forwards == 0 and "polish_forwards" not in plain.to_dict()
+    with pytest.raises(ValueError, match="polish must be an integer >= 0"):
+        generate(denoiser, "x", tokenizer=tokenizer, polish=-2)
+
+
+def test_cli_polish_flag(run_dir):
+    def lad_generate(*argv):
+        return subprocess.run([sys.executable, "-m", "lad.generate", "--model", str(run_dir), "--prompt", "Hi",
+                               "--max-new-tokens", "8", *argv], capture_output=True, text=True, cwd=REPO)
+
+    done = lad_generate("--polish", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["polish"] == 2 and 1 <= record["polish_forwards"] <= 2
+    assert record["polish_keep"] == 1.0
+    for flag, value, message in (("--polish", "-1", "--polish must be >= 0, got -1"),
+                                 ("--polish-keep", "1.5", "--polish-keep must be in [0, 1], got 1.5")):
+        bad = lad_generate(flag, value)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"lad-generate: error: {message}"]
+
+
+def test_bench_counts_and_report_table(byte_tokenizer):
+    ref, before = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 9, 3, 4])
+    assert bench_refine.repair_counts(ref, before, torch.tensor([1, 2, 3, 5])) == {
+        "corrupted": 1, "repaired": 1, "intact": 3, "damaged": 1, "edits_before": 1, "edits_after": 1}
+    assert bench_refine.levenshtein([1, 2, 3], [2, 3]) == 1 and bench_refine.levenshtein([], [4, 5]) == 2
+    oracle = Oracle(REFERENCE, len(byte_tokenizer))
+    refs = [{"source": "builtin", "prompt": "fix me", "ids": REFERENCE}]
+    result = bench_refine.bench_run(oracle, byte_tokenizer, False, refs, [0.3], [1, 2], eos={257}, judge=False)
+    assert {(c["edit"], c["passes"]) for c in result["cells"]} == {(e, p) for e in EDITS for p in (0, 1, 2)}
+    for cell in result["cells"]:
+        shares = bench_refine.shares(cell)
+        if cell["passes"]:
+            assert shares["repaired"] in (None, 1.0) and shares["damaged"] == 0 and shares["edits"] == 0
+        else:
+            assert shares["edits"] == shares["edits_before"] > 0 or cell["corrupted"] == 0
+    record = {"label": "oracle", **result, "reference_ppl": 1.0}
+    for cell in record["cells"]:
+        cell["parent_ppl"] = 1.0  # the table prints it
+    table = bench_refine.table([record], 0.3)
+    assert "| oracle | 1 | swap | 100% / 100% | 0.0% / 0.0% |" in table
+
+
+def test_keep_leaves_the_tokens_the_model_finds_likely_enough(byte_tokenizer):
+    oracle = Oracle(REFERENCE, len(byte_tokenizer), p=0.6)
+    wrong = list(REFERENCE)
+    wrong[2] = REFERENCE[3]  # the oracle gives it (1 - 0.6) / (vocab - 1): far below 0.01
+    canvas = build_canvas(byte_tokenizer, ["a"], len(REFERENCE), MASK, chat_template=False)
+    canvas.answer.copy_(torch.tensor([wrong]))
+    assert polish_canvas(oracle, canvas, 1, keep=0.01) == 1 and canvas.answer[0].tolist() == REFERENCE
+    canvas.answer.copy_(torch.tensor([wrong]))
+    assert polish_canvas(oracle, canvas, 1, keep=0.0) == 1 and canvas.answer[0].tolist() == wrong  # keeps all
+    with pytest.raises(ValueError, match="polish keep must be in"):
+        polish_canvas(oracle, canvas, 1, keep=2.0)
+
+
+def test_gen_quality_compares_draft_plus_polish_at_its_forwards(run_dir, tmp_path):
+    from eval import gen_quality
+    from lad.quality import agreement
+
+    assert agreement([[1, 2, 3]], [[1, 5, 3, 4]]) == 0.5 and agreement([[]], [[]]) is None
+    out, png = tmp_path / "q.json", tmp_path / "q.png"
+    assert gen_quality.main(["--model", str(run_dir), "--prompts", "2", "--iters", "2", "--strategies", "confidence",
+                             "--polish", "2", "--max-new-tokens", "8", "--out", str(out), "--plot", str(png)]) == 0
+    record = json.loads(out.read_text())
+    plain, polished = record["sweep"]["confidence"][0], record["sweep"]["confidence + polish 2"][0]
+    assert record["ar"]["parent_agreement"] == 1.0 and 0 <= polished["parent_agreement"] <= 1
+    assert plain["mean_nfe_per_batch"] < polished["mean_nfe_per_batch"] <= plain["mean_nfe_per_batch"] + 2
+    assert png.stat().st_size > 0
+
+
+def test_bench_refuses_to_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+    other = tmp_path / "mask.json"
+    other.write_text('{"command": "python eval/gen_quality.py"}')
+    with pytest.raises(SystemExit) as stop:
+        bench_refine.main(["--runs", str(tmp_path / "run"), "--labels", "mask", "--out-dir", str(tmp_path)])
+    assert stop.value.code == 2 and "is not a repair-benchmark record" in capsys.readouterr().err
+    assert other.read_text() == '{"command": "python eval/gen_quality.py"}'
