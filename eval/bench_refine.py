@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.common import ROOT, command_line, environment, prompt_set, quiet, write_record  # noqa: E402
+from eval.common import ROOT, cell, command_line, environment, prompt_set, quiet, write_record  # noqa: E402
 from lad.noise import EDITS, apply_edit  # noqa: E402
 from lad.quality import answer_nll, perplexity  # noqa: E402
-from lad.sampling.common import build_canvas, decode_blocks, render_prompt, sampler_cache  # noqa: E402
-from lad.sampling.polish import end_token, polish_canvas  # noqa: E402
+from lad.sampling.common import render_prompt  # noqa: E402
+from lad.sampling.polish import draft_canvas, end_token, polish_canvas  # noqa: E402
 
 RESULTS = ROOT / "eval" / "results" / "repair"
 CORPUS = ROOT.parent / "shared" / "data" / "train" / "alpaca_eval.jsonl"
@@ -114,12 +114,7 @@ def repair_counts(ref: torch.Tensor, before: torch.Tensor, after: torch.Tensor) 
 def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, chat_template,
                 keep: float = 1.0) -> dict[int, torch.Tensor]:
     """{p: the rows after p noiseless passes} for every p in `passes` (0: the rows as given)."""
-    device = next(denoiser.parameters()).device
-    canvas = build_canvas(tokenizer, [prompt] * len(rows), rows.shape[1], denoiser.mask_id,
-                          chat_template=chat_template, device=device)
-    canvas.answer.copy_(rows.to(device))
-    decode_blocks(denoiser, canvas, None)
-    cache = sampler_cache(denoiser, canvas, None)
+    canvas, cache = draft_canvas(denoiser, tokenizer, [prompt] * len(rows), rows, chat_template)
     out, done, fixed = {0: rows.clone()}, 0, False
     for p in sorted(passes):
         if not fixed:  # greedy passes from a fixed point would only repeat it
@@ -194,7 +189,7 @@ def table(records: list[dict], rate: float) -> str:
     distance and parent perplexity before and after."""
     lines = [f"Corruption rate {rate:g}; repaired / damaged: share of corrupted / intact slots; edits: token edit "
              "distance to the reference per answer; ppl: the AR parent's perplexity (references: "
-             f"{cell_text(records[0]['reference_ppl'], '.2f')}); keep: a slot whose token the model gives at least "
+             f"{cell(records[0]['reference_ppl'], '.2f')}); keep: a slot whose token the model gives at least "
              "this probability is kept (1: every slot takes the greedy token).", "",
              "| run | keep | edit | repaired (1 / max passes) | damaged (1 / max) | edits before → after | "
              "ppl before → after |", "|---|---|---|---|---|---|---|"]
@@ -210,13 +205,9 @@ def table(records: list[dict], rate: float) -> str:
                 lines.append(f"| {record['label']} | {keep:g} | {edit} | {one['repaired']:.0%} / "
                              f"{last['repaired']:.0%} | {one['damaged']:.1%} / {last['damaged']:.1%} | "
                              f"{last['edits_before']:.1f} → {last['edits']:.1f} | "
-                             f"{cell_text(cells[edit, 0]['parent_ppl'], '.1f')} → "
-                             f"{cell_text(cells[edit, most]['parent_ppl'], '.1f')} |")
+                             f"{cell(cells[edit, 0]['parent_ppl'], '.1f')} → "
+                             f"{cell(cells[edit, most]['parent_ppl'], '.1f')} |")
     return "\n".join(lines)
-
-
-def cell_text(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def plot(records: list[dict], rate: float, path: Path) -> None:

@@ -112,17 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     prompts, source = prompt_set(args.prompts)
     base = dict(max_new_tokens=args.max_new_tokens, seed=0, chat_template=chat_template)
 
-    parent_answers = []
-
-    def measure(name: str, polish: int = 0, **options) -> dict:
+    def measure(name: str, polish: int = 0, parent: list | None = None, **options) -> tuple[dict, list]:
+        """(the row, the answers); `parent`: the parent's answers the row's agreement is measured against."""
         out = answer(STRATEGIES[name], denoiser, tokenizer, prompts, args.batch_size, {**base, **options}, polish,
                      args.polish_keep)
-        quality = answer_quality(denoiser, tokenizer, prompts, out["answers"], chat_template)
-        quality["parent_agreement"] = agreement(out["answers"], parent_answers) if parent_answers else 1.0
-        parent_answers[:] = parent_answers or out["answers"]  # the first measured are the parent's own
-        return {**{k: v for k, v in out.items() if k != "answers"}, **quality}
+        answers = out.pop("answers")
+        quality = answer_quality(denoiser, tokenizer, prompts, answers, chat_template)
+        quality["parent_agreement"] = agreement(answers, parent) if parent is not None else 1.0
+        return {**out, **quality}, answers
 
-    ar = measure("ar")
+    ar, parent_answers = measure("ar")
     print(f"  ar: ppl {cell(ar['parent_ppl'], '.4g')}, {ar['s_per_prompt']:.2f} s/prompt", flush=True)
     sweep = {}
     for name in args.strategies:
@@ -132,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             label += f" + polish {polish}" if polish else ""
             sweep[label] = []
             for iters in args.iters:
-                row = {"iters": iters, "polish": polish, **measure(name, polish, iters=iters, **extra)}
+                row = {"iters": iters, "polish": polish,
+                       **measure(name, polish, parent_answers, iters=iters, **extra)[0]}
                 sweep[label].append(row)
                 print(f"  {label} iters {iters}: ppl {cell(row['parent_ppl'], '.4g')}, "
                       f"{row['mean_nfe_per_batch']:.1f} forwards, {row['s_per_prompt']:.2f} s/prompt", flush=True)

@@ -173,7 +173,7 @@ def export_run(run_dir, out, *, dtype: str = "auto", overwrite: bool = False, we
     if str(base.get("name_or_path") or "").startswith("./"):  # a scratch base saved inside the run
         base["name_or_path"] = str((run_dir / base["name_or_path"][2:]).resolve())
     shared = dict(base)  # a merged export loads from itself: a folder of this machine is kept as a name only
-    if os.path.isabs(shared.get("name_or_path") or "") or str(shared.get("name_or_path")).startswith("~/"):
+    if machine_local(shared.get("name_or_path")):
         shared["name_or_path"] = public_path(shared["name_or_path"])
     export = {"source": public_path(str(run_dir.resolve())), "weights": weights, "dtype": dtype,
               "from_adapter": info.adapter, "base_quantization": quant, "lad_version": __version__}
@@ -265,11 +265,16 @@ def public_recipe(text: str) -> str:
             return [p for v in node.values() for p in paths(v)]
         if isinstance(node, list):
             return [p for v in node for p in paths(v)]
-        return [node] if isinstance(node, str) and (os.path.isabs(node) or node.startswith("~/")) else []
+        return [node] if machine_local(node) else []
 
     for path in sorted(set(paths(yaml.safe_load(text) or {})), key=len, reverse=True):
         text = text.replace(path, public_path(path))
     return text
+
+
+def machine_local(value) -> bool:
+    """Whether a value names a folder of this machine (an absolute or home path)."""
+    return isinstance(value, str) and (os.path.isabs(value) or value.startswith("~/"))
 
 
 def public_path(path: str) -> str:

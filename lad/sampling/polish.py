@@ -52,6 +52,18 @@ def polish_canvas(denoiser, canvas, passes: int, *, cache=None, editable=None, k
     return spent
 
 
+def draft_canvas(denoiser, tokenizer, prompts: list[str], drafts, chat_template):
+    """(a canvas holding `drafts` [B, N] as the answers to `prompts`, the prompt's K/V cache or None): read as
+    the run's samplers read a canvas, in its trained blocks for a block-causal run, with the prompt's cache
+    where that is exact."""
+    device = next(denoiser.parameters()).device
+    canvas = build_canvas(tokenizer, prompts, drafts.shape[1], denoiser.mask_id, chat_template=chat_template,
+                          device=device)
+    canvas.answer.copy_(drafts.to(device))
+    decode_blocks(denoiser, canvas, None)
+    return canvas, sampler_cache(denoiser, canvas, None)
+
+
 def end_token(tokenizer, denoiser) -> int:
     """The token a finished answer ends with (the tokenizer's EOS, the chat turn's end for chat models)."""
     if tokenizer.eos_token_id is not None:
@@ -75,15 +87,9 @@ def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, m
         return generations
     started = time.perf_counter()
     denoiser.eval()
-    device = next(denoiser.parameters()).device
-    canvas = build_canvas(tokenizer, [g.prompt for g in generations], max_new_tokens, denoiser.mask_id,
-                          chat_template=chat_template, device=device)
     end = end_token(tokenizer, denoiser)
-    for row, gen in enumerate(generations):
-        draft = gen.token_ids[:max_new_tokens]
-        canvas.answer[row] = torch.tensor(draft + [end] * (max_new_tokens - len(draft)), device=device)
-    decode_blocks(denoiser, canvas, None)  # a block-causal run reads the draft in its trained blocks
-    cache = sampler_cache(denoiser, canvas, None)  # the prompt's K/V where that is exact
+    drafts = torch.tensor([(g.token_ids + [end] * max_new_tokens)[:max_new_tokens] for g in generations])
+    canvas, cache = draft_canvas(denoiser, tokenizer, [g.prompt for g in generations], drafts, chat_template)
     # the passes are numbered on from the draft's steps (its forwards when it kept no trace)
     done = max((g.steps[-1].iteration + 1 if g.steps else g.nfe for g in generations), default=0)
     steps = [[] for _ in generations] if trace else None
