@@ -155,14 +155,10 @@ def load_denoiser(model: str | None, device: str = "cpu"):
 
 
 def quiet() -> None:
-    """No progress bars or FutureWarnings in benchmark output."""
-    import warnings
+    """No library bars or warnings in benchmark output: what the LAD commands silence (lad.console)."""
+    from lad.console import quiet_libraries
 
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
 
 
 def prompt_set(n: int | None = None) -> tuple[list[str], str]:

@@ -97,6 +97,23 @@ def guarded(prog: str, work, *, on_interrupt: str = "") -> int:
         return 130
 
 
+def device_problem(device: str | None, flag: str = "--device") -> str | None:
+    """Why `device` cannot run the model here (None when it can): checked before anything loads."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return f"{flag} {device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"{flag} {device}: no CUDA GPU is available to PyTorch here"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return f"{flag} {device}: MPS is not available to PyTorch here"
+    return None
+
+
 def quiet_libraries() -> None:
     """transformers', PEFT's, datasets' and bitsandbytes' warnings and bars (loading weights, writing a shard,
     building a split) are noise for a LAD command's user; LAD's own lines and bar say what happens."""
@@ -112,7 +129,9 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("peft", "bitsandbytes", "datasets"):  # bitsandbytes: GPU-support notes when nothing asked for 4-bit
+    # bitsandbytes: GPU-support notes when nothing asked for 4-bit; kernels (transformers' hub-kernel loader, which
+    # bitsandbytes asks for a CPU kernel at import): offline-mode and trust-check notes
+    for name in ("peft", "bitsandbytes", "datasets", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def flag_problem(args: argparse.Namespace) -> str | None:
     """The first flag with a value lm-eval or the scorer would refuse (or misuse) after the model loads."""
-    from .generate import device_problem
+    from .console import device_problem
 
     limit, tasks = args.limit, [t for t in args.tasks.split(",") if t.strip()]
     checks = [
@@ -229,10 +229,22 @@ def quiet_git_hash() -> None:
     lm_eval.evaluator.get_git_commit_hash = git_hash
 
 
+def quiet_request_bars() -> None:
+    """lm-eval draws an unnamed bar per task while it builds the requests (57 of them for MMLU), each done in a
+    blink; LadLM's own bar shows the work that takes time. Only lm-eval's task module loses its bars."""
+    import functools
+
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+
+
 def run_one(lm, args, tasks, task_manager) -> dict:
     from lm_eval import simple_evaluate
 
     quiet_git_hash()
+    quiet_request_bars()
     started = time.perf_counter()
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                               log_samples=args.log_samples or args.compare,  # --compare pairs the documents

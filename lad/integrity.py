@@ -67,6 +67,11 @@ def lad_json_problem(data: dict) -> str | None:
         return "block_size: attention block_causal needs its block_size (an integer >= 1)"
     if not 0 <= data["mask_token_id"] < data["vocab_size"]:
         return f"mask_token_id: must be in [0, vocab_size {data['vocab_size']}), got {data['mask_token_id']}"
+    # `objective` repeats noise.objective so that format-1 readers (LAD before the noise dict) still load a run;
+    # the two must agree, or the sampler a run picks would not be the schedule it trained on
+    noise = data["noise"].get("objective") if isinstance(data.get("noise"), dict) else None
+    if noise is not None and noise != data["objective"]:
+        return f"objective: {data['objective']!r} disagrees with noise.objective {noise!r} (edited by hand?)"
     return None
 
 

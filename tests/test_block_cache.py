@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lad.generate import given_options, parse_args
+from lad.generate_cli import given_options, parse_args
 from lad.sampling import strategy_options
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
 from lad.modeling.cache import refresh_block, window_logits

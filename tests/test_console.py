@@ -31,7 +31,7 @@ def test_an_unknown_flag_is_one_line_with_a_suggestion(capsys):
 
 def test_a_mistyped_required_flag_is_suggested_too(capsys):
     """argparse reports the missing --model before the unknown --modle: the line names both."""
-    from lad.generate import parse_args
+    from lad.generate_cli import parse_args
 
     with pytest.raises(SystemExit) as done:
         parse_args(["--modle", "runs/x", "--prompt", "hi"])
@@ -41,7 +41,7 @@ def test_a_mistyped_required_flag_is_suggested_too(capsys):
 
 
 def test_every_lad_tool_uses_the_shared_parser():
-    from lad import evaluation, export, finetune, generate
+    from lad import evaluation, export, finetune, generate_cli as generate
     from lad.demo import cli as demo
     from lad.distill import cli as distill
 

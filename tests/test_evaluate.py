@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,11 @@ def test_compare_runs_both_models_and_writes_results(run_dir, data_dir, tmp_path
     code = lad_eval(["--model", str(run_dir), "--tasks", "arc_easy,mmlu", "--data-dir", str(data_dir), "--limit", "4",
                      "--iters", "4", "--compare", "--output_path", str(out), "--log_samples"])
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # only LAD's own bars: none of lm-eval's per-task request bars (unnamed) or its tokenizing bar
+    bars = [line for line in re.split(r"[\r\n]", captured.err) if "%|" in line]
+    assert bars and all(line.lstrip().startswith(("lad denoise", "ar ", "lad ar")) for line in bars), bars[:5]
     assert ("| task | metric | lad (denoise, l2r order, 4 iters) | ar (AR parent) | Δ (paired 95% interval, McNemar p, "
             "documents) |") in printed and "| arc_easy | acc_norm |" in printed
     data = results(out)

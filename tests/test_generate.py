@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lad.console import printable
-from lad.generate import generate, load, main, read_prompts
+from lad.generate import generate, load, main
+from lad.generate_cli import read_prompts
 from lad.sampling import Step
 from lad.sampling.render import MASK_GLYPH, LiveView, count_lines, display_width, render_step, visible
 
@@ -285,7 +286,8 @@ def test_default_strategy_follows_the_objective(run_dir, capsys, tmp_path):
     mask_run = tmp_path / "mask_run"  # the same weights, recorded as trained on the mask objective
     shutil.copytree(run_dir, mask_run)
     info = json.loads((mask_run / "lad.json").read_text())
-    (mask_run / "lad.json").write_text(json.dumps({**info, "objective": "mask"}))
+    (mask_run / "lad.json").write_text(json.dumps({**info, "objective": "mask",
+                                                   "noise": {**info["noise"], "objective": "mask"}}))
     code, out, _ = cli(capsys, "--model", str(mask_run), "--prompt", "hi", "--iters", "2", "--max-new-tokens", "4",
                        "--json")
     (record,) = json_lines(out)

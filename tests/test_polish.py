@@ -121,7 +121,7 @@ def test_polish_after_each_strategy_counts_traces_and_reaches_a_fixed_point(run_
             assert again.text == polished.text and again.polish_forwards == 1
     (plain,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy="confidence", max_new_tokens=12)
     assert plain.polish_forwards == 0 and "polish_forwards" not in plain.to_dict()
-    with pytest.raises(ValueError, match="polish must be an integer >= 0"):
+    with pytest.raises(ValueError, match="polish must be >= 0, got -2"):
         generate(denoiser, "x", tokenizer=tokenizer, polish=-2)
 
 
@@ -161,6 +161,23 @@ def test_bench_counts_and_report_table(byte_tokenizer):
         cell["parent_ppl"] = 1.0  # the table prints it
     table = bench_refine.table([record], 0.3)
     assert "| oracle | 1 | swap | 100% / 100% | 0.0% / 0.0% |" in table
+
+
+def test_bench_splits_counts_by_reference_source(byte_tokenizer):
+    """The split by source (the parent's answers vs corpus answers) adds up to the totals, and the report says
+    each source's shares."""
+    oracle = Oracle(REFERENCE, len(byte_tokenizer))
+    refs = [{"source": source, "prompt": "fix me", "ids": REFERENCE} for source in ("builtin", "corpus", "corpus")]
+    result = bench_refine.bench_run(oracle, byte_tokenizer, False, refs, [0.3], [1], eos={257}, judge=False)
+    for cell in result["cells"]:
+        split = cell["by_source"]
+        assert split["builtin"]["answers"] == 1 and split["corpus"]["answers"] == 2
+        for name in ("corrupted", "repaired", "intact", "damaged", "edits_before", "edits_after"):
+            assert split["builtin"][name] + split["corpus"][name] == cell[name]
+    table = bench_refine.source_table([{"label": "oracle", **result}], 0.3)
+    assert "| oracle | replace | 100% / 0.0% | 100% / 0.0% |" in table
+    old = [{k: v for k, v in c.items() if k != "by_source"} for c in result["cells"]]  # a record from before
+    assert bench_refine.source_table([{"label": "old", "cells": old}], 0.3) == ""
 
 
 def test_keep_leaves_the_tokens_the_model_finds_likely_enough(byte_tokenizer):

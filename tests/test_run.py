@@ -66,6 +66,17 @@ def test_lad_info_refuses_missing_fields(tmp_path):
     assert str(info.value) == f"{tmp_path / 'lad.json'}: missing mask_token_id, shift"
 
 
+def test_lad_info_refuses_an_objective_that_disagrees_with_its_noise(tmp_path):
+    """lad.json keeps `objective` beside noise.objective for older readers; a hand edit of one is caught."""
+    data = dataclasses.asdict(make_info())
+    data["objective"] = "mask"
+    (tmp_path / "lad.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(RunDirError) as info:
+        LadInfo.load(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'lad.json'}: objective: 'mask' disagrees with noise.objective 'mixed' "
+                               "(edited by hand?)")
+
+
 def test_lad_info_refuses_corrupt_json(tmp_path):
     (tmp_path / "lad.json").write_text('{"mask_token": ', encoding="utf-8")
     with pytest.raises(RunDirError, match="unreadable"):

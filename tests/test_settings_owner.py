@@ -47,7 +47,7 @@ def test_load_run_generate_demo_and_eval_pick_the_same_defaults(run):
 
 def test_the_lad_eval_and_generate_clis_default_to_the_runs_sampler():
     from lad.evaluation import parse_args as eval_args
-    from lad.generate import parse_args as generate_args
+    from lad.generate_cli import parse_args as generate_args
 
     assert eval_args(["--model", "x", "--tasks", "arc_easy"]).strategy is None  # resolved from the run
     assert eval_args(["--model", "x", "--tasks", "arc_easy"]).order == defaults.SCORE_ORDER
@@ -95,7 +95,7 @@ def test_sampler_options_are_declared_once_and_unknown_ones_are_errors(run):
 
 def test_the_cli_and_the_demo_take_their_options_from_the_strategies():
     from lad.demo import view
-    from lad.generate import NOT_FLAGS, OPTION_FLAGS, parse_args
+    from lad.generate_cli import NOT_FLAGS, OPTION_FLAGS, parse_args
     from lad.sampling import STRATEGIES, strategy_options
 
     declared = set().union(*(strategy_options(s) for s in STRATEGIES))

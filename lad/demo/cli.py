@@ -63,7 +63,7 @@ def address_problem(host: str, port: int | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..generate import device_problem
+    from ..console import device_problem
 
     problem = address_problem(args.host, args.port) or device_problem(args.device)
     if problem:

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Numbers the generation would refuse once the model is loaded, refused now and named by their flag."""
-    from ..generate import device_problem
+    from ..console import device_problem
 
     checks = [
         (args.max_new_tokens < 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),

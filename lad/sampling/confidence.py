@@ -39,8 +39,7 @@ import torch
 from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
                      record_step, row_generators, sampler_cache, settled)
-
-REMASK = ("confidence", "random")
+from .options import check_values
 
 
 def num_transfer_tokens(masked: int, steps: int) -> list[int]:
@@ -71,8 +70,7 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
                block_length: int | None = None, remask: str = "confidence", delay_eos: bool = False,
                prefix_cache: bool | None = None, block_cache: bool = False, carry: bool = True,
                stop_at_eos: bool = True, chat_template: bool = True, on_step=None, trace: bool = False):
-    if remask not in REMASK:
-        raise ValueError(f"remask must be one of {', '.join(REMASK)}, got {remask!r}")
+    check_values(remask=remask)
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
     block_length, n_blocks, steps_per_block = blocks_of(max_new_tokens, iters,

@@ -30,10 +30,7 @@ import torch
 from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (answer_logits, eos_token_ids, finish, prepare, record_step, row_generators, sample_tokens,
                      sampler_cache)
-
-SCHEDULES = ("linear", "exponential")
-REMASK = ("random", "confidence")
-RETENTION = ("none", "editable", "locked")
+from .options import check_values
 
 
 def remask_fraction(iteration: int, iters: int, noise_start: float, schedule: str = "linear") -> float:
@@ -44,18 +41,12 @@ def remask_fraction(iteration: int, iters: int, noise_start: float, schedule: st
         return noise_start * (1.0 - progress)
     if schedule == "exponential":
         return noise_start * 0.01 ** progress
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_values(schedule=schedule)  # raises: not one of the schedules
+    raise AssertionError(f"schedule {schedule!r} is declared in options.py but not implemented here")
 
 
 def _check(iters: int, noise_start: float, schedule: str, remask: str, retention: str) -> None:
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    if not 0.0 <= noise_start <= 1.0:
-        raise ValueError(f"noise_start must be in [0, 1], got {noise_start}")
-    for name, value, options in (("schedule", schedule, SCHEDULES), ("remask", remask, REMASK),
-                                 ("retention", retention, RETENTION)):
-        if value not in options:
-            raise ValueError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    check_values(iters=iters, noise_start=noise_start, schedule=schedule, remask=remask, retention=retention)
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
                      record_step, row_generators, sampler_cache, settled)
 from .confidence import blocks_of
+from .options import check_values
 
 
 @torch.no_grad()
@@ -48,8 +49,7 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
               block_cache: bool = False, carry: bool = True, stop_at_eos: bool = True, chat_template: bool = True,
               on_step=None, trace: bool = False):
     tau = threshold
-    if not tau >= 0:  # also refuses NaN
-        raise ValueError(f"threshold must be >= 0 (a probability; > 1 commits one token per step), got {tau}")
+    check_values(threshold=tau)  # also refuses NaN
     started = time.perf_counter()
     canvas = prepare(denoiser, tokenizer, prompts, max_new_tokens, chat_template=chat_template)
     block_length, n_blocks, budget = blocks_of(max_new_tokens, iters, decode_blocks(denoiser, canvas, block_length))

@@ -82,7 +82,7 @@ def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order:
     requests = check_requests(requests, need_context=denoiser.shift)
     cached = use_prefix_cache(denoiser, prefix_cache)
     denoiser.eval()
-    device, pad_id, mask_id = device_of(denoiser), pad_id_of(denoiser), denoiser.mask_id
+    device, pad_id = device_of(denoiser), pad_id_of(denoiser)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     if cached:  # a question's choices side by side, so that their context is run once
         chunks, kept = context_chunks(requests, batch_size), KeptContexts()
@@ -91,46 +91,53 @@ def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order:
 
     for chunk in chunks:
         batch = context_batch(denoiser, [requests[i] for i in chunk], pad_id, device, cached, stats, kept)
-        target, attention, lengths = batch.ids, batch.attention_mask, batch.lengths
-        masked = batch.slots()  # continuation slots not revealed yet
-        if lookahead is not None:  # room for the masks shown past a continuation's end
-            target, attention, masked = (torch.nn.functional.pad(t, (0, int(lookahead)))
-                                         for t in (target, attention, masked))
-        rows = target.shape[0]
-        canvas = target.masked_fill(masked, mask_id)
-        schedules = [num_transfer_tokens(length, length if iters is None else min(int(iters), length))
-                     for length in lengths]
-        logp = torch.zeros(rows, dtype=torch.float64, device=device)
-        greedy = torch.ones(rows, dtype=torch.bool, device=device)
-        cache, cache_rows = batch.cache, rows  # the cache of the live rows
-
-        for step in range(max(len(s) for s in schedules)):
-            live = torch.tensor([r for r in range(rows) if step < len(schedules[r])], device=device)
-            if cache is not None and len(live) != cache_rows:  # rows only ever leave
-                cache, cache_rows = batch.cache.select(live), len(live)
-            quota = torch.tensor([schedules[r][step] for r in live.tolist()], device=device)
-            slots, view, shown, keep = step_view(masked[live], canvas[live], attention[live], quota, order,
-                                                 lookahead, batch.context_width, mask_id)
-            log_probs = denoiser(view[:, :keep], shown[:, :keep], positions=slots[:, :keep], cache=cache,
-                                 answer_start=batch.answer_start[live]).float().log_softmax(-1)  # [N, V]
-            count(stats, rows=len(live))
-            truth = target[live]
-            true_lp = torch.zeros(slots.shape, dtype=torch.float32, device=device)
-            true_lp[slots] = log_probs.gather(-1, truth[slots].unsqueeze(-1)).squeeze(-1)
-            is_argmax = torch.zeros_like(slots)
-            is_argmax[slots] = log_probs.argmax(-1) == truth[slots]
-            # the true token plays no part in which slots are revealed; l2r: step_view kept only those
-            reveal = most_confident(log_probs, slots, quota) if order == "confidence" else slots
-            logp[live] += torch.where(reveal, true_lp, 0.0).sum(-1).double()
-            greedy[live] &= ~(reveal & ~is_argmax).any(-1)
-            canvas[live] = torch.where(reveal, truth, canvas[live])
-            masked[live] = masked[live] & ~reveal
-
+        logp, greedy = _reveal_chunk(denoiser, batch, iters, order, lookahead, stats)
         for row, i in enumerate(chunk):
             results[i] = (float(logp[row]), bool(greedy[row]))
         if progress is not None:
             progress(len(chunk))
     return results
+
+
+def _reveal_chunk(denoiser, batch, iters: int | None, order: str, lookahead: int | None, stats):
+    """(log-likelihood [rows] float64, is_greedy [rows] bool) of one batch of requests: their continuations
+    revealed `order` first, each step's revealed tokens scored against the canvas before them."""
+    mask_id, device = denoiser.mask_id, batch.ids.device
+    target, attention, lengths = batch.ids, batch.attention_mask, batch.lengths
+    masked = batch.slots()  # continuation slots not revealed yet
+    if lookahead is not None:  # room for the masks shown past a continuation's end
+        target, attention, masked = (torch.nn.functional.pad(t, (0, int(lookahead)))
+                                     for t in (target, attention, masked))
+    rows = target.shape[0]
+    canvas = target.masked_fill(masked, mask_id)
+    schedules = [num_transfer_tokens(length, length if iters is None else min(int(iters), length))
+                 for length in lengths]
+    logp = torch.zeros(rows, dtype=torch.float64, device=device)
+    greedy = torch.ones(rows, dtype=torch.bool, device=device)
+    cache, cache_rows = batch.cache, rows  # the cache of the live rows
+
+    for step in range(max(len(s) for s in schedules)):
+        live = torch.tensor([r for r in range(rows) if step < len(schedules[r])], device=device)
+        if cache is not None and len(live) != cache_rows:  # rows only ever leave
+            cache, cache_rows = batch.cache.select(live), len(live)
+        quota = torch.tensor([schedules[r][step] for r in live.tolist()], device=device)
+        slots, view, shown, keep = step_view(masked[live], canvas[live], attention[live], quota, order,
+                                             lookahead, batch.context_width, mask_id)
+        log_probs = denoiser(view[:, :keep], shown[:, :keep], positions=slots[:, :keep], cache=cache,
+                             answer_start=batch.answer_start[live]).float().log_softmax(-1)  # [N, V]
+        count(stats, rows=len(live))
+        truth = target[live]
+        true_lp = torch.zeros(slots.shape, dtype=torch.float32, device=device)
+        true_lp[slots] = log_probs.gather(-1, truth[slots].unsqueeze(-1)).squeeze(-1)
+        is_argmax = torch.zeros_like(slots)
+        is_argmax[slots] = log_probs.argmax(-1) == truth[slots]
+        # the true token plays no part in which slots are revealed; l2r: step_view kept only those
+        reveal = most_confident(log_probs, slots, quota) if order == "confidence" else slots
+        logp[live] += torch.where(reveal, true_lp, 0.0).sum(-1).double()
+        greedy[live] &= ~(reveal & ~is_argmax).any(-1)
+        canvas[live] = torch.where(reveal, truth, canvas[live])
+        masked[live] = masked[live] & ~reveal
+    return logp, greedy
 
 
 def most_confident(log_probs, slots, quota):

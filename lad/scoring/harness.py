@@ -86,6 +86,7 @@ class LadLM(TemplateLM):
         self.lookahead = lookahead
         self.nfe = 0
         self.seconds = 0.0
+        self._bar_off: bool | None = None  # set while loglikelihood() runs: whether LAD's bar is hidden
 
     # ------------------------------------------------------------- processes (lm-eval shards requests by rank)
     def _setup_processes(self, device: str | None) -> None:
@@ -157,6 +158,15 @@ class LadLM(TemplateLM):
             return context[-1:], continuation[-(self.max_length - 1):]
         return context[-room:], continuation
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenization of the requests (a bar of its own, done in a blink: not drawn), then LAD's
+        scoring with its bar."""
+        self._bar_off = disable_tqdm
+        try:
+            return super().loglikelihood(requests, disable_tqdm=True)
+        finally:
+            self._bar_off = None
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         from . import score_ar, score_denoise, score_elbo
         from .single import score_single_tokens
@@ -164,6 +174,8 @@ class LadLM(TemplateLM):
         pairs = [self._fit(list(ctx), list(cont)) for _, ctx, cont in requests]
         groups: dict[str, int] = {}  # the choices of one question share their context string
         group_ids = [groups.setdefault(args[0], len(groups)) for args, _, _ in requests]
+        if self._bar_off is not None:  # loglikelihood() hid lm-eval's tokenizing bar, not this one
+            disable_tqdm = self._bar_off
         bar = tqdm(total=len(pairs), disable=disable_tqdm or self._rank != 0, desc=f"lad {self._mode()}")
         stats: dict = {}
         started = time.perf_counter()

@@ -1,0 +1,126 @@
+"""Every sampling option, declared once: its type, its valid range and what it does.
+
+A strategy's signature says which options it takes (`strategy_options`); this table says what each one is, so
+that `lad-generate`'s flags, their help and their range checks, and the Python API's checks all come from one
+place and say the same thing (a test holds every strategy option to an entry here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from ..defaults import POLISH_KEEP
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: type  # int | float | str | bool
+    help: str
+    low: float | None = None  # smallest valid value (inclusive unless low_open)
+    high: float | None = None  # largest valid value (inclusive)
+    low_open: bool = False
+    choices: tuple[str, ...] | None = None
+    negatable: bool = False  # a bool with a --no- form (its default is decided elsewhere, e.g. by the run)
+    rule: str | None = None  # says the range in words where the bounds alone would not
+    metavar: str | None = None
+
+    def range_text(self) -> str:
+        if self.rule:
+            return self.rule
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not valid for this option (None when it is); NaN is never valid."""
+        if self.choices is not None:
+            return None if value in self.choices else f"must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.kind is bool or self.low is None or isinstance(value, bool):
+            return None
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return f"must be {self.range_text()}, got {value}"
+        below = value <= self.low if self.low_open else value < self.low
+        if below or (self.high is not None and value > self.high):
+            return f"must be {self.range_text()}, got {value}"
+        return None
+
+
+SLOTS = "confidence, threshold"
+OPTIONS: dict[str, Option] = {
+    "iters": Option(int, "iterations (forward passes at most)", low=1),
+    "max_new_tokens": Option(int, "answer slots on the canvas", low=1),
+    "seed": Option(int, "sampling seed (default 0)", low=-2**63, high=2**64 - 1, rule="a 64-bit integer"),
+    "temperature": Option(float, "0 = greedy", low=0),
+    "top_k": Option(int, "0 = off", low=0),
+    "top_p": Option(float, "1 = off", low=0, high=1, low_open=True),
+    "noise_start": Option(float, "refine: fraction re-masked after the first step (0..1)", low=0, high=1),
+    "schedule": Option(str, "refine: how the re-mask fraction decays", choices=("linear", "exponential")),
+    "remask": Option(str, "refine: which slots are re-masked; confidence: which are committed",
+                     choices=("random", "confidence")),
+    "retention": Option(str, "refine: kept slots", choices=("none", "editable", "locked")),
+    "early_stop": Option(int, "stop after this many unchanged iterations (0 = off)", low=0, rule=">= 0 (0 = off)"),
+    "block_length": Option(int, f"{SLOTS}: left-to-right blocks of this many slots", low=1),
+    "threshold": Option(float, "threshold: commit slots with confidence >= this (> 1: one token per step)", low=0,
+                        rule=">= 0 (a probability; > 1 commits one token per step)"),
+    "delay_eos": Option(bool, f"{SLOTS}: commit EOS last"),
+    "prefix_cache": Option(bool, "refine, confidence, threshold: compute the prompt's K/V once and run only the "
+                                 "answer slots (faster; approximate for a bidirectional run, exact for a prompt-causal "
+                                 "one, where it is on unless --no-prefix-cache)", negatable=True),
+    "block_cache": Option(bool, f"{SLOTS} with --block-length: also freeze the rest of the answer's K/V while a "
+                                "block is decoded, running only the block's slots per forward (Fast-dLLM's dual "
+                                "cache; approximate; implies the prompt's cache)"),
+    "carry": Option(bool, f"{SLOTS} on a block-causal run: a finished block joins the exact cache in the next "
+                          "block's first forward (default), or in a forward of its own (--no-carry)", negatable=True),
+    "stop_at_eos": Option(bool, f"{SLOTS}: stop once an answer's text is final (an EOS with every slot before it "
+                                "committed); the same text in fewer forwards (default: on)", negatable=True),
+    "draft_length": Option(int, "speculative: tokens the denoiser drafts per round, checked by the parent "
+                                "(default 4)", low=1),
+    "adaptive": Option(bool, "speculative: double the draft after a round kept in full, halve it after one mostly "
+                             "rejected"),
+    "max_draft": Option(int, "speculative with --adaptive: the longest draft (default 16)", low=1),
+    # not a strategy's: generate() runs them after any strategy (lad/sampling/polish.py)
+    "polish": Option(int, "any strategy: then up to N noiseless refinement passes over the finished draft, each "
+                          "re-predicting every slot from the draft (stops when a pass changes nothing; default 0)",
+                     low=0, metavar="N"),
+    "polish_keep": Option(float, "with --polish: a slot keeps its token when the model gives it at least this "
+                                 f"probability (1 = every slot takes the greedy token; default {POLISH_KEEP:g})",
+                          low=0, high=1, metavar="P"),
+}
+POLISH_OPTIONS = ("polish", "polish_keep")
+
+
+def flag(name: str) -> str:
+    """An option's command-line flag: `max_new_tokens` -> `--max-new-tokens`."""
+    return "--" + name.replace("_", "-")
+
+
+def option_problem(name: str, value, label: str | None = None) -> str | None:
+    """One line saying why `value` is not valid for option `name` ("--iters must be >= 1, got 0"), else None."""
+    why = OPTIONS[name].problem(value) if value is not None else None
+    return f"{label or name} {why}" if why else None
+
+
+def check_values(**values) -> None:
+    """ValueError naming the first option whose value is out of its range: the samplers' own guard, so a direct
+    call (ids in, ids out) is checked exactly as the command and generate() check it."""
+    for name, value in values.items():
+        problem = option_problem(name, value)
+        if problem:
+            raise ValueError(problem)
+
+
+def add_option_flags(group, names, defaults: dict | None = None) -> None:
+    """Add the flag of each option in `names` to an argparse group, typed and explained by its entry. Default
+    None means "not given": the strategy keeps its own default (`defaults` sets others, e.g. polish's)."""
+    defaults = defaults or {}
+    for name in names:
+        spec = OPTIONS[name]
+        common = {"default": defaults.get(name), "help": spec.help}
+        if spec.kind is bool and spec.negatable:
+            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **common)
+        elif spec.kind is bool:
+            group.add_argument(flag(name), action="store_const", const=True, **common)
+        else:
+            group.add_argument(flag(name), type=spec.kind, choices=spec.choices, metavar=spec.metavar, **common)
