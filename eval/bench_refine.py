@@ -147,8 +147,11 @@ def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passe
                     cell = totals.setdefault(key, {"edit": edit, "rate": rate, "keep": keep, "passes": p,
                                                    "answers": 0})
                     cell["answers"] += 1
+                    source = cell.setdefault("by_source", {}).setdefault(ref["source"], {"answers": 0})
+                    source["answers"] += 1
                     for name, value in repair_counts(target, before, after).items():
                         cell[name] = cell.get(name, 0) + value
+                        source[name] = source.get(name, 0) + value
                     if p in (0, most) and (p or keep == keeps[0]):
                         texts.setdefault(key, []).append((ref["prompt"], cut(after.tolist(), eos)))
     rendered = {}
@@ -210,6 +213,22 @@ def table(records: list[dict], rate: float) -> str:
     return "\n".join(lines)
 
 
+def source_table(records: list[dict], rate: float, passes: int = 1) -> str:
+    """Markdown: repaired / damaged after `passes` at keep 1, by where the reference came from (the parent's own
+    greedy answers or held-out corpus answers), for the records that kept the split."""
+    lines = [f"By reference source, rate {rate:g}, keep 1, after {passes} pass(es): repaired / damaged.", "",
+             "| run | edit | parent's answers | corpus answers |", "|---|---|---|---|"]
+    for record in records:
+        for c in record["cells"]:
+            if (c["rate"], c.get("keep", 1.0), c["passes"]) != (rate, 1.0, passes) or "by_source" not in c:
+                continue
+            split = {name: shares(counts) for name, counts in c["by_source"].items()}
+            row = [f"{cell(split[k]['repaired'], '.0%')} / {cell(split[k]['damaged'], '.1%')}" if k in split
+                   else "—" for k in ("builtin", "corpus")]
+            lines.append(f"| {record['label']} | {c['edit']} | {row[0]} | {row[1]} |")
+    return "\n".join(lines) if len(lines) > 4 else ""
+
+
 def plot(records: list[dict], rate: float, path: Path) -> None:
     """Repaired and damaged shares against passes, one panel per edit, one line per run and keep."""
     import matplotlib
@@ -244,10 +263,11 @@ def report(rate: float = 0.1) -> int:
     records = [r for r in (json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))) if "cells" in r]
     if not records:
         raise SystemExit(f"no results in {RESULTS.relative_to(ROOT)}: run the benchmark first")
-    body = table(records, rate) + f"\n\n![repair by passes](img/refine.png)\n\nReproduce: `{records[0]['command']}`"
+    body = "\n\n".join(filter(None, [table(records, rate), source_table(records, rate)]))
+    body += f"\n\n![repair by passes](img/refine.png)\n\nReproduce: `{records[0]['command']}`"
     splice_file(ROOT / "docs" / "results.md", body, START, END)
     plot(records, rate, ROOT / "docs" / "img" / "refine.png")
-    print(table(records, rate))
+    print(body)
     return 0
 
 

@@ -38,6 +38,8 @@ class NoiseConfig:
     stratified: bool = True  # one level per stratum across the batch (lower variance, MDLM)
     mixed_structural_prob: float = 0.5  # mixed: prob that an example is structural
     full_mask_share: float = 0.1  # structural: share of examples whose whole answer is masked
+    # structural: share of examples left without masks, edits only: a finished draft, what --polish reads
+    draft_share: float = 0.0
     mask_rate: float = 1.0  # structural: answer token masked w.p. mask_rate * t
     replace_rate: float = 0.1  # structural: token replaced by a random pool token w.p. rate * t
     swap_rate: float = 0.1  # structural: adjacent swap starting at a position w.p. rate * t
@@ -56,8 +58,8 @@ class NoiseConfig:
             raise ValueError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
         if not 0.0 < self.t_min < 1.0:
             raise ValueError(f"t_min: must be in (0, 1), got {self.t_min!r}")
-        for name in ("mixed_structural_prob", "full_mask_share", "suffix_share", "mask_rate", "replace_rate",
-                     "swap_rate", "duplicate_rate", "span_shift_rate"):
+        for name in ("mixed_structural_prob", "full_mask_share", "draft_share", "suffix_share", "mask_rate",
+                     "replace_rate", "swap_rate", "duplicate_rate", "span_shift_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1], got {value!r}")
@@ -160,8 +162,10 @@ def _structural(x: Tensor, t: float, cfg: NoiseConfig, mask_id: int, pool: Tenso
     if _rand(1, gen).item() < cfg.full_mask_share:
         x[:] = mask_id
         return
+    # drawn only when asked for, so runs without draft rows keep their random streams
+    draft = cfg.draft_share > 0 and _rand(1, gen).item() < cfg.draft_share
     rates = {"span_shift": cfg.span_shift_rate, "duplicate": cfg.duplicate_rate, "swap": cfg.swap_rate,
-             "replace": cfg.replace_rate, "mask": cfg.mask_rate}
+             "replace": cfg.replace_rate, "mask": 0.0 if draft else cfg.mask_rate}
     for edit in EDITS:
         apply_edit(x, edit, rates[edit] * t, mask_id, pool, gen, cfg.max_span, cfg.max_shift)
 

@@ -203,6 +203,19 @@ def test_full_mask_masks_whole_answer():
     assert torch.equal(c.loss_mask, answer)
 
 
+def test_draft_rows_have_edits_but_no_masks():
+    """A draft row is what --polish reads: wrong tokens among right ones, no masks, every token supervised."""
+    cfg = only(draft_share=0.5, mask_rate=1.0, replace_rate=0.5)
+    rows = [(3, 30)] * 400
+    ids, answer, c = run(cfg, rows, 33, 1.0)
+    masked = [(noisy == MASK).any().item() for _, noisy in answers(ids, answer, c)]
+    drafts = [i for i, m in enumerate(masked) if not m]
+    assert abs(len(drafts) / len(rows) - 0.5) < 0.08  # the rest are fully masked at t = 1
+    edited = [(noisy != clean).float().mean().item() for clean, noisy in answers(ids, answer, c)]
+    assert abs(sum(edited[i] for i in drafts) / len(drafts) - 0.5) < 0.05
+    assert torch.equal(c.loss_mask, answer)
+
+
 def test_structural_all_ops_zero_is_identity():
     ids, answer, c = run(only(), [(3, 10), (0, 20)], 20, 1.0)
     assert torch.equal(c.noisy_ids, ids)
@@ -279,7 +292,7 @@ def test_mixed_share_of_structural_rows():
 
 @pytest.mark.parametrize("field, value", [
     ("objective", "noise"), ("t_min", 0.0), ("t_min", 1.0), ("t_min", -0.5),
-    ("mixed_structural_prob", 1.5), ("full_mask_share", -0.1), ("mask_rate", 2.0),
+    ("mixed_structural_prob", 1.5), ("full_mask_share", -0.1), ("draft_share", 1.2), ("mask_rate", 2.0),
     ("replace_rate", -1.0), ("swap_rate", 1.01), ("duplicate_rate", -0.01),
     ("span_shift_rate", 3.0), ("max_span", 0), ("max_shift", 0), ("max_shift", 1.5),
 ])
