@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from eval.demo_screenshot import free_port, set_number  # the README's picture drives the page the same way
 from lad.demo import view
 from lad.demo import DemoModel, Frame, import_gradio, main
 from lad.generate import ar_generate, generate, load
@@ -346,17 +347,6 @@ def browser_or_skip():
     return sync_api
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def set_number(page, elem_id: str, value) -> None:
-    """A Gradio slider's number box: type the value, then leave the box so the slider takes it."""
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def test_page_in_a_real_browser(model, tmp_path):
