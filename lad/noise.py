@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 OBJECTIVES = ("mask", "structural", "mixed")
+REPLACE_FROM = ("pool", "parent")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class NoiseConfig:
     draft_share: float = 0.0
     mask_rate: float = 1.0  # structural: answer token masked w.p. mask_rate * t
     replace_rate: float = 0.1  # structural: token replaced by a random pool token w.p. rate * t
+    # structural: where replacements come from: "pool", any answer token of the step; "parent", one of the AR
+    # parent's `replace_top_k` likeliest tokens for that slot other than the right one (a plausible mistake)
+    replace_from: Literal["pool", "parent"] = "pool"
+    replace_top_k: int = 8
     swap_rate: float = 0.1  # structural: adjacent swap starting at a position w.p. rate * t
     duplicate_rate: float = 0.05  # structural: token repeated at the next position w.p. rate * t
     span_shift_rate: float = 0.05  # structural: span starting at a position moves w.p. rate * t
@@ -56,6 +61,8 @@ class NoiseConfig:
         """Fail early with the field name, rather than train on a silently odd schedule."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.replace_from not in REPLACE_FROM:
+            raise ValueError(f"replace_from: must be one of {REPLACE_FROM}, got {self.replace_from!r}")
         if not 0.0 < self.t_min < 1.0:
             raise ValueError(f"t_min: must be in (0, 1), got {self.t_min!r}")
         for name in ("mixed_structural_prob", "full_mask_share", "draft_share", "suffix_share", "mask_rate",
@@ -66,7 +73,7 @@ class NoiseConfig:
         if self.complementary and (self.objective != "mask" or self.suffix_share):
             raise ValueError("complementary: needs objective mask and suffix_share 0 (the complement of a "
                              "structural edit or of a suffix cut is not a sample of the same schedule)")
-        for name in ("max_span", "max_shift"):
+        for name in ("max_span", "max_shift", "replace_top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -147,9 +154,10 @@ def apply_edit(x: Tensor, edit: str, p: float, mask_id: int, pool: Tensor, gen: 
             if j > last + 1:  # skip overlapping swaps: changes stay disjoint adjacent pairs
                 x[[j, j + 1]] = x[[j + 1, j]]
                 last = j
-    elif edit == "replace":
+    elif edit == "replace":  # pool: 1-D, any of its tokens; 2-D [n, k], one of slot j's own k candidates
         for j in _events(n, p, gen):
-            x[j] = pool[_randint(0, len(pool), gen)]
+            choices = pool if pool.dim() == 1 else pool[j]
+            x[j] = choices[_randint(0, len(choices), gen)]
     elif edit == "mask":
         x[_rand(n, gen) < p] = mask_id
     else:
@@ -171,12 +179,14 @@ def _structural(x: Tensor, t: float, cfg: NoiseConfig, mask_id: int, pool: Tenso
 
 
 def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseConfig,
-            mask_id: int, generator, replace_pool: Tensor | None = None) -> Corruption:
+            mask_id: int, generator, replace_pool: Tensor | None = None,
+            replace_choices: Tensor | None = None) -> Corruption:
     """Corrupt the answer span of each row at its level; prompt and padding stay as they are.
 
     generator: one torch.Generator for the batch, or a list with one per row.
     replace_pool: 1-D ids that replacements draw from (default: the batch's answer tokens),
     so wrong tokens look like text and are never special tokens.
+    replace_choices: [B, L, k] ids, each slot's own candidates (`replace_from: parent`); replaces the pool.
     """
     cfg.validate()
     B, L = input_ids.shape
@@ -218,7 +228,8 @@ def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseCo
         else:
             structural[i] = cfg.objective == "structural"
         if structural[i]:
-            _structural(x, t, cfg, mask_id, pool, gen)
+            own = pool if replace_choices is None else replace_choices[i, s:e].cpu()
+            _structural(x, t, cfg, mask_id, own, gen)
             loss_mask[i, s:e] = True
             weights[i, s:e] = 1.0 / n
         else:

@@ -225,6 +225,9 @@ class Recipe:
             raise ValueError("model.quantization: 4/8-bit weights need LoRA (lora.enabled: true)")
         if self.distill_weight and not self.lora.enabled:
             raise ValueError("distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
+        if self.noise.replace_from == "parent" and not self.lora.enabled:
+            raise ValueError("noise.replace_from: parent needs LoRA (the parent is the base model with the adapter "
+                             "disabled)")
         if self.anneal_steps and self.model.attn_implementation == "flash_attention_2":
             raise ValueError("anneal_steps: annealing builds 4-D attention masks, which flash_attention_2 cannot "
                              "take; use attn_implementation: sdpa")

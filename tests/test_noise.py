@@ -294,7 +294,8 @@ def test_mixed_share_of_structural_rows():
     ("objective", "noise"), ("t_min", 0.0), ("t_min", 1.0), ("t_min", -0.5),
     ("mixed_structural_prob", 1.5), ("full_mask_share", -0.1), ("draft_share", 1.2), ("mask_rate", 2.0),
     ("replace_rate", -1.0), ("swap_rate", 1.01), ("duplicate_rate", -0.01),
-    ("span_shift_rate", 3.0), ("max_span", 0), ("max_shift", 0), ("max_shift", 1.5),
+    ("span_shift_rate", 3.0), ("max_span", 0), ("max_shift", 0), ("max_shift", 1.5), ("replace_from", "model"),
+    ("replace_top_k", 0),
 ])
 def test_validate_rejects_bad_values(field, value):
     cfg = NoiseConfig(**{field: value})

@@ -69,7 +69,7 @@ def block_levels(n_blocks: int, t_min: float, generator: torch.Generator) -> Ten
 
 
 def corrupt_blocks(batch: dict, noise: NoiseConfig, block_size: int, mask_id: int, row_seeds: list[int],
-                   pool: Tensor) -> tuple[list[Corruption], list[Tensor]]:
+                   pool: Tensor, choices: Tensor | None = None) -> tuple[list[Corruption], list[Tensor]]:
     """(the noisy copies, each a `Corruption` in the batch's columns; their distillation positions [B, L]). Each
     block is one row of a `corrupt` call, drawn from its row's seed and its index, so a row's noise does not depend
     on the batch it is in."""
@@ -86,7 +86,8 @@ def corrupt_blocks(batch: dict, noise: NoiseConfig, block_size: int, mask_id: in
         levels.append(block_levels(index[row] + 1, noise.t_min, torch.Generator().manual_seed(seed_for(row_seeds[row], -1))))
     levels = torch.cat(levels) if levels else torch.zeros(0)
     pseudo_ids = ids[rows]
-    first = corrupt(pseudo_ids, pseudo_answer, levels, noise, mask_id, gens, replace_pool=pool)
+    first = corrupt(pseudo_ids, pseudo_answer, levels, noise, mask_id, gens, replace_pool=pool,
+                    replace_choices=None if choices is None else choices[rows])
     copies = [first] + ([complement(pseudo_ids, pseudo_answer, first, mask_id, noise.t_min)]
                         if noise.complementary else [])
     scale = block_share(pseudo_answer, answer[rows])
@@ -177,9 +178,10 @@ def supervised(ids: Tensor, spans, copies: list[Corruption], distill: list[Tenso
 
 
 def block_batch(batch: dict, noise: NoiseConfig, block_size: int, shift: bool, mask_id: int, row_seeds: list[int],
-                pool: Tensor) -> BlockBatch:
-    """Corrupt every block of `batch` (one or two copies) and lay it out for one forward."""
-    copies, distill = corrupt_blocks(batch, noise, block_size, mask_id, row_seeds, pool)
+                pool: Tensor, choices: Tensor | None = None) -> BlockBatch:
+    """Corrupt every block of `batch` (one or two copies) and lay it out for one forward; `choices`: each slot's
+    replacement candidates ([B, L, k], `replace_from: parent`)."""
+    copies, distill = corrupt_blocks(batch, noise, block_size, mask_id, row_seeds, pool, choices)
     return layout(batch, copies, distill, block_size, shift, mask_id)
 
 

@@ -80,15 +80,35 @@ def batch_loss(denoiser, unwrapped, batch, recipe: Recipe, ids: TokenIds, seeds:
     block of a block-causal run in one pass (lad/training/blocks.py), else the corrupted rows as they are.
     `denoiser` as prepared (DDP), `unwrapped` the Denoiser; `attention`: an annealing step's mask."""
     parent = unwrapped.parent_logits_at
+    choices = parent_choices(unwrapped, batch, recipe.noise.replace_top_k, ids.special, device) \
+        if recipe.noise.replace_from == "parent" and recipe.noise.objective != "mask" else None
     if unwrapped.block_causal:
-        laid = block_batch(batch, recipe.noise, unwrapped.block_size, unwrapped.shift, ids.mask, seeds, pool)
+        laid = block_batch(batch, recipe.noise, unwrapped.block_size, unwrapped.shift, ids.mask, seeds, pool,
+                           choices)
         return block_forward_loss(denoiser, unwrapped, laid, batch, device, distill_weight=recipe.distill_weight,
                                   parent=parent)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels, recipe.noise, ids.mask, gens,
-                         replace_pool=pool)
+                         replace_pool=pool, replace_choices=choices)
     return forward_loss(denoiser, batch, corruption, ids.mask, device, distill_weight=recipe.distill_weight,
                         parent=parent, attention_mask=attention)
+
+
+@torch.no_grad()
+def parent_choices(unwrapped, batch: dict, k: int, special: set[int], device) -> torch.Tensor:
+    """[B, L, k] (CPU): for each answer slot, the AR parent's k likeliest tokens there given the clean text before
+    it, the right token and special tokens left out: the plausible mistakes `replace_from: parent` plants. Zero
+    outside the answer."""
+    answer = batch["answer_mask"].bool()
+    logits = unwrapped.parent_logits_at(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                        answer.to(device), batch["position_ids"].to(device)).float()
+    logits.scatter_(-1, batch["input_ids"][answer].to(device)[:, None], float("-inf"))
+    banned = [t for t in special if t < logits.shape[-1]]
+    if banned:
+        logits[:, banned] = float("-inf")
+    choices = torch.zeros(*answer.shape, k, dtype=torch.long)
+    choices[answer] = logits.topk(k, dim=-1).indices.cpu()
+    return choices
 
 
 def non_finite(stats: LossStats, norm: float) -> str | None:
