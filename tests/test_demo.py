@@ -248,6 +248,12 @@ def test_run_button_is_ready_again_only_after_the_sessions_last_run():
     assert sessions.end("a", third)  # the cancelled run ends once: the next Run is counted from here
     sessions.ask("b")
     assert sessions.stop("a") is None and "b" not in sessions.runs  # another session's Run is its own
+    sessions.ask("c")  # a Run waiting for the model (another session holds it) when Stop is pressed
+    assert sessions.stop("c") is None
+    waited = sessions.start("c")
+    assert waited["stop"].is_set() and sessions.end("c", waited)  # it never runs
+    sessions.ask("c")
+    assert not sessions.start("c")["stop"].is_set()  # a Run asked after the Stop runs
 
 
 def test_header_names_a_scratch_base_and_the_toy_models_noise(model):

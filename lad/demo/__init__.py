@@ -8,7 +8,7 @@ worker thread that calls the chosen strategy with an `on_step` callback; the cal
 queue and the page's generator turns them into HTML as they arrive (lad/demo/view.py: masked red, changed
 green, the final answer plain). The pause between steps is spent in the page, not in the sampler, so the
 timings shown are the model's. Stop sets a flag the callback checks (it raises `Stopped`, ending the sampler
-after its current forward) and cancels the page's event. Every error ends as a message in the page.
+after its current forward); the page's event then ends by itself. Every error ends as a message in the page.
 """
 
 from .cli import main, parse_args, serve

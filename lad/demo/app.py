@@ -75,13 +75,17 @@ def settings_controls(gr, model: DemoModel) -> dict:
 
 
 class Sessions:
-    """Each browser session's run: its stop flag and last status line, and how many Runs it asked for and saw
-    end, so the Run button is enabled again only when the session's last Run is over."""
+    """Each browser session's run: its stop flag and last status line, and how many Runs it asked for, started and
+    saw end, so the Run button is enabled again only when the session's last Run is over, and a Run still waiting
+    for the model when Stop is pressed never starts. Stop works through these flags, not by cancelling the page
+    event: a cancelled event can leave Gradio's "Error" badge on its outputs (a race seen on a loaded machine)."""
 
     def __init__(self):
         self.runs: dict[str, dict] = {}  # session → {"stop": Event, "status": last status line}
         self.asked: dict[str, int] = {}
+        self.started: dict[str, int] = {}
         self.ended: dict[str, int] = {}
+        self.cancelled: dict[str, int] = {}  # the session's Runs up to this count were stopped
 
     def ask(self, key: str) -> None:
         """Run clicked (or Enter): counted, and this session's current run told to end."""
@@ -90,20 +94,25 @@ class Sessions:
             self.runs[key]["stop"].set()
 
     def start(self, key: str) -> dict:
+        """A Run reaches the model; its flag is already set when Stop came while it waited."""
+        self.started[key] = self.started.get(key, 0) + 1
         state = self.runs[key] = {"stop": threading.Event(), "status": ""}
+        if self.started[key] <= self.cancelled.get(key, 0):
+            state["stop"].set()
         return state
 
     def end(self, key: str, state: dict) -> bool:
-        """The run is over (finished, failed or cancelled); True when no later Run of this session waits."""
-        state["stop"].set()  # a cancelled page event must not leave the worker running
+        """The run is over (finished, failed or stopped); True when no later Run of this session waits."""
+        state["stop"].set()  # a page event that ended early must not leave the worker running
         if self.runs.get(key) is state:
             del self.runs[key]
-        self.ended[key] = min(self.ended.get(key, 0) + 1, self.asked.get(key, 0))  # a cancelled run is counted once
+        self.ended[key] = min(self.ended.get(key, 0) + 1, self.asked.get(key, 0))  # a stopped run is counted once
         return self.ended[key] == self.asked.get(key, 0)
 
     def stop(self, key: str) -> str | None:
-        """Stop pressed: every Run of this session is cancelled; the status line to show, None when idle."""
-        self.ended[key] = self.asked.get(key, 0)
+        """Stop pressed: every Run of this session asked so far ends (or never starts); the status line to show,
+        None when idle."""
+        self.ended[key] = self.cancelled[key] = self.asked.get(key, 0)
         state = self.runs.get(key)
         if state is None:
             return None
@@ -156,7 +165,12 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
                             block_cache=block_cache, draft_length=draft_length, polish=polish)
             last = False
             try:
-                for frame in model.stream(prompt, settings, pause, compare, state["stop"]):
+                frames = () if state["stop"].is_set() else model.stream(prompt, settings, pause, compare,
+                                                                        state["stop"])  # () : stopped while waiting
+                for frame in frames:
+                    if state["stop"].is_set():  # Stop (or a newer Run) has said what happens: keep its line
+                        yield frame.lad, frame.ar, gr.skip(), gr.skip()
+                        continue
                     state["status"] = frame.status
                     yield frame.lad, frame.ar, frame.status, gr.skip()
             except Exception as err:  # noqa: BLE001 — an error belongs in the page
@@ -171,8 +185,8 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
 
         inputs = [prompt, *(controls[name] for name in SETTINGS)]
         outputs = [lad_out, ar_out, status, run]
-        events = [trigger(on_ask, None, [run, status], queue=False).then(on_run, inputs, outputs)
-                  for trigger in (run.click, prompt.submit)]
-        stop.click(on_stop, None, [status, run], cancels=events)
+        for trigger in (run.click, prompt.submit):
+            trigger(on_ask, None, [run, status], queue=False).then(on_run, inputs, outputs)
+        stop.click(on_stop, None, [status, run], queue=False)  # unqueued: at once, while the Run holds the queue
         controls["compare"].change(lambda on: gr.Column(visible=on), controls["compare"], ar_column)
     return app
