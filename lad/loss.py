@@ -39,6 +39,9 @@ class LossStats:
                f"{prefix}acc": self.correct / max(self.tokens, 1)}
         if self.masked:
             out[f"{prefix}masked_acc"] = self.masked_correct / self.masked
+        if self.masked and self.tokens > self.masked:  # structural rows: supervised tokens the input showed (kept
+            # or wrong): how often the model keeps a right token or repairs a wrong one, the skill --polish needs
+            out[f"{prefix}unmasked_acc"] = (self.correct - self.masked_correct) / (self.tokens - self.masked)
         if self.kl_tokens:
             out[f"{prefix}kl"] = self.kl_sum / max(self.examples, 1)
         return out

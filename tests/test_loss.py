@@ -57,8 +57,10 @@ def test_weighted_cross_entropy_computes_in_fp32_and_keeps_gradients():
 
 def test_loss_stats_summary():
     stats = LossStats(loss_sum=6.0, examples=4, tokens=10, correct=7, masked=4, masked_correct=1)
-    assert stats.summary() == {"loss": 1.5, "acc": 0.7, "masked_acc": 0.25}
-    assert stats.summary("val_") == {"val_loss": 1.5, "val_acc": 0.7, "val_masked_acc": 0.25}
+    assert stats.summary() == {"loss": 1.5, "acc": 0.7, "masked_acc": 0.25, "unmasked_acc": 1.0}
+    assert stats.summary("val_") == {"val_loss": 1.5, "val_acc": 0.7, "val_masked_acc": 0.25, "val_unmasked_acc": 1.0}
+    only_masked = LossStats(loss_sum=6.0, examples=4, tokens=4, correct=1, masked=4, masked_correct=1)
+    assert "unmasked_acc" not in only_masked.summary()  # the mask objective supervises masked slots only
 
 
 def test_loss_stats_summary_without_masked_positions_or_examples():
@@ -71,7 +73,7 @@ def test_loss_stats_add():
     total.add(LossStats(loss_sum=1.0, examples=2, tokens=5, correct=3, masked=2, masked_correct=1))
     total.add(LossStats(loss_sum=2.5, examples=3, tokens=7, correct=1, masked=4, masked_correct=0))
     assert total == LossStats(loss_sum=3.5, examples=5, tokens=12, correct=4, masked=6, masked_correct=1)
-    assert total.summary() == {"loss": 0.7, "acc": 4 / 12, "masked_acc": 1 / 6}
+    assert total.summary() == {"loss": 0.7, "acc": 4 / 12, "masked_acc": 1 / 6, "unmasked_acc": 3 / 6}
 
 
 def test_position_stats_counts():
