@@ -25,7 +25,7 @@ VALIDATION_SEED = 20250101  # fixed, not the run's seed: validation noise is the
 
 
 @torch.no_grad()
-def evaluate(denoiser, unwrapped, val: list[Example], recipe: Recipe, ids: TokenIds, device) -> LossStats:
+def validation_stats(denoiser, unwrapped, val: list[Example], recipe: Recipe, ids: TokenIds, device) -> LossStats:
     """Validation loss and accuracy under deterministic noise: level and seed fixed per example index.
     `denoiser` as prepared, `unwrapped` the Denoiser (its causal parent is the distillation target)."""
     denoiser.eval()
@@ -43,10 +43,10 @@ def evaluate(denoiser, unwrapped, val: list[Example], recipe: Recipe, ids: Token
 
 
 def validate(run: Run, state: TrainState, step: int) -> None:
-    """Evaluate at `step` and record it; a new best validation loss is saved to best/ (main process)."""
+    """Validation at `step`, recorded; a new best validation loss is saved to best/ (main process)."""
     if not run.val_set:
         return
-    stats = evaluate(run.denoiser, run.unwrapped, run.val_set, run.recipe, run.ids, run.accelerator.device)
+    stats = validation_stats(run.denoiser, run.unwrapped, run.val_set, run.recipe, run.ids, run.accelerator.device)
     summary = stats.summary("val_")
     run.metrics.record({"step": step, **summary})
     log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in summary.items()))
