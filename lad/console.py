@@ -135,6 +135,41 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _quiet_git_hash() -> None:
+    """lm-eval records the working folder's git commit by running `git describe`, whose "fatal: not a git
+    repository" lands on the terminal whenever lad-eval runs outside a checkout: the same hash, git's stderr
+    silenced (no repository: none recorded)."""
+    import subprocess
+
+    import lm_eval.evaluator
+
+    def git_hash() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL,
+                                           text=True).strip()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+
+
+def _quiet_request_bars() -> None:
+    """lm-eval draws an unnamed bar per task while it builds the requests (57 of them for MMLU), each done in a
+    blink; LadLM's own bar shows the work that takes time. Only lm-eval's task module loses its bars."""
+    import functools
+
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval's own noise in a lad-eval run: git's error outside a checkout and its blink-long bars."""
+    _quiet_git_hash()
+    _quiet_request_bars()
+
+
 class BarSafeHandler(logging.StreamHandler):
     """A log line printed above a live tqdm bar, not glued onto its end (tqdm.write clears the bar, prints the
     line and draws the bar again below it)."""

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .console import Parser, quiet_libraries
+from .console import Parser, quiet_libraries, quiet_lm_eval
 from .defaults import ITERS, SCORE_ITERS, SCORE_ORDER
 from .run import RunDirError
 from .sampling import PARENT_STRATEGIES, STRATEGIES
@@ -211,40 +211,10 @@ def hub_data_missing(name: str, dataset: str, reason: str) -> ConnectionError:
         "the hub can be reached")
 
 
-def quiet_git_hash() -> None:
-    """lm-eval records the working folder's git commit by running `git describe`, whose "fatal: not a git
-    repository" lands on the terminal whenever lad-eval runs outside a checkout: the same hash, git's stderr
-    silenced (no repository: none recorded)."""
-    import subprocess
-
-    import lm_eval.evaluator
-
-    def git_hash() -> str | None:
-        try:
-            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL,
-                                           text=True).strip()
-        except (subprocess.CalledProcessError, OSError):
-            return None
-
-    lm_eval.evaluator.get_git_commit_hash = git_hash
-
-
-def quiet_request_bars() -> None:
-    """lm-eval draws an unnamed bar per task while it builds the requests (57 of them for MMLU), each done in a
-    blink; LadLM's own bar shows the work that takes time. Only lm-eval's task module loses its bars."""
-    import functools
-
-    import lm_eval.api.task
-    from tqdm import tqdm
-
-    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
-
-
 def run_one(lm, args, tasks, task_manager) -> dict:
     from lm_eval import simple_evaluate
 
-    quiet_git_hash()
-    quiet_request_bars()
+    quiet_lm_eval()
     started = time.perf_counter()
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                               log_samples=args.log_samples or args.compare,  # --compare pairs the documents

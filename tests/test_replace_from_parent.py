@@ -3,11 +3,9 @@ tokens there other than the right one), not random answer tokens; on tiny models
 
 from __future__ import annotations
 
-import shutil
-
 import torch
 
-from conftest import FAST, read_adapter as adapter, train_tiny as train
+from conftest import FAST, read_adapter as adapter, stopped_copy, train_tiny as train
 from lad.finetune import main
 from lad.noise import NoiseConfig, apply_edit, corrupt
 from lad.run import load_run
@@ -73,14 +71,11 @@ def test_training_with_parent_replacements_differs_and_resumes_exactly(tmp_path)
     lever = ["noise.objective=structural", "noise.replace_from=parent", "noise.replace_rate=1.0"]
     plain = adapter(train(tmp_path / "plain", "max_steps=3", "noise.objective=structural", "noise.replace_rate=1.0",
                           *FAST))
-    whole = train(tmp_path / "whole", "max_steps=4", "save_every=2", "eval_every=0", *lever)
     assert any(not torch.equal(plain[key], value) for key, value in adapter(
         train(tmp_path / "three", "max_steps=3", *lever, *FAST)).items())
-    part = train(tmp_path / "part", "max_steps=4", "save_every=2", "eval_every=0", *lever)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "lad.json"):
-        (part / name).unlink()
-    shutil.rmtree(part / "checkpoints" / "step-000004")
-    train(part, "max_steps=4", "save_every=2", "eval_every=0", "resume_from=latest", *lever)
+    whole = train(tmp_path / "whole", "max_steps=4", "save_every=2", "eval_every=0", *lever)
+    part = train(stopped_copy(whole, tmp_path / "part", 2, 4), "max_steps=4", "save_every=2", "eval_every=0",
+                 "resume_from=latest", *lever)
     a, b = adapter(whole), adapter(part)
     assert all(torch.equal(a[key], b[key]) for key in a)
 
