@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.demo_screenshot import free_port, set_number  # the README's picture drives the page the same way
+from eval.demo_screenshot import CHROMIUM, free_port, set_number  # the README's picture drives the page the same way
 from lad.demo import view
 from lad.demo import DemoModel, Frame, import_gradio, main
 from lad.generate import ar_generate, generate, load
@@ -23,7 +23,6 @@ from lad.sampling import Step
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
 MASK, EOS = 262, 257  # the tiny run's mask token and the byte tokenizer's EOS
 SETTINGS = dict(strategy="refine", iterations=6, max_new_tokens=12, noise_start=0.5, no_noise=False,
                 retention="none", remask="default", temperature=0, seed=0, threshold=0.9, block_length=0)

@@ -21,6 +21,7 @@ import torch
 from ..defaults import POLISH_KEEP
 from .common import (Generation, answer_logits, build_canvas, decode_blocks, eos_token_ids, record_step,
                      sampler_cache)
+from .options import check_values
 
 
 @torch.no_grad()
@@ -30,8 +31,7 @@ def polish_canvas(denoiser, canvas, passes: int, *, cache=None, editable=None, k
     (bool [B, N], default all): the slots a pass may change. `keep`: a slot whose current token the model gives
     at least this probability keeps it (1: every slot takes the model's greedy token). Stops early once a pass
     changes nothing."""
-    if passes < 0:
-        raise ValueError(f"polish must be >= 0, got {passes}")
+    check_values(polish=passes)
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"polish keep must be in [0, 1], got {keep}")
     editable = torch.ones_like(canvas.answer, dtype=torch.bool) if editable is None else editable
@@ -81,8 +81,7 @@ def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, m
     """`generations` (one batch, in prompt order) after up to `passes` noiseless passes: same prompts, the text
     the passes left, `nfe` counting their forwards, the passes' steps appended to the trace (iterations numbered
     on from the draft's). An answer longer than `max_new_tokens` (an AR draft) is cut to it first."""
-    if passes < 0:
-        raise ValueError(f"polish must be >= 0, got {passes}")
+    check_values(polish=passes)  # before the canvas is built
     if passes == 0 or not generations:
         return generations
     started = time.perf_counter()
