@@ -16,6 +16,7 @@ ITERS = 16  # the samplers' iterations (lad-generate, the demo, the report, lad-
 SCORE_ITERS = None  # lad-eval likelihoods: one token per reveal step, the exact chain rule. 16 steps scored the
 #                     hour run's HellaSwag endings 0.3 nats per character below its parent (acc_norm -0.045);
 #                     one per token: a within-document correlation of 0.994 with the parent (docs/results.md)
+MC_SAMPLES = 128  # lad-eval --score elbo: Monte-Carlo samples per choice (LLaDA's setting for multiple choice)
 DRAFT_LENGTH = 4  # speculative: tokens drafted per round (provisional, until the draft-length sweep chooses)
 MAX_DRAFT = 16  # speculative with adaptive=True: the longest draft
 MAX_NEW_TOKENS = 64  # the answer length of lad-generate, the demo and the training report

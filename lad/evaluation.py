@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from .console import Parser, quiet_libraries, quiet_lm_eval
-from .defaults import ITERS, SCORE_ITERS, SCORE_ORDER
+from .options import add_flags, flag
 from .run import RunDirError
-from .sampling import PARENT_STRATEGIES, STRATEGIES
+from .sampling import PARENT_STRATEGIES
+from .scoring.options import SCORE_OPTIONS, batch_size_problem, fixed_batch_size, settings_problem
 
 USER_ERRORS = (RunDirError, ValueError, FileNotFoundError, KeyError, ConnectionError)
-AUTO_BATCH_SIZE = 16
 
 
 
@@ -50,26 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="lad-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a LAD run directory (or exported model folder)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups, e.g. arc_easy,mmlu")
-    p.add_argument("--iters", type=int, default=SCORE_ITERS,
-                   help="reveal steps per choice for --score denoise (default: one per token, the exact chain rule; "
-                        "fewer score several tokens at once and tilt long choices, docs/scoring.md), and the "
-                        f"sampler's iterations for generative tasks (default {ITERS})")
-    p.add_argument("--score", choices=["denoise", "elbo"], default="denoise",
-                   help="denoise: reveal the continuation step by step; elbo: Monte-Carlo bound (default denoise)")
-    p.add_argument("--order", choices=["confidence", "l2r"], default=SCORE_ORDER,
-                   help=f"denoise: reveal left to right or most-confident first (default {SCORE_ORDER}: scored "
-                        "best in docs/results.md)")
-    p.add_argument("--lookahead", type=int, default=None, metavar="W",
-                   help="denoise, l2r: show each reveal W masks after the text so far instead of one per remaining "
-                        "token, so the model is not told how long each choice is (default: all of them)")
-    p.add_argument("--mc-samples", type=int, default=128, help="elbo: Monte-Carlo samples per choice (default 128)")
-    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=None,
-                   help="denoise, elbo: run each context once and only the continuation per step (exact, and on by "
-                        "default, for prompt-causal runs; an approximation otherwise)")
-    p.add_argument("--strategy", default=None, choices=sorted(STRATEGIES),
-                   help="sampler for generative tasks (default: the run's own, as lad-generate reads it)")
-    p.add_argument("--baseline", choices=["none", "ar"], default="none",
-                   help="ar: score the AR parent (adapter off, causal attention) instead (default none)")
+    add_flags(p.add_argument_group("scoring (lad/scoring/options.py; lm-eval's --model_args take the same)"),
+              SCORE_OPTIONS, SCORE_OPTIONS)
     p.add_argument("--compare", action="store_true", help="score the LAD model and the AR parent side by side")
     p.add_argument("--data-dir", metavar="DIR",
                    help="read arc_easy/arc_challenge/mmlu/hellaswag from local JSONL folders (default: the "
@@ -87,7 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder (or .json file) for the results and the markdown table (default: print only)")
     p.add_argument("--log_samples", action="store_true", help="with --output_path: also every document's scores")
     p.add_argument("--include_path", default=None, metavar="DIR", help="a folder of extra lm-eval task YAML files")
-    p.add_argument("--seed", type=int, default=0, help="every lm-eval and torch seed (default 0)")
     p.add_argument("--apply_chat_template", action="store_true",
                    help="wrap each prompt in the model's chat template (default: raw text, as lm-eval's hf model)")
     p.add_argument("--bootstrap_iters", type=int, default=1000, metavar="N",
@@ -98,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(problem)
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
-    args.batch_size = batch_size(args.batch_size)
+    args.batch_size = fixed_batch_size(args.batch_size, "lad-eval", "--batch_size")
     return args
 
 
@@ -107,45 +88,20 @@ def flag_problem(args: argparse.Namespace) -> str | None:
     from .console import device_problem
 
     limit, tasks = args.limit, [t for t in args.tasks.split(",") if t.strip()]
+    options = {name: getattr(args, name) for name in SCORE_OPTIONS}
     checks = [
-        (args.iters is not None and args.iters < 1, f"--iters must be >= 1, got {args.iters}"),
-        (args.mc_samples < 1, f"--mc-samples must be >= 1, got {args.mc_samples}"),
-        (args.lookahead is not None and args.lookahead < 1, f"--lookahead must be >= 1, got {args.lookahead}"),
-        (args.lookahead is not None and (args.order != "l2r" or args.score != "denoise"),
-         f"--lookahead {args.lookahead} needs --score denoise --order l2r (got --score {args.score} "
-         f"--order {args.order})"),
         (not tasks, f"--tasks {args.tasks!r}: no task names (e.g. --tasks arc_easy,mmlu)"),
         (limit is not None and not (0 < limit < 1 or 1 <= limit < float("inf") and limit == int(limit)),
          f"--limit must be a number of examples (>= 1) or a fraction in (0, 1), got {limit}"),
         (args.num_fewshot is not None and args.num_fewshot < 0, f"--num_fewshot must be >= 0, got {args.num_fewshot}"),
         (args.bootstrap_iters < 0, f"--bootstrap_iters must be >= 0 (0 = no stderr), got {args.bootstrap_iters}"),
-        (not 0 <= args.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (numpy's seed range), got {args.seed}"),
         (args.compare and args.baseline == "ar",
          "--compare already scores the AR parent next to the LAD model: drop --baseline ar"),
         (args.include_path is not None and not Path(args.include_path).exists(),
          f"--include_path {args.include_path}: no such folder"),
     ]
-    bad = next((message for wrong, message in checks if wrong), None)
+    bad = settings_problem(options, label=flag) or next((message for wrong, message in checks if wrong), None)
     return bad or device_problem(args.device) or batch_size_problem(args.batch_size)
-
-
-def is_auto(value: str) -> bool:
-    return value == "auto" or value.startswith("auto:") and value[5:].isdigit()  # lm-eval's auto, auto:N
-
-
-def batch_size_problem(value: str) -> str | None:
-    if is_auto(value) or value.isdigit() and int(value) >= 1:
-        return None
-    return f"--batch_size must be a whole number >= 1 (or auto), got {value!r}"
-
-
-def batch_size(value: str) -> int:
-    """lm-eval's `auto` searches for the largest batch that fits; LAD's scorers take a fixed one: 16, said so."""
-    if is_auto(value):
-        print(f"lad-eval: note: --batch_size {value}: LAD scores in fixed batches; using {AUTO_BATCH_SIZE}",
-              file=sys.stderr)
-        return AUTO_BATCH_SIZE
-    return int(value)
 
 
 def resolve_tasks(names: list[str], args, task_manager):
@@ -223,11 +179,9 @@ def run_one(lm, args, tasks, task_manager) -> dict:
                               apply_chat_template=args.apply_chat_template, bootstrap_iters=args.bootstrap_iters)
     nfe = lm.gather_object(lm.nfe)  # every process calls it; rank 0 gets each process's count
     if results is not None:  # only rank 0 gets results
-        results["config"].update(model="lad", model_args=args.model, iters=args.iters, score=args.score,
-                                 order=args.order, mc_samples=args.mc_samples if args.score == "elbo" else None,
-                                 lookahead=args.lookahead,
-                                 prefix_cache=lm.prefix_cache_used,
-                                 baseline=lm.baseline, nfe=sum(nfe), processes=lm.world_size,
+        settings = dict(lm.settings, mc_samples=lm.mc_samples if lm.score == "elbo" else None,
+                        prefix_cache=lm.prefix_cache_used, strategy=lm.strategy)
+        results["config"].update(model="lad", model_args=args.model, **settings, nfe=sum(nfe), processes=lm.world_size,
                                  wall_s=round(time.perf_counter() - started, 2))
     return results
 
@@ -340,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
 
         task_manager = task_manager_for(args.include_path)
         tasks = resolve_tasks(names, args, task_manager)
-        lm = LadLM(args.model, baseline=args.baseline, score=args.score, iters=args.iters, order=args.order,
-                   mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                   weights=args.weights, strategy=args.strategy, prefix_cache=args.prefix_cache,
-                   lookahead=args.lookahead)
+        lm = LadLM(args.model, batch_size=args.batch_size, device=args.device, weights=args.weights,
+                   **{name: getattr(args, name) for name in SCORE_OPTIONS})
         if args.baseline == "ar" or args.compare or args.strategy in PARENT_STRATEGIES:
             from .run import check_parent
 

@@ -305,11 +305,11 @@ def settings_table(info: LadInfo, base_name: str, recipe: dict) -> list[str]:
     rows = [("base model", base_name), ("mask token", f"`{info.mask_token}` (id {info.mask_token_id}{added})"),
             ("shift", f"`{str(info.shift).lower()}`: token i is predicted at position {'i-1' if info.shift else 'i'}"),
             ("objective", f"`{info.objective}`"), ("training", training_summary(info, recipe)),
-            ("saved precision", precision), ("prompts", PROMPT_STYLE[info.chat_template])]
+            ("saved precision", precision), ("prompts", PROMPT_STYLE[info.prompt_style])]
     return ["| setting | value |", "|---|---|", *(f"| {name} | {cell(value)} |" for name, value in rows)]
 
 
-PROMPT_STYLE = {True: "chat template", False: "plain text (no chat template)",
+PROMPT_STYLE = {"chat": "chat template", "plain": "plain text (no chat template)",
                 "raw": "continued as given (trained on plain text)"}
 
 

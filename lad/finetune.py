@@ -86,7 +86,7 @@ def setup(recipe: Recipe, allow_changes: tuple[str, ...]) -> tuple[Run, TrainSta
     info = LadInfo(base_model=base_ref, mask_token=mask.token, mask_token_id=mask.id, mask_token_added=mask.added,
                    vocab_size=len(tokenizer), shift=recipe.shift, objective=recipe.noise.objective,
                    noise=dataclasses.asdict(recipe.noise), adapter="lora" if recipe.lora.enabled else "full",
-                   chat_template=prompt_style(recipe, tokenizer),
+                   prompt_style=prompt_style(recipe, tokenizer),
                    max_length=recipe.data.max_length, eos_padding=recipe.eos_padding, attention=recipe.attention,
                    block_size=recipe.block_size, lora_gate=recipe.lora.gate)
     denoiser = Denoiser(add_trainable(model, recipe, mask), mask.id, recipe.shift, recipe.attention, info=info,

@@ -27,7 +27,8 @@ LAD_FIELDS = {
     "base_model": _MAPPING, "mask_token": _STR, "mask_token_id": _INT, "mask_token_added": _BOOL, "vocab_size": _INT,
     "shift": _BOOL, "objective": (lambda v: v in OBJECTIVES, _one_of(OBJECTIVES)),
     "noise": _MAPPING, "adapter": (lambda v: v in ("lora", "full"), '"lora" or "full"'), "merged": _BOOL,
-    "chat_template": (lambda v: isinstance(v, bool) or v == "raw", 'true, false or "raw"'), "max_length": _INT,
+    "prompt_style": (lambda v: v in ("chat", "plain", "raw"), '"chat", "plain" or "raw"'), "max_length": _INT,
+    "chat_template": (lambda v: isinstance(v, bool) or v == "raw", 'true, false or "raw"'),  # before prompt_style
     "eos_padding": _BOOL, "attention": (lambda v: v in MODES, _one_of(MODES)),
     "block_size": (lambda v: v is None or _INT[0](v) and v >= 1, "an integer >= 1 or null"),
     "lora_gate": (lambda v: v in ("none", "masked"), '"none" or "masked"'),

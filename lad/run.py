@@ -37,6 +37,11 @@ from .integrity import (files_problem, json_kind, lad_field_problem, lad_json_pr
 log = logging.getLogger(__name__)
 
 LAD_FORMAT = 1
+# lad.json's prompt_style → the samplers' chat_template argument (also what lad.json said before prompt_style):
+# "chat" the tokenizer's chat template; "plain" the prompt as plain text, no template (the tokenizer has none, or
+# the recipe said data.chat_template: false); "raw" the string tokenized as given (trained on plain text only: a
+# prompt is continued, e.g. "Once upon a time")
+PROMPT_STYLES = {"chat": True, "plain": False, "raw": "raw"}
 CHECKPOINTS = "checkpoints"
 
 
@@ -56,7 +61,7 @@ class LadInfo:
     noise: dict
     adapter: str = "lora"  # "lora" | "full": how it was trained
     merged: bool = False  # true: an exported folder, the weights (adapter merged in) are the folder's own
-    chat_template: bool | str = True  # "raw": trained on plain text only, prompts are continued as given
+    prompt_style: str = "chat"  # PROMPT_STYLES: how a user's prompt is rendered, as training rendered it
     max_length: int = 512
     eos_padding: bool = False
     attention: str = "bidirectional"  # lad/modeling/attention.py: bidirectional, prompt_causal, block_causal
@@ -66,6 +71,11 @@ class LadInfo:
     lad_version: str = __version__
     format: int = LAD_FORMAT
     extra: dict = field(default_factory=dict)
+
+    @property
+    def chat_template(self) -> bool | str:
+        """The samplers' `chat_template` argument for this run's prompts (True, False or "raw")."""
+        return PROMPT_STYLES[self.prompt_style]
 
     @property
     def strategy(self) -> str:
@@ -99,6 +109,11 @@ class LadInfo:
             raise RunDirError(f"{path}: missing format (not a lad.json written by LAD?)")
         if lad_field_problem("format", data["format"]) is None and data["format"] > LAD_FORMAT:
             raise RunDirError(f"{path}: written by a newer LAD (format {data['format']}); upgrade LAD to read it")
+        if "chat_template" in data and "prompt_style" not in data:  # a lad.json before prompt_style: same meaning
+            problem = lad_field_problem("chat_template", data["chat_template"])
+            if problem:
+                raise RunDirError(f"{path}: {problem}")
+            data["prompt_style"] = next(k for k, v in PROMPT_STYLES.items() if v == data["chat_template"])
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]

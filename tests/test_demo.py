@@ -90,6 +90,28 @@ def test_settings_to_sampler_options():
     assert noiseless["delay_eos"] is True and noiseless["block_cache"] is True
 
 
+def test_the_page_controls_take_their_ranges_and_choices_from_the_options_table():
+    from types import SimpleNamespace
+
+    from lad.demo.app import settings_controls
+    from lad.sampling.options import OPTIONS
+
+    gr = import_gradio()
+    with gr.Blocks():
+        controls = settings_controls(gr, SimpleNamespace(denoiser=SimpleNamespace(info=None)))
+    sliders = {"iterations": "iters", "max_new": "max_new_tokens", "noise_start": "noise_start",
+               "temperature": "temperature", "threshold": "threshold", "draft_length": "draft_length",
+               "polish": "polish"}
+    for control, option in sliders.items():
+        spec = OPTIONS[option]
+        assert controls[control].minimum == spec.low, control
+        assert spec.high is None or controls[control].maximum <= spec.high, control
+        assert view.PAGE_HIGH.get(option, spec.high) >= controls[control].maximum, control
+    choices = lambda name: [c[0] for c in controls[name].choices]  # noqa: E731
+    assert choices("retention") == list(OPTIONS["retention"].choices)
+    assert choices("remask") == ["default", *OPTIONS["remask"].choices]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"iterations": 0}, "iterations must be between 1 and 1024, got 0"),
     ({"iterations": 2.5}, "iterations must be a whole number"),
@@ -107,7 +129,7 @@ def test_bad_settings_name_the_setting(change, message):
 
 def test_bad_polish_is_shown_in_the_page(model):
     (frame,) = frames(model, polish=-1)
-    assert "polish passes must be between 0 and 64, got -1" in frame.status
+    assert f"polish passes must be between 0 and {view.PAGE_HIGH['polish']}, got -1" in frame.status
 
 
 # ---------------------------------------------------------------- DemoModel.stream: what the page receives

@@ -22,7 +22,7 @@ from lad.safety import PathError
 def make_info(**changes) -> LadInfo:
     info = LadInfo(base_model={"name_or_path": "./base", "init": "pretrained"}, mask_token="<|mask|>",
                    mask_token_id=262, mask_token_added=True, vocab_size=266, shift=False, objective="mixed",
-                   noise={"objective": "mixed", "t_min": 0.001}, chat_template=False, max_length=128)
+                   noise={"objective": "mixed", "t_min": 0.001}, prompt_style="plain", max_length=128)
     return dataclasses.replace(info, **changes)
 
 
@@ -402,6 +402,15 @@ def test_load_checkpoint_state_names_an_optimizer_of_another_model(tmp_path, mon
         load_checkpoint_state(folder, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2])
 
 
+@pytest.mark.parametrize("old, style", [(True, "chat"), (False, "plain"), ("raw", "raw")])
+def test_a_lad_json_from_before_prompt_style_reads_the_same(tmp_path, old, style):
+    data = dataclasses.asdict(make_info())
+    del data["prompt_style"]
+    (tmp_path / "lad.json").write_text(json.dumps({**data, "chat_template": old}), encoding="utf-8")
+    info = LadInfo.load(tmp_path)
+    assert info.prompt_style == style and info.chat_template == old
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("shift", "yes", 'shift: expected true or false, got "yes"'),
     ("mask_token_id", "5", 'mask_token_id: expected an integer, got "5"'),
@@ -410,6 +419,7 @@ def test_load_checkpoint_state_names_an_optimizer_of_another_model(tmp_path, mon
     ("base_model", {"name_or_path": 7}, "base_model.name_or_path: expected a string or null, got 7"),
     ("noise", [], "noise: expected a JSON object, got []"),
     ("chat_template", "yes", 'chat_template: expected true, false or "raw", got "yes"'),
+    ("prompt_style", True, 'prompt_style: expected "chat", "plain" or "raw", got true'),
     ("attention", "sideways", 'attention: expected "bidirectional", "prompt_causal" or "block_causal", got "sideways"'),
     ("block_size", 0, "block_size: expected an integer >= 1 or null, got 0"),
     ("adapter", "qlora", 'adapter: expected "lora" or "full", got "qlora"'),

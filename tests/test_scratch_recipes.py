@@ -92,7 +92,7 @@ def test_tiny_scratch_run_learns_and_generates(name, stories, tmp_path, capsys):
     assert len(losses) == 3  # steps 0, 20, 40
     assert abs(losses[0] - math.log(vocab)) < 1.0, losses  # a fresh model is near uniform
     assert losses[-1] < losses[0] - 1.5, losses  # and it learns: > 1.5 nats down in 40 tiny steps
-    assert info["adapter"] == "full" and info["chat_template"] == "raw" and not info["shift"]
+    assert info["adapter"] == "full" and info["prompt_style"] == "raw" and not info["shift"]
     assert (out / "model.safetensors").is_file() and not (out / "adapter_model.safetensors").exists()
     report = json.loads((out / "report.json").read_text())
     assert [r["ar"] for r in report["answers"]] == [None] * 3 and report["ar_nll_per_token"] is None

@@ -12,6 +12,7 @@ import threading  # no `from __future__ import annotations`: Gradio must see the
 from ..defaults import DRAFT_LENGTH, ITERS, MAX_DRAFT, MAX_NEW_TOKENS
 from ..generate import toy_note
 from ..sampling import STRATEGIES, default_strategy
+from ..sampling.options import OPTIONS
 from . import view
 from .model import DemoModel, import_gradio
 
@@ -36,37 +37,46 @@ SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_star
             "polish", "compare")  # on_run's order
 
 
+def option_slider(gr, name: str, top: float, value, step: float, **kwargs):
+    """A slider over option `name`'s valid range (lad/sampling/options.py, as lad-generate checks it); `top` is
+    the page's own end where the option has none (iterations, temperature), or a lower one."""
+    spec = OPTIONS[name]
+    high = top if spec.high is None else min(spec.high, top)
+    return gr.Slider(spec.low, high, value=value, step=step, **kwargs)
+
+
 def settings_controls(gr, model: DemoModel) -> dict:
     """The Settings accordion (inside the page's Blocks): {name in SETTINGS: its component}."""
     with gr.Accordion("Settings", open=True):
         with gr.Row():
             strategy = gr.Dropdown(list(STRATEGIES), value=default_strategy(model.denoiser), label="Strategy",
                                    elem_id="lad-strategy")
-            iterations = gr.Slider(1, 128, value=ITERS, step=1, label="Iterations", elem_id="lad-iters")
-            max_new = gr.Slider(1, 256, value=MAX_NEW_TOKENS, step=1, label="Max new tokens", elem_id="lad-max-new")
+            iterations = option_slider(gr, "iters", 128, ITERS, 1, label="Iterations", elem_id="lad-iters")
+            max_new = option_slider(gr, "max_new_tokens", 256, MAX_NEW_TOKENS, 1, label="Max new tokens",
+                                    elem_id="lad-max-new")
             seed = gr.Number(0, precision=0, label="Seed", elem_id="lad-seed")
         with gr.Row():
             no_noise = gr.Checkbox(False, label="Disable intermediate noising (noise start 0)",
                                    elem_id="lad-no-noise")
-            noise_start = gr.Slider(0, 1, value=0.5, step=0.05, label="Noise start (refine)")
-            retention = gr.Dropdown(["none", "editable", "locked"], value="none", label="Retention (refine)")
-            temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0 = greedy)")
+            noise_start = option_slider(gr, "noise_start", 1, 0.5, 0.05, label="Noise start (refine)")
+            retention = gr.Dropdown(list(OPTIONS["retention"].choices), value="none", label="Retention (refine)")
+            temperature = option_slider(gr, "temperature", 2, 0, 0.05, label="Temperature (0 = greedy)")
         with gr.Row():
             pause = gr.Slider(0, 2, value=0.2, step=0.05, label="Pause between steps (s)", elem_id="lad-pause")
-            remask = gr.Dropdown(["default", "random", "confidence"], value="default",
+            remask = gr.Dropdown(["default", *OPTIONS["remask"].choices], value="default",
                                  label="Remask (refine, confidence)")
-            threshold = gr.Slider(0, 1, value=0.9, step=0.01, label="Threshold τ (threshold)")
+            threshold = option_slider(gr, "threshold", 1, 0.9, 0.01, label="Threshold τ (threshold)")
             block_length = gr.Number(0, precision=0, label="Block length (confidence, threshold; 0 = one block)")
         with gr.Row():
             delay_eos = gr.Checkbox(False, label="Delay EOS (confidence, threshold: commit the end last)",
                                     elem_id="lad-delay-eos")
             block_cache = gr.Checkbox(False, label="Block cache (confidence, threshold with blocks: faster, "
                                       "approximate)", elem_id="lad-block-cache")
-            draft_length = gr.Slider(1, MAX_DRAFT, value=DRAFT_LENGTH, step=1,
-                                     label="Draft length (speculative: the parent's exact output)",
-                                     elem_id="lad-draft-length")
-            polish = gr.Slider(0, 8, value=0, step=1, label="Polish passes (any strategy: noiseless refinement of "
-                               "the finished draft)", elem_id="lad-polish")
+            draft_length = option_slider(gr, "draft_length", MAX_DRAFT, DRAFT_LENGTH, 1,
+                                         label="Draft length (speculative: the parent's exact output)",
+                                         elem_id="lad-draft-length")
+            polish = option_slider(gr, "polish", 8, 0, 1, label="Polish passes (any strategy: noiseless refinement "
+                                   "of the finished draft)", elem_id="lad-polish")
             compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
     return dict(strategy=strategy, iterations=iterations, max_new=max_new, seed=seed, no_noise=no_noise,
                 noise_start=noise_start, retention=retention, temperature=temperature, pause=pause, remask=remask,

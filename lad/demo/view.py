@@ -16,6 +16,7 @@ from typing import NamedTuple
 from ..console import printable
 from ..defaults import DRAFT_LENGTH, MAX_DRAFT
 from ..sampling import STRATEGIES
+from ..sampling.options import OPTIONS
 from ..sampling.render import MASK_GLYPH, visible
 
 STYLES = {
@@ -28,9 +29,10 @@ BOX_STYLE = ("font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:
              "white-space:pre-wrap;word-break:break-word;min-height:3.8em;padding:10px 12px;"
              "border:1px solid #d4d4d8;border-radius:8px;")
 TOKEN_STYLE = "border-radius:3px;padding:1px 0;"
-MAX_NEW_TOKENS = 1024  # a page setting; longer answers belong to lad-generate
-MAX_ITERS = 1024
-MAX_POLISH = 64
+# The page's own upper ends, where an option has none (lad/sampling/options.py gives every lower end): a page
+# caps the work one visitor can ask for; longer answers and runs belong to lad-generate.
+PAGE_HIGH = {"iters": 1024, "max_new_tokens": 1024, "polish": 64, "temperature": 100, "threshold": 2,
+             "draft_length": MAX_DRAFT}
 
 
 class SettingsError(ValueError):
@@ -125,6 +127,13 @@ def _integer(name: str, value, low: int, high: int) -> int:
     return int(number)
 
 
+def _option(label: str, name: str, value):
+    """A page setting checked against option `name`'s range (lad/sampling/options.py), capped by PAGE_HIGH."""
+    spec = OPTIONS[name]
+    high = min(spec.high if spec.high is not None else math.inf, PAGE_HIGH.get(name, math.inf))
+    return (_integer if spec.kind is int else _number)(label, value, spec.low, high)
+
+
 def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_noise: bool, retention: str,
                     remask: str, temperature, seed, threshold, block_length, delay_eos: bool = False,
                     block_cache: bool = False, draft_length=DRAFT_LENGTH) -> dict:
@@ -139,14 +148,14 @@ def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_n
     if strategy not in STRATEGIES:
         raise SettingsError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     options = {
-        "iters": _integer("iterations", iterations, 1, MAX_ITERS),
-        "max_new_tokens": _integer("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
-        "noise_start": 0.0 if no_noise else _number("noise start", noise_start, 0, 1),
+        "iters": _option("iterations", "iters", iterations),
+        "max_new_tokens": _option("max new tokens", "max_new_tokens", max_new_tokens),
+        "noise_start": 0.0 if no_noise else _option("noise start", "noise_start", noise_start),
         "retention": retention,
-        "temperature": _number("temperature", temperature, 0, 100),
-        "seed": _integer("seed", seed, 0, 2**32 - 1),
-        "threshold": _number("threshold", threshold, 0, 2),
-        "draft_length": _integer("draft length", draft_length, 1, MAX_DRAFT),
+        "temperature": _option("temperature", "temperature", temperature),
+        "seed": _integer("seed", seed, 0, 2**32 - 1),  # the page's seed box: a plain non-negative number
+        "threshold": _option("threshold", "threshold", threshold),
+        "draft_length": _option("draft length", "draft_length", draft_length),
     }
     block = _integer("block length", block_length or 0, 0, options["max_new_tokens"])
     if block:
@@ -164,7 +173,7 @@ def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_n
 
 def polish_passes(value) -> int:
     """Noiseless passes over the finished draft (any strategy's; lad/sampling/polish.py), not a strategy option."""
-    return _integer("polish passes", value or 0, 0, MAX_POLISH)
+    return _option("polish passes", "polish", value or 0)
 
 
 def pause_seconds(value) -> float:

@@ -7,44 +7,10 @@ place and say the same thing (a test holds every strategy option to an entry her
 
 from __future__ import annotations
 
-import argparse
-import math
-from dataclasses import dataclass
-
 from ..defaults import POLISH_KEEP
+from ..options import Option, add_flags, flag, value_problem
 
-
-@dataclass(frozen=True)
-class Option:
-    kind: type  # int | float | str | bool
-    help: str
-    low: float | None = None  # smallest valid value (inclusive unless low_open)
-    high: float | None = None  # largest valid value (inclusive)
-    low_open: bool = False
-    choices: tuple[str, ...] | None = None
-    negatable: bool = False  # a bool with a --no- form (its default is decided elsewhere, e.g. by the run)
-    rule: str | None = None  # says the range in words where the bounds alone would not
-    metavar: str | None = None
-
-    def range_text(self) -> str:
-        if self.rule:
-            return self.rule
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
-
-    def problem(self, value) -> str | None:
-        """Why `value` is not valid for this option (None when it is); NaN is never valid."""
-        if self.choices is not None:
-            return None if value in self.choices else f"must be one of {', '.join(self.choices)}, got {value!r}"
-        if self.kind is bool or self.low is None or isinstance(value, bool):
-            return None
-        if not isinstance(value, (int, float)) or math.isnan(value):
-            return f"must be {self.range_text()}, got {value}"
-        below = value <= self.low if self.low_open else value < self.low
-        if below or (self.high is not None and value > self.high):
-            return f"must be {self.range_text()}, got {value}"
-        return None
+__all__ = ["OPTIONS", "POLISH_OPTIONS", "Option", "add_option_flags", "check_values", "flag", "option_problem"]
 
 
 SLOTS = "confidence, threshold"
@@ -91,15 +57,9 @@ OPTIONS: dict[str, Option] = {
 POLISH_OPTIONS = ("polish", "polish_keep")
 
 
-def flag(name: str) -> str:
-    """An option's command-line flag: `max_new_tokens` -> `--max-new-tokens`."""
-    return "--" + name.replace("_", "-")
-
-
 def option_problem(name: str, value, label: str | None = None) -> str | None:
     """One line saying why `value` is not valid for option `name` ("--iters must be >= 1, got 0"), else None."""
-    why = OPTIONS[name].problem(value) if value is not None else None
-    return f"{label or name} {why}" if why else None
+    return value_problem(OPTIONS, name, value, label)
 
 
 def check_values(**values) -> None:
@@ -114,13 +74,4 @@ def check_values(**values) -> None:
 def add_option_flags(group, names, defaults: dict | None = None) -> None:
     """Add the flag of each option in `names` to an argparse group, typed and explained by its entry. Default
     None means "not given": the strategy keeps its own default (`defaults` sets others, e.g. polish's)."""
-    defaults = defaults or {}
-    for name in names:
-        spec = OPTIONS[name]
-        common = {"default": defaults.get(name), "help": spec.help}
-        if spec.kind is bool and spec.negatable:
-            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, **common)
-        elif spec.kind is bool:
-            group.add_argument(flag(name), action="store_const", const=True, **common)
-        else:
-            group.add_argument(flag(name), type=spec.kind, choices=spec.choices, metavar=spec.metavar, **common)
+    add_flags(group, OPTIONS, names, defaults)

@@ -21,28 +21,26 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from ..defaults import ITERS, SCORE_ITERS
+from ..defaults import ITERS
 from ..run import load_run
 from ..sampling import default_strategy
+from .options import SCORE_OPTIONS, batch_size_problem, fixed_batch_size, resolve_settings
 
-
-def optional_int(value, *also_none: str) -> int | None:
-    """An int from a Python value or a model_args string; None for None, "" and "none" (and `also_none`)."""
-    return None if value is None or str(value).lower() in ("", "none", *also_none) else int(value)
+HARNESS_ARGS = ("pretrained", "batch_size", "device", "weights", "max_length", "max_batch_size")  # the rest: options
 
 
 @register_model("lad")
 class LadLM(TemplateLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """`lm_eval --model lad --model_args ...`: every key must be one of LadLM's own (a misspelling is an error,
-        not silently dropped). max_batch_size is accepted and unused: LAD scores in fixed batches."""
+        """`lm_eval --model lad --model_args ...`: every key must be one of LadLM's own or a scoring option of
+        lad/scoring/options.py (a misspelling is an error, not silently dropped). max_batch_size is accepted and
+        unused: LAD scores in fixed batches."""
         import difflib
-        import inspect
 
         from lm_eval.utils import simple_parse_args_string
 
-        known = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        known = [*HARNESS_ARGS, *SCORE_OPTIONS]
         for key in simple_parse_args_string(arg_string):
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
@@ -51,22 +49,16 @@ class LadLM(TemplateLM):
         return super().create_from_arg_string(arg_string, additional_config)
 
     def __init__(self, pretrained: str | None = None, *, denoiser=None, tokenizer=None, info=None,
-                 baseline: str = "none", score: str = "denoise", iters: int | str | None = SCORE_ITERS,
-                 order: str = "l2r",
-                 mc_samples: int = 128, batch_size: int | str = 16, seed: int = 0, device: str | None = None,
-                 weights: str = "final", strategy: str | None = None, max_length: int | None = None,
-                 prefix_cache: bool | str | None = None, max_batch_size: int | None = None,
-                 lookahead: int | str | None = None):
+                 batch_size: int | str = 16, device: str | None = None, weights: str = "final",
+                 max_length: int | None = None, max_batch_size: int | None = None, **options):
+        """`options`: the scoring options of lad/scoring/options.py (score, iters, order, lookahead, mc_samples,
+        prefix_cache, strategy, baseline, seed), Python values or model_args strings; the rest take their
+        defaults there. An unknown option or a value out of range is a ValueError."""
         super().__init__()
-        if baseline not in ("none", "ar"):
-            raise ValueError(f"baseline must be 'none' or 'ar', got {baseline!r}")
-        if score not in ("denoise", "elbo"):
-            raise ValueError(f"score must be 'denoise' or 'elbo', got {score!r}")
-        iters, lookahead = optional_int(iters, "exact"), optional_int(lookahead)  # model_args pass strings
-        if iters is not None and iters < 1:
-            raise ValueError(f"iters must be >= 1, got {iters}")
-        if lookahead is not None and (lookahead < 1 or order != "l2r"):
-            raise ValueError(f"lookahead must be >= 1 and needs order='l2r', got {lookahead} with order={order!r}")
+        settings = resolve_settings(options)
+        problem = batch_size_problem(str(batch_size), "batch_size")
+        if problem:
+            raise ValueError(problem)
         self._setup_processes(device)
         if denoiser is None:
             if pretrained is None:
@@ -75,15 +67,13 @@ class LadLM(TemplateLM):
         self.denoiser = denoiser.to(self._device).eval()
         self.tokenizer = tokenizer
         self.info = info
-        self.baseline, self.score, self.iters, self.order = baseline, score, iters, order  # None: one per token
-        self.mc_samples, self.seed = int(mc_samples), int(seed)
-        self.strategy = strategy or default_strategy(self.denoiser)  # generative tasks: the run's own sampler
-        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.settings = settings  # every scoring option's value, recorded with the results
+        self.baseline, self.score, self.iters = settings["baseline"], settings["score"], settings["iters"]
+        self.order, self.lookahead, self.prefix_cache = settings["order"], settings["lookahead"], settings["prefix_cache"]
+        self.mc_samples, self.seed = settings["mc_samples"], settings["seed"]  # iters None: one step per token
+        self.strategy = settings["strategy"] or default_strategy(self.denoiser)  # generative tasks: the run's own
+        self.batch_size = fixed_batch_size(str(batch_size))
         self.max_length = int(max_length or getattr(info, "max_length", None) or 2048)
-        # None: the scorers' default (on exactly when exact: prompt-causal runs); model_args pass strings
-        self.prefix_cache = (None if prefix_cache in (None, "", "auto")
-                             else str(prefix_cache).lower() in ("1", "true", "yes"))
-        self.lookahead = lookahead
         self.nfe = 0
         self.seconds = 0.0
         self._bar_off: bool | None = None  # set while loglikelihood() runs: whether LAD's bar is hidden

@@ -82,13 +82,14 @@ def load_data(recipe: Recipe, tokenizer, sources=None) -> tuple[list[Example], l
     return train, val[: recipe.data.val_max_examples]
 
 
-def prompt_style(recipe: Recipe, tokenizer) -> bool | str:
-    """How inference renders a prompt, recorded in lad.json: "raw" when every training source is plain text (the
-    model learnt to continue text, so "Once upon a time" is continued as it is), else whether the chat template
-    was used."""
+def prompt_style(recipe: Recipe, tokenizer) -> str:
+    """How inference renders a prompt, recorded in lad.json (lad/run.py PROMPT_STYLES): "raw" when every training
+    source is plain text (the model learnt to continue text, so "Once upon a time" is continued as it is), else
+    "chat" when the chat template was used, "plain" when not."""
     if all(source.format == "text" for source in recipe.data.train):
         return "raw"
-    return bool(getattr(tokenizer, "chat_template", None)) and recipe.data.chat_template is not False
+    templated = bool(getattr(tokenizer, "chat_template", None)) and recipe.data.chat_template is not False
+    return "chat" if templated else "plain"
 
 
 def replacement_pool(examples: list[Example], special_ids: set[int]) -> torch.Tensor:
