@@ -4,7 +4,7 @@
     python -m eval.ablate --variants prompt_causal,prompt_causal_mask          # the prompt read causally
     python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
     python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary
-    python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair,pc_draft,pc_draft_local,pc_draft_local_parent,pc_draft_parent,pc_structural_noshift --tasks none --quality 0  # issue 31
+    python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair,pc_draft,pc_draft_local,pc_draft_local_parent,pc_draft_local_w4,pc_draft_parent,pc_structural_noshift --tasks none --quality 0  # issue 31
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
@@ -86,6 +86,11 @@ VARIANTS = {
     "pc_draft_local_parent": ["shift=true", "attention=prompt_causal", "noise.objective=structural",
                               "noise.draft_share=0.5", "noise.replace_rate=0.3", "noise.swap_rate=0.2",
                               "noise.duplicate_rate=0", "noise.span_shift_rate=0", "noise.replace_from=parent"],
+    # pc_draft_local with a wrong token's loss weighted 4x a right one's: the repairs of a draft row (~15% of its
+    # slots) against its copies
+    "pc_draft_local_w4": ["shift=true", "attention=prompt_causal", "noise.objective=structural",
+                          "noise.draft_share=0.5", "noise.replace_rate=0.3", "noise.swap_rate=0.2",
+                          "noise.duplicate_rate=0", "noise.span_shift_rate=0", "noise.wrong_weight=4"],
     # pc_structural without the shift: slot j read at its own position, where copying a right token is the
     # identity (under the shift it must be read from position j-1, whose pretrained guess is the next token)
     "pc_structural_noshift": ["shift=false", "attention=prompt_causal", "noise.objective=structural"],

@@ -56,6 +56,9 @@ class NoiseConfig:
     # block_causal only: a second noisy copy masks exactly what the first left visible (Fast-dLLM v2), so every
     # answer token is supervised in every step (lad/training/blocks.py)
     complementary: bool = False
+    # structural: loss weight of a slot shown a wrong token (an edit, not a mask) relative to one shown its right
+    # token; > 1 makes the few repairs of a draft row count against the many copies (issue 31's lever)
+    wrong_weight: float = 1.0
 
     def validate(self) -> None:
         """Fail early with the field name, rather than train on a silently odd schedule."""
@@ -73,6 +76,8 @@ class NoiseConfig:
         if self.complementary and (self.objective != "mask" or self.suffix_share):
             raise ValueError("complementary: needs objective mask and suffix_share 0 (the complement of a "
                              "structural edit or of a suffix cut is not a sample of the same schedule)")
+        if not (isinstance(self.wrong_weight, (int, float)) and 0 < self.wrong_weight < float("inf")):
+            raise ValueError(f"wrong_weight: must be a number > 0, got {self.wrong_weight!r}")
         for name in ("max_span", "max_shift", "replace_top_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -231,7 +236,8 @@ def corrupt(input_ids: Tensor, answer_mask: Tensor, levels: Tensor, cfg: NoiseCo
             own = pool if replace_choices is None else replace_choices[i, s:e].cpu()
             _structural(x, t, cfg, mask_id, own, gen)
             loss_mask[i, s:e] = True
-            weights[i, s:e] = 1.0 / n
+            wrong = (x != ids[i, s:e]) & (x != mask_id)
+            weights[i, s:e] = torch.where(wrong, cfg.wrong_weight, 1.0) / n
         else:
             masked = _rand(n, gen) < t
             x[masked] = mask_id

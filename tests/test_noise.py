@@ -87,6 +87,19 @@ def test_structural_weights_cover_whole_answer():
     assert c.structural.all()
 
 
+def test_wrong_weight_weighs_shown_wrong_tokens_against_right_ones():
+    rows = [(3, 30), (0, 25), (2, 40)]
+    cfg = NoiseConfig(objective="structural", draft_share=0.5, replace_rate=0.5, swap_rate=0.3, wrong_weight=4.0)
+    ids, answer, c = run(cfg, rows, 50, 0.9)
+    n = answer.sum(1, keepdim=True).float()
+    wrong = answer & (c.noisy_ids != ids) & (c.noisy_ids != MASK)
+    assert wrong.any() and (answer & ~wrong).any()
+    assert torch.allclose(c.weights[wrong], (4.0 / n.expand_as(answer))[wrong])
+    assert torch.allclose(c.weights[answer & ~wrong], (1.0 / n.expand_as(answer))[answer & ~wrong])
+    same = run(dataclasses.replace(cfg, wrong_weight=1.0), rows, 50, 0.9)[2]
+    assert torch.equal(same.noisy_ids, c.noisy_ids)  # the weight changes the loss only, never the noise
+
+
 # ---- what may never change --------------------------------------------------------------
 
 ALL_ON = dict(full_mask_share=0.2, mask_rate=0.5, replace_rate=1.0, swap_rate=1.0,
@@ -295,7 +308,7 @@ def test_mixed_share_of_structural_rows():
     ("mixed_structural_prob", 1.5), ("full_mask_share", -0.1), ("draft_share", 1.2), ("mask_rate", 2.0),
     ("replace_rate", -1.0), ("swap_rate", 1.01), ("duplicate_rate", -0.01),
     ("span_shift_rate", 3.0), ("max_span", 0), ("max_shift", 0), ("max_shift", 1.5), ("replace_from", "model"),
-    ("replace_top_k", 0),
+    ("replace_top_k", 0), ("wrong_weight", 0.0), ("wrong_weight", float("inf")),
 ])
 def test_validate_rejects_bad_values(field, value):
     cfg = NoiseConfig(**{field: value})
