@@ -26,7 +26,7 @@ import yaml
 
 from .integrity import checkpoint_files_problem
 from .checkpoints import checkpoint_problem, latest_checkpoint, list_checkpoints
-from .run import RunDirError
+from .run import LadInfo, RunDirError
 
 log = logging.getLogger("lad.resume")
 
@@ -129,8 +129,8 @@ def check_progress(plan: ResumePlan, total_steps: int, out: Path) -> None:
         raise NothingToDo(f"{out} is at step {plan.step}, past max_steps {total_steps}: nothing to do, the run is "
                           "unchanged (raise max_steps to train further)")
     try:
-        finished = json.loads((out / "lad.json").read_text(encoding="utf-8")).get("step") == total_steps
-    except (OSError, ValueError, AttributeError):
+        finished = LadInfo.load(out).step == total_steps
+    except (OSError, RunDirError):  # no (readable) lad.json: the run did not finish
         finished = False
     if finished:
         raise NothingToDo(f"{out} already finished its {total_steps} steps: nothing to do (raise max_steps to "

@@ -28,7 +28,8 @@ class Oracle(nn.Module):
     """Predicts `table[j]` at answer slot j whatever the canvas holds (a repair oracle when the table is the
     reference); counts its forwards."""
 
-    prefix_cache_exact = False
+    prefix_cache_exact = False  # a bidirectional run's answers to the Denoiser's questions
+    block_size = None
 
     def __init__(self, tokens: list[int], vocab: int, p: float = 0.99):
         super().__init__()

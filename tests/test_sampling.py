@@ -51,7 +51,8 @@ def shift_run(runs):
 class FakeDenoiser(nn.Module):
     """Logits for answer slot j are `table[j]` whatever the canvas; counts its forwards."""
 
-    prefix_cache_exact = False  # a bidirectional run's answer to the Denoiser's question
+    prefix_cache_exact = False  # a bidirectional run's answers to the Denoiser's questions
+    block_size = None
 
     def __init__(self, table: torch.Tensor, mask_id: int):
         super().__init__()

@@ -165,7 +165,7 @@ def sampler_cache(denoiser, canvas: Canvas, prefix_cache: bool | None, block_cac
 def decode_blocks(denoiser, canvas: Canvas, block_length: int | None) -> int | None:
     """The block length a sampler decodes `canvas` in: as given, else a block-causal run's trained block (None for
     other runs: one block). A block-causal canvas then reads its answer in blocks of that length."""
-    trained = getattr(denoiser, "block_size", None)
+    trained = denoiser.block_size
     if trained is not None:
         canvas.block_size = block_length or trained
     return block_length or trained

@@ -75,7 +75,7 @@ def score_denoise(denoiser, requests, *, iters: int | None = SCORE_ITERS, order:
     if lookahead is not None and (int(lookahead) < 1 or order != "l2r"):
         raise ValueError(f"lookahead must be >= 1 and needs order='l2r', got {lookahead} with order={order!r}")
     if one_pass is None:
-        one_pass = bool(getattr(denoiser, "block_causal", False)) and order == "l2r"
+        one_pass = denoiser.block_causal and order == "l2r"
     if one_pass:
         return score_blocks(denoiser, requests, batch_size=batch_size, lookahead=lookahead, progress=progress,
                             stats=stats)

@@ -252,7 +252,7 @@ class LadLM(TemplateLM):
     def _generate(self, contexts: list[str], strategy, max_new: int, temperature: float) -> list[str]:
         """One batch's texts, at most `max_new` tokens each. A block-causal run's canvas is rounded up to whole
         blocks (and given at least one iteration per block); its answers are cut back to `max_new` tokens."""
-        block = getattr(self.denoiser, "block_size", None) if self.baseline != "ar" else None
+        block = self.denoiser.block_size if self.baseline != "ar" else None
         slots = -(-max_new // block) * block if block else max_new
         iters = max(min(self.iters or ITERS, slots), slots // block if block else 1)
         started = time.perf_counter()
