@@ -180,7 +180,8 @@ def test_cached_forward_refuses_what_it_cannot_compute():
 class PrefixBlind(torch.nn.Module):
     """The Denoiser run as a full forward with the prefix-blind mask (what the cache computes exactly)."""
 
-    prefix_cache_exact = False
+    prefix_cache_exact = False  # a bidirectional run's answers to the Denoiser's questions
+    block_size = None
 
     def __init__(self, den: Denoiser, width: int):
         super().__init__()
