@@ -58,8 +58,7 @@ class Option:
         if value is None:
             return self.default
         if not isinstance(value, str):
-            return float(value) if self.kind is float and isinstance(value, int) and not isinstance(value, bool) \
-                else value
+            return self._number(value)
         if self.choices is not None and value in self.choices:  # e.g. baseline=none is a choice, not "not set"
             return value
         word = value.strip().lower()
@@ -75,6 +74,14 @@ class Option:
             except ValueError:
                 return value
         return value
+
+    def _number(self, value):
+        """A number of this option's kind where it is one exactly (4.0 for an int option is 4), else as it is."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return value
+        if self.kind is float:
+            return float(value)
+        return int(value) if self.kind is int and value == int(value) else value
 
 
 def flag(name: str) -> str:
