@@ -39,8 +39,12 @@ def curves(record: dict) -> dict[str, list[dict]]:
     return {name: sorted(rows, key=lambda r: r["mean_nfe_per_batch"]) for name, rows in record["sweep"].items()}
 
 
-def verdict(rows: list[dict]) -> str:
-    """Did more iterations buy quality? Perplexity at the most forwards against the fewest."""
+REPETITIVE = 0.5  # answers whose distinct-2 is under this share of the parent's repeat themselves
+
+
+def verdict(rows: list[dict], parent_distinct_2: float | None = None) -> str:
+    """Did more iterations buy quality? Perplexity at the most forwards against the fewest, and whether the
+    answers repeat themselves (a low perplexity of repeated words flatters them: the parent finds loops likely)."""
     if len(rows) < 2:
         return "one point"
     first, last = rows[0]["parent_ppl"], rows[-1]["parent_ppl"]
@@ -48,6 +52,10 @@ def verdict(rows: list[dict]) -> str:
         return "-"
     change = last / first
     word = "bought quality" if change < 0.9 else "bought nothing" if change < 1.1 else "cost quality"
+    distinct = rows[-1].get("distinct_2")
+    if parent_distinct_2 and distinct is not None and distinct < REPETITIVE * parent_distinct_2:
+        return (f"{word.replace('quality', 'perplexity')} (ppl ×{change:.2f}), but the answers repeat themselves "
+                f"(distinct-2 {distinct:.2f}, parent {parent_distinct_2:.2f})")
     return f"{word} (ppl ×{change:.2f})"
 
 
@@ -66,16 +74,18 @@ def polish_gain(record: dict, name: str) -> str:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| run | sampler | forwards per batch → parent ppl (agreement with the parent) | more iterations | "
-             "draft + polish |", "|---|---|---|---|---|"]
+    lines = ["| run | sampler | forwards per batch → parent ppl (agreement with the parent, distinct-2) | "
+             "more iterations | draft + polish |", "|---|---|---|---|---|"]
     for record in records:
+        ar = record["ar"]
         for name, rows in curves(record).items():
             points = ", ".join(f"{r['mean_nfe_per_batch']:.0f} → {cell(r['parent_ppl'], '.1f')} "
-                               f"({cell(r.get('parent_agreement'), '.2f')})" for r in rows)
+                               f"({cell(r.get('parent_agreement'), '.2f')}, {cell(r.get('distinct_2'), '.2f')})"
+                               for r in rows)
             gain = polish_gain(record, name) if "polish" not in name else ""
-            lines.append(f"| {record['label']} | {name} | {points} | {verdict(rows)} | {gain} |")
-        ar = record["ar"]
-        lines.append(f"| {record['label']} | AR parent | {cell(ar.get('parent_ppl'), '.2f')} | | |")
+            lines.append(f"| {record['label']} | {name} | {points} | {verdict(rows, ar.get('distinct_2'))} | {gain} |")
+        lines.append(f"| {record['label']} | AR parent | {cell(ar.get('parent_ppl'), '.2f')} "
+                     f"(distinct-2 {cell(ar.get('distinct_2'), '.2f')}) | | |")
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@
 from eval import compute_curve
 
 
-def row(forwards, ppl, agreement=None):
-    return {"iters": forwards, "mean_nfe_per_batch": float(forwards), "parent_ppl": ppl, "parent_agreement": agreement}
+def row(forwards, ppl, agreement=None, distinct_2=None):
+    return {"iters": forwards, "mean_nfe_per_batch": float(forwards), "parent_ppl": ppl, "parent_agreement": agreement,
+            "distinct_2": distinct_2}
 
 
 RECORD = {"label": "run", "model_short": "m", "command": "python -m eval.gen_quality ...", "ar": {"parent_ppl": 2.0},
@@ -21,6 +22,14 @@ def test_verdicts_read_the_curve_from_fewest_to_most_forwards():
     assert compute_curve.verdict([row(8, 5.0), row(16, 6.0)]) == "cost quality (ppl ×1.20)"
 
 
+def test_a_lower_perplexity_of_repeated_words_is_not_called_quality():
+    looping = [row(8, 10.0, distinct_2=0.3), row(32, 5.0, distinct_2=0.2)]
+    assert compute_curve.verdict(looping, parent_distinct_2=0.8) == \
+        "bought perplexity (ppl ×0.50), but the answers repeat themselves (distinct-2 0.20, parent 0.80)"
+    varied = [row(8, 10.0, distinct_2=0.7), row(32, 5.0, distinct_2=0.6)]
+    assert compute_curve.verdict(varied, parent_distinct_2=0.8) == "bought quality (ppl ×0.50)"
+
+
 def test_polish_is_compared_with_the_plain_sampler_at_equal_or_more_forwards():
     # 10 forwards polished (8.0) vs confidence at 16 (10.0): better; 20 polished (12.0) vs 32 (5.0): worse
     assert compute_curve.polish_gain(RECORD, "confidence") == "1/2 points better than confidence at equal or more forwards"
@@ -29,5 +38,5 @@ def test_polish_is_compared_with_the_plain_sampler_at_equal_or_more_forwards():
 
 def test_table_has_a_row_per_sampler_and_the_parent():
     text = compute_curve.table([RECORD])
-    assert "| run | confidence | 8 → 20.0 (0.20), 16 → 10.0 (0.30), 32 → 5.0 (0.50) | bought quality" in text
-    assert "| run | AR parent | 2.00 | | |" in text
+    assert "| run | confidence | 8 → 20.0 (0.20, -), 16 → 10.0 (0.30, -), 32 → 5.0 (0.50, -) | bought quality" in text
+    assert "| run | AR parent | 2.00 (distinct-2 -) | | |" in text
