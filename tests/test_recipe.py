@@ -420,7 +420,7 @@ def documented_ranges() -> dict[type, dict[str, str]]:
         if line.startswith("#"):
             heading, count = line.lstrip("# "), 0
         elif line.startswith("| Key | Type | Default | Range | Meaning |"):
-            tables[(heading, count)] = table = {}
+            tables[(heading, count)] = {}
             count += 1
         elif line.startswith("| `") and (heading, count - 1) in tables:
             cells = [cell.strip() for cell in line.replace("\\|", "/").strip("|").split("|")]
