@@ -14,7 +14,9 @@ References: the AR parent's greedy answers to the first built-in prompts, and he
 (alpaca_eval.jsonl, which no recipe trains on), cut to `--max-tokens` tokens (with the end token when the answer
 ends within them). Repair is positional (the denoiser keeps every slot where it is), so a duplication or a span
 shift corrupts every slot it moves and is only repaired by moving them back; the edit distance credits partial
-repairs. Every run is measured on the same references and the same corruptions (fixed seeds).
+repairs. Every run is measured on the same references and the same corruptions (fixed seeds). A replacement is any
+reference token by default; `--replace-from parent` plants the parent's likeliest wrong tokens for the slot instead
+(plausible mistakes, the kind `noise.replace_from: parent` trains on; label such records apart).
 
     python -m eval.bench_refine --runs runs/ablate/prompt_causal_mask,runs/ablate/pc_structural,runs/ablate/pc_mixed
     python -m eval.bench_refine --report            # the table in docs/results.md and docs/img/refine.png
@@ -83,6 +85,23 @@ def corrupted(ref: list[int], rates, mask_id: int, pool: torch.Tensor, seed: int
     return torch.stack(rows), labels
 
 
+@torch.no_grad()
+def parent_mistakes(denoiser, tokenizer, prompt: str, ref: list[int], chat_template, k: int = 8) -> torch.Tensor:
+    """[len(ref), k]: at each slot, the AR parent's k likeliest tokens other than the reference's, given the prompt
+    and the reference before it: the plausible mistakes `noise.replace_from: parent` trains on (the same
+    `parent_choices` as training), as `--replace-from parent`'s replacements."""
+    from lad.training.step import parent_choices
+
+    prompt_ids = render_prompt(tokenizer, prompt, chat_template)
+    ids = torch.tensor([prompt_ids + list(ref)])
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[0, len(prompt_ids):] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "answer_mask": answer,
+             "position_ids": torch.arange(ids.shape[1])[None]}
+    device = next(denoiser.parameters()).device
+    return parent_choices(denoiser, batch, k, set(tokenizer.all_special_ids), device)[0, len(prompt_ids):]
+
+
 def levenshtein(a: list[int], b: list[int]) -> int:
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, start=1):
@@ -127,10 +146,12 @@ def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, ch
 
 
 def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passes, eos: set[int],
-              judge: bool = True, keeps=(1.0,)) -> dict:
+              judge: bool = True, keeps=(1.0,), replace_from: str = "pool") -> dict:
     """Every cell {edit, rate, keep, passes, counts..., parent_ppl} of one run, and the references' own parent
     perplexity (`judge=False`: no perplexities, for a denoiser without a parent). Perplexity is judged before
-    and after the most passes only (the parent's forwards cost as much as the passes)."""
+    and after the most passes only (the parent's forwards cost as much as the passes). `replace_from`: a
+    replacement is any reference token ("pool") or one of the parent's likeliest wrong tokens for its slot
+    ("parent": `parent_mistakes`)."""
     denoiser.eval()
     pool = torch.tensor([t for r in refs for t in r["ids"]])
     totals: dict[tuple, dict] = {}
@@ -138,7 +159,9 @@ def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passe
     most = max(passes)
     for index, ref in enumerate(refs):
         target = torch.tensor(ref["ids"])
-        rows, labels = corrupted(ref["ids"], rates, denoiser.mask_id, pool, seed=index)
+        own = pool if replace_from == "pool" else parent_mistakes(denoiser, tokenizer, ref["prompt"], ref["ids"],
+                                                                    chat_template)
+        rows, labels = corrupted(ref["ids"], rates, denoiser.mask_id, own, seed=index)
         for keep in keeps:
             states = polish_rows(denoiser, tokenizer, ref["prompt"], rows, passes, chat_template, keep)
             for p, state in states.items():
@@ -296,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default=",".join(map(str, RATES)))
     p.add_argument("--passes", default=",".join(map(str, PASSES)))
     p.add_argument("--keep", default="1", help="comma-separated polish keep thresholds to measure")
+    p.add_argument("--replace-from", choices=("pool", "parent"), default="pool",
+                   help="replacements: any reference token (pool), or the parent's likeliest wrong tokens for the "
+                        "slot (parent: plausible mistakes, as noise.replace_from: parent trains on)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="write the table and plot from the saved results")
     args = p.parse_args(argv)
@@ -324,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         chat_template = denoiser.info.chat_template
         refs = references(out / "references.json", denoiser, tokenizer, chat_template, args)
         result = bench_run(denoiser, tokenizer, chat_template, refs, rates, passes,
-                           eos_token_ids(tokenizer, denoiser), keeps=[float(k) for k in args.keep.split(",")])
+                           eos_token_ids(tokenizer, denoiser), keeps=[float(k) for k in args.keep.split(",")],
+                           replace_from=args.replace_from)
         info = denoiser.info
         record = {"label": label, "run": run, "command": command_line("eval/bench_refine.py", argv),
                   "environment": environment(), "references": len(refs), "rates": rates, "passes": passes,
-                  "objective": info.objective, "attention": info.attention, "step": info.step, **result}
+                  "objective": info.objective, "attention": info.attention, "step": info.step,
+                  "replace_from": args.replace_from, **result}
         write_record(out / f"{label}.json", record)
         print(table([record], 0.1 if 0.1 in rates else rates[0]), flush=True)
     return 0

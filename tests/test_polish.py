@@ -142,6 +142,18 @@ def test_cli_polish_flag(run_dir):
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"lad-generate: error: {message}"]
 
 
+def test_parent_mistakes_are_the_parents_likeliest_wrong_tokens(run_dir):
+    denoiser, tokenizer = load(run_dir)
+    ref = list(b"Hello world, hi.")
+    choices = bench_refine.parent_mistakes(denoiser, tokenizer, "Say hi", ref, denoiser.info.chat_template, k=4)
+    assert choices.shape == (len(ref), 4)
+    assert not (choices == torch.tensor(ref)[:, None]).any()  # never the right token
+    assert not set(choices.flatten().tolist()) & set(tokenizer.all_special_ids)
+    rows, _ = bench_refine.corrupted(ref, [1.0], denoiser.mask_id, choices, seed=0)
+    replaced = rows[list(EDITS).index("replace")]
+    assert all(int(t) in choices[j].tolist() for j, t in enumerate(replaced))  # every slot drew from its own
+
+
 def test_bench_counts_and_report_table(byte_tokenizer):
     ref, before = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 9, 3, 4])
     assert bench_refine.repair_counts(ref, before, torch.tensor([1, 2, 3, 5])) == {
