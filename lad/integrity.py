@@ -18,6 +18,12 @@ def _one_of(values: tuple[str, ...]) -> str:
     return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
+# lad.json's prompt_style → the samplers' chat_template argument (and what lad.json said before prompt_style):
+# "chat" the tokenizer's chat template; "plain" the prompt as plain text, no template (the tokenizer has none, or
+# the recipe said data.chat_template: false); "raw" the string tokenized as given (trained on plain text only: a
+# prompt is continued, e.g. "Once upon a time")
+PROMPT_STYLES = {"chat": True, "plain": False, "raw": "raw"}
+
 # what each lad.json field must hold: (check, what the error says is expected)
 _INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
@@ -27,7 +33,7 @@ LAD_FIELDS = {
     "base_model": _MAPPING, "mask_token": _STR, "mask_token_id": _INT, "mask_token_added": _BOOL, "vocab_size": _INT,
     "shift": _BOOL, "objective": (lambda v: v in OBJECTIVES, _one_of(OBJECTIVES)),
     "noise": _MAPPING, "adapter": (lambda v: v in ("lora", "full"), '"lora" or "full"'), "merged": _BOOL,
-    "prompt_style": (lambda v: v in ("chat", "plain", "raw"), '"chat", "plain" or "raw"'), "max_length": _INT,
+    "prompt_style": (lambda v: v in PROMPT_STYLES, _one_of(PROMPT_STYLES)), "max_length": _INT,
     "chat_template": (lambda v: isinstance(v, bool) or v == "raw", 'true, false or "raw"'),  # before prompt_style
     "eos_padding": _BOOL, "attention": (lambda v: v in MODES, _one_of(MODES)),
     "block_size": (lambda v: v is None or _INT[0](v) and v >= 1, "an integer >= 1 or null"),
@@ -73,6 +79,11 @@ def lad_json_problem(data: dict) -> str | None:
     noise = data["noise"].get("objective") if isinstance(data.get("noise"), dict) else None
     if noise is not None and noise != data["objective"]:
         return f"objective: {data['objective']!r} disagrees with noise.objective {noise!r} (edited by hand?)"
+    # `chat_template` repeats prompt_style (true / false / "raw") so that LAD before prompt_style renders a run's
+    # prompts as it trained on them, instead of defaulting to the chat template; the two must agree
+    style, legacy = data.get("prompt_style"), data.get("chat_template")
+    if style in PROMPT_STYLES and legacy is not None and PROMPT_STYLES[style] != legacy:
+        return f"prompt_style: {style!r} disagrees with chat_template {json.dumps(legacy)} (edited by hand?)"
     return None
 
 

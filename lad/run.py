@@ -31,17 +31,12 @@ import torch
 
 from . import __version__
 from .atomic import write_json
-from .integrity import (files_problem, json_kind, lad_field_problem, lad_json_problem, safetensors_problem,
-                        tokenizer_files_problem)
+from .integrity import (PROMPT_STYLES, files_problem, json_kind, lad_field_problem, lad_json_problem,
+                        safetensors_problem, tokenizer_files_problem)
 
 log = logging.getLogger(__name__)
 
 LAD_FORMAT = 1
-# lad.json's prompt_style → the samplers' chat_template argument (also what lad.json said before prompt_style):
-# "chat" the tokenizer's chat template; "plain" the prompt as plain text, no template (the tokenizer has none, or
-# the recipe said data.chat_template: false); "raw" the string tokenized as given (trained on plain text only: a
-# prompt is continued, e.g. "Once upon a time")
-PROMPT_STYLES = {"chat": True, "plain": False, "raw": "raw"}
 CHECKPOINTS = "checkpoints"
 
 
@@ -92,7 +87,8 @@ class LadInfo:
         return SCORE_ORDER
 
     def save(self, folder: str | os.PathLike) -> None:
-        write_json(Path(folder) / "lad.json", dataclasses.asdict(self))
+        # chat_template: prompt_style as LAD before it reads it (lad/integrity.py checks that the two agree)
+        write_json(Path(folder) / "lad.json", {**dataclasses.asdict(self), "chat_template": self.chat_template})
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "LadInfo":
@@ -113,7 +109,7 @@ class LadInfo:
             problem = lad_field_problem("chat_template", data["chat_template"])
             if problem:
                 raise RunDirError(f"{path}: {problem}")
-            data["prompt_style"] = next(k for k, v in PROMPT_STYLES.items() if v == data["chat_template"])
+            data = {**data, "prompt_style": next(k for k, v in PROMPT_STYLES.items() if v == data["chat_template"])}
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data]

@@ -402,6 +402,15 @@ def test_load_checkpoint_state_names_an_optimizer_of_another_model(tmp_path, mon
         load_checkpoint_state(folder, model=fresh[0], optimizer=fresh[1], scheduler=fresh[2])
 
 
+def test_lad_json_also_says_chat_template_for_older_readers_and_the_two_must_agree(tmp_path):
+    make_info(prompt_style="raw").save(tmp_path)
+    data = json.loads((tmp_path / "lad.json").read_text())
+    assert data["prompt_style"] == "raw" and data["chat_template"] == "raw"  # LAD before prompt_style reads this
+    (tmp_path / "lad.json").write_text(json.dumps({**data, "chat_template": True}), encoding="utf-8")
+    with pytest.raises(RunDirError, match=r"prompt_style: 'raw' disagrees with chat_template true \(edited by hand\?\)"):
+        LadInfo.load(tmp_path)
+
+
 @pytest.mark.parametrize("old, style", [(True, "chat"), (False, "plain"), ("raw", "raw")])
 def test_a_lad_json_from_before_prompt_style_reads_the_same(tmp_path, old, style):
     data = dataclasses.asdict(make_info())
