@@ -55,13 +55,20 @@ def setting_flags(name: str) -> list[str]:
     return flags + (["--lookahead", window] if window else [])
 
 
-def documents(samples: Path) -> list[list]:
-    """[doc_id, gold, [log-likelihood per choice], [characters per choice]] from lm-eval's samples file."""
+def documents(samples: Path | list[Path]) -> list[list]:
+    """[doc_id, gold, [log-likelihood per choice], [characters per choice]] from lm-eval's samples file, or from
+    every member's file of a group (MMLU: one per subject), whose ids are then "subject/doc_id" so that the
+    documents of different members stay apart."""
+    files = [samples] if isinstance(samples, Path) else sorted(samples)
     out = []
-    for line in samples.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        out.append([int(row["doc_id"]), int(row["target"]), [float(r[0]) for r in row["filtered_resps"]],
-                    [len(arg[1]) for arg in row["arguments"]]])
+    for path in files:
+        # samples_<lad|ar>_<task>_<stamp>.jsonl, as lad-eval names them: the member is the task part
+        member = path.name.split("_", 2)[-1].rsplit("_", 1)[0]
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            doc = int(row["doc_id"]) if len(files) == 1 else f"{member}/{int(row['doc_id']):06d}"
+            out.append([doc, int(row["target"]), [float(r[0]) for r in row["filtered_resps"]],
+                        [len(arg[1]) for arg in row["arguments"]]])
     return sorted(out)
 
 
@@ -87,7 +94,7 @@ def score(run: str, label: str, task: str, setting: str, limit: int | None, data
             path.unlink()
     seconds = run_logged(cmd, folder / f"{stem}.log")
     (result,) = json.loads(next(raw.glob("results_*.json")).read_text()).values()
-    docs = documents(next(raw.glob(f"samples_*_{task}_*.jsonl")))
+    docs = documents(list(raw.glob(f"samples_*_{task}*.jsonl")))  # a group: every member's file
     record = {"label": parent if setting == "parent" else label, "parent": parent, "run": run, "task": task, "setting": setting,
               "limit": limit, "command": shlex.join(cmd), "wall_s": round(seconds, 1),
               "nfe": result["config"].get("nfe"), "versions": result.get("versions"), "docs": docs}

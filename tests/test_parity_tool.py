@@ -34,6 +34,19 @@ def test_documents_read_from_lm_eval_samples(tmp_path):
     assert out["acc"].tolist() == [0.0, 1.0] and out["acc_norm"].tolist() == [0.0, 0.0]
 
 
+def test_a_groups_documents_come_from_every_members_file(tmp_path):
+    row = {"doc_id": 0, "target": 0, "arguments": [["c", " a"], ["c", " b"]], "filtered_resps": [[-1.0, True],
+                                                                                                 [-2.0, False]]}
+    files = []
+    for member in ("mmlu_anatomy", "mmlu_astronomy"):
+        path = tmp_path / f"samples_lad_{member}_2026-12-07T08-00-00.jsonl"  # as lad-eval names them
+        path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "doc_id": 1}) + "\n")
+        files.append(path)
+    docs = parity.documents(files)
+    assert [d[0] for d in docs] == ["mmlu_anatomy/000000", "mmlu_anatomy/000001", "mmlu_astronomy/000000",
+                                    "mmlu_astronomy/000001"]  # the same doc_id in two subjects: two documents
+
+
 def test_paired_row_and_length_slope():
     rng = np.random.default_rng(0)
     parent_docs, lad_docs = [], []
