@@ -287,7 +287,8 @@ def report(rate: float = 0.1) -> int:
     if not records:
         raise SystemExit(f"no results in {RESULTS.relative_to(ROOT)}: run the benchmark first")
     body = "\n\n".join(filter(None, [table(records, rate), source_table(records, rate)]))
-    body += f"\n\n![repair by passes](img/refine.png)\n\nReproduce: `{records[0]['command']}`"
+    body += ("\n\n![repair by passes](img/refine.png)\n\nEach record holds the command that made it "
+             f"(eval/results/repair/<label>.json), e.g. `{records[0]['command']}`")
     splice_file(ROOT / "docs" / "results.md", body, START, END)
     plot(records, rate, ROOT / "docs" / "img" / "refine.png")
     print(body)
