@@ -40,7 +40,8 @@ class Option:
             return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
         if self.kind is str:
             return None if isinstance(value, str) else f"must be a string, got {value!r}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or self.kind is int and value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                self.kind is int and not (math.isfinite(value) and value == int(value)):
             return f"must be {'a whole number' if self.kind is int else 'a number'}, got {value!r}"
         if self.low is None:
             return None

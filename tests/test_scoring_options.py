@@ -74,6 +74,12 @@ def test_a_bad_value_is_refused_in_the_same_words(lm_args, capsys, name, typed, 
         LadLM(**lm_args, **{name: value})
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 2.5])
+def test_a_count_that_is_not_a_whole_number_is_refused_not_crashed_on(lm_args, value):
+    with pytest.raises(ValueError, match=rf"^iters must be a whole number, got {value!r}$"):
+        LadLM(**lm_args, iters=value)
+
+
 def test_pairs_that_do_not_go_together_are_refused_alike(lm_args, capsys):
     with pytest.raises(SystemExit):
         eval_flags("--lookahead", "2", "--order", "confidence")
