@@ -83,12 +83,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def score_options(args: argparse.Namespace) -> dict:
+    """The scoring options as the flags gave them (lad/scoring/options.py), for the checks and for LadLM."""
+    return {name: getattr(args, name) for name in SCORE_OPTIONS}
+
+
 def flag_problem(args: argparse.Namespace) -> str | None:
     """The first flag with a value lm-eval or the scorer would refuse (or misuse) after the model loads."""
     from .console import device_problem
 
     limit, tasks = args.limit, [t for t in args.tasks.split(",") if t.strip()]
-    options = {name: getattr(args, name) for name in SCORE_OPTIONS}
     checks = [
         (not tasks, f"--tasks {args.tasks!r}: no task names (e.g. --tasks arc_easy,mmlu)"),
         (limit is not None and not (0 < limit < 1 or 1 <= limit < float("inf") and limit == int(limit)),
@@ -100,7 +104,7 @@ def flag_problem(args: argparse.Namespace) -> str | None:
         (args.include_path is not None and not Path(args.include_path).exists(),
          f"--include_path {args.include_path}: no such folder"),
     ]
-    bad = settings_problem(options, label=flag) or next((message for wrong, message in checks if wrong), None)
+    bad = settings_problem(score_options(args), label=flag) or next((message for wrong, message in checks if wrong), None)
     return bad or device_problem(args.device) or batch_size_problem(args.batch_size)
 
 
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         task_manager = task_manager_for(args.include_path)
         tasks = resolve_tasks(names, args, task_manager)
         lm = LadLM(args.model, batch_size=args.batch_size, device=args.device, weights=args.weights,
-                   **{name: getattr(args, name) for name in SCORE_OPTIONS})
+                   **score_options(args))
         if args.baseline == "ar" or args.compare or args.strategy in PARENT_STRATEGIES:
             from .run import check_parent
 

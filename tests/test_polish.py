@@ -202,7 +202,7 @@ def test_keep_leaves_the_tokens_the_model_finds_likely_enough(byte_tokenizer):
     assert polish_canvas(oracle, canvas, 1, keep=0.01) == 1 and canvas.answer[0].tolist() == REFERENCE
     canvas.answer.copy_(torch.tensor([wrong]))
     assert polish_canvas(oracle, canvas, 1, keep=0.0) == 1 and canvas.answer[0].tolist() == wrong  # keeps all
-    with pytest.raises(ValueError, match="polish keep must be in"):
+    with pytest.raises(ValueError, match=r"^polish_keep must be in \[0, 1\], got 2.0$"):
         polish_canvas(oracle, canvas, 1, keep=2.0)
 
 

@@ -31,9 +31,7 @@ def polish_canvas(denoiser, canvas, passes: int, *, cache=None, editable=None, k
     (bool [B, N], default all): the slots a pass may change. `keep`: a slot whose current token the model gives
     at least this probability keeps it (1: every slot takes the model's greedy token). Stops early once a pass
     changes nothing."""
-    check_values(polish=passes)
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"polish keep must be in [0, 1], got {keep}")
+    check_values(polish=passes, polish_keep=keep)
     editable = torch.ones_like(canvas.answer, dtype=torch.bool) if editable is None else editable
     spent = 0
     for i in range(passes):

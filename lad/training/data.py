@@ -83,7 +83,7 @@ def load_data(recipe: Recipe, tokenizer, sources=None) -> tuple[list[Example], l
 
 
 def prompt_style(recipe: Recipe, tokenizer) -> str:
-    """How inference renders a prompt, recorded in lad.json (lad/run.py PROMPT_STYLES): "raw" when every training
+    """How inference renders a prompt, recorded in lad.json (lad/integrity.py PROMPT_STYLES): "raw" when every training
     source is plain text (the model learnt to continue text, so "Once upon a time" is continued as it is), else
     "chat" when the chat template was used, "plain" when not."""
     if all(source.format == "text" for source in recipe.data.train):
