@@ -155,74 +155,98 @@ def section(records: dict, command: str, quick: bool) -> str:
     lines += ["| target (issue 5) | measured (medians, one interleaved run) | target | verdict |", "|---|---|---|---|",
               *rows, ""]
     if "train" in records:
-        rec = records["train"]
-        lines += [f"**Training** (`{rec['command']}`): {rec['recipe']}, {rec['settings']['steps']} measured steps per "
-                  f"arm after {rec['settings']['skip']} warm-up rounds, round robin. Real (non-padding) tokens per "
-                  "second; peak RSS of each arm alone in its own process, during its training steps (the loading's own peak "
-                  "apart).", "",
-                  "| arm | tokens/s (median) | s/step | real/padded tokens | peak RSS alone |", "|---|---|---|---|---|"]
-        alone = rec["results"].get("rss_alone", {})
-        for arm, r in rec["results"]["arms"].items():
-            rss = peak_rss(alone[arm]) if arm in alone else "-"
-            lines.append(f"| {arm} | {r['median_tokens_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
-                         f"{r['real_per_padded_token']:.2f} | {rss} |")
-        lines += ["", "`lad`: finetune.py's step on its length-grouped batches; `peft`: `model(input_ids, attention_mask, "
-                  "labels)` on shuffled batches padded to the longest; `peft_same`: the PEFT step on LAD's batches.", ""]
+        lines += _train_lines(records["train"])
     if "sampling" in records:
-        rec = records["sampling"]
-        s = rec["settings"]
-        lines += [f"**Generation** (`{rec['command']}`): {rec['model']}; {s['prompts']} prompts, batch "
-                  f"{s['batch_size']}, {s['max_new_tokens']} new tokens, iters {s['iters']}, greedy, median of "
-                  f"{s['repeats']} round-robin repeats; answers scored by the AR parent's perplexity. Peak RSS "
-                  f"{peak_rss(rec)}.", "",
-                  "| method | s/prompt | latency vs AR | NFE | answer tokens | parent ppl | ppl vs AR | distinct-1 | "
-                  "distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
-        for name, r in rec["results"].items():
-            q = r.get("quality", {})
-            lines.append(f"| {name} | {r['median_s_per_prompt']:.2f} | {cell(r['latency_vs_ar'], '.2f')}× | "
-                         f"{r['median_nfe_per_batch']:.0f} | {r['mean_answer_tokens']:.1f} | "
-                         f"{cell(q.get('parent_ppl'), '.4g')} | {cell(r.get('ppl_vs_ar'), '.3g')}× | "
-                         f"{cell(q.get('distinct_1'), '.3f')} | {cell(q.get('distinct_2'), '.3f')} |")
-        cached = {name: r for name, r in rec["results"].items() if name.endswith("+bc") and r.get("agreement")}
-        if cached:
-            lines += ["", "`+bc`: the same sampler with the block cache (Fast-dLLM's dual cache, docs/sampling.md); "
-                      "against the row without it: " + "; ".join(
-                          f"{name} {r['speedup_vs_uncached']:.2f}× faster, {r['agreement']['identical_tokens']:.0%} "
-                          f"of answer tokens identical" for name, r in cached.items()) + "."]
-        lines.append("")
+        lines += _sampling_lines(records["sampling"])
     if "scoring" in records:
-        rec = records["scoring"]
-        s = rec["settings"]
-        lines += [f"**Scoring** (`{rec['command']}`): {rec['model']}; {', '.join(s['tasks'])}, first {s['limit']} "
-                  f"documents, stock zero-shot prompts. Peak RSS {peak_rss(rec)}.", "",
-                  "| mode | acc | acc_norm | docs/s | NFE/doc | vs AR | vs elbo | same answer as elbo |",
-                  "|---|---|---|---|---|---|---|---|"]
-        task = s["tasks"][0]
-        for r in rec["results"].values():
-            metric = r["metrics"].get(task, {})
-            acc, norm = (metric.get(k, {}).get("value") for k in ("acc", "acc_norm"))
-            lines.append(f"| {r['label']} | {cell(acc, '.3f')} | {cell(norm, '.3f')} | {r['docs_per_s']:.3f} | "
-                         f"{r['nfe_per_doc']:.1f} | {cell(r['speed_vs_ar'], '.3f')}× | "
-                         f"{cell(r['speed_vs_elbo'], '.2f')}× | {cell(r['agreement_with_elbo'], '.0%')} |")
-        lines += ["", f"At {s['limit']} documents each accuracy carries about ±{(0.25 / s['limit']) ** 0.5:.2f}: "
-                  "the ±1-point part of the target is judged from the per-document agreement as much as from "
-                  "the accuracies.", ""]
+        lines += _scoring_lines(records["scoring"])
     if "quality" in records:
-        rec = records["quality"]
-        s = rec["settings"]
-        lines += [f"**Generation quality vs iterations** (`{rec['command']}`): {rec['model']}; {s['prompts']} "
-                  f"prompts from {rec['prompt_source']}, {s['max_new_tokens']} new tokens, greedy. AR parent: "
-                  f"ppl {cell(rec['ar']['parent_ppl'], '.4g')}, distinct-2 {cell(rec['ar']['distinct_2'], '.3f')}, "
-                  f"{rec['ar']['s_per_prompt']:.2f} s/prompt.", "",
-                  "| strategy | " + " | ".join(f"iters {i}" for i in s["iters"]) + " |",
-                  "|---|" + "---|" * len(s["iters"])]
-        for label, rows in rec["sweep"].items():
-            lines.append(f"| {label} (ppl / distinct-2 / s per prompt) | " + " | ".join(
-                f"{cell(r['parent_ppl'], '.4g')} / {cell(r['distinct_2'], '.2f')} / {r['s_per_prompt']:.2f}"
-                for r in rows) + " |")
-        if not quick:
-            lines += ["", "![parent perplexity and distinct-2 against iterations](img/gen_quality.png)"]
+        lines += _quality_lines(records["quality"], quick)
     return "\n".join(lines)
+
+
+def _train_lines(rec: dict) -> list[str]:
+    """The training part: tokens/s and peak RSS per arm."""
+    lines = []
+    lines += [f"**Training** (`{rec['command']}`): {rec['recipe']}, {rec['settings']['steps']} measured steps per "
+              f"arm after {rec['settings']['skip']} warm-up rounds, round robin. Real (non-padding) tokens per "
+              "second; peak RSS of each arm alone in its own process, during its training steps (the loading's own peak "
+              "apart).", "",
+              "| arm | tokens/s (median) | s/step | real/padded tokens | peak RSS alone |", "|---|---|---|---|---|"]
+    alone = rec["results"].get("rss_alone", {})
+    for arm, r in rec["results"]["arms"].items():
+        rss = peak_rss(alone[arm]) if arm in alone else "-"
+        lines.append(f"| {arm} | {r['median_tokens_per_s']:,.1f} | {r['median_s_per_step']:.3f} | "
+                     f"{r['real_per_padded_token']:.2f} | {rss} |")
+    lines += ["", "`lad`: finetune.py's step on its length-grouped batches; `peft`: `model(input_ids, attention_mask, "
+              "labels)` on shuffled batches padded to the longest; `peft_same`: the PEFT step on LAD's batches.", ""]
+    return lines
+
+
+def _sampling_lines(rec: dict) -> list[str]:
+    """The generation part: speed and the parent-judged quality per method."""
+    lines = []
+    s = rec["settings"]
+    lines += [f"**Generation** (`{rec['command']}`): {rec['model']}; {s['prompts']} prompts, batch "
+              f"{s['batch_size']}, {s['max_new_tokens']} new tokens, iters {s['iters']}, greedy, median of "
+              f"{s['repeats']} round-robin repeats; answers scored by the AR parent's perplexity. Peak RSS "
+              f"{peak_rss(rec)}.", "",
+              "| method | s/prompt | latency vs AR | NFE | answer tokens | parent ppl | ppl vs AR | distinct-1 | "
+              "distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rec["results"].items():
+        q = r.get("quality", {})
+        lines.append(f"| {name} | {r['median_s_per_prompt']:.2f} | {cell(r['latency_vs_ar'], '.2f')}× | "
+                     f"{r['median_nfe_per_batch']:.0f} | {r['mean_answer_tokens']:.1f} | "
+                     f"{cell(q.get('parent_ppl'), '.4g')} | {cell(r.get('ppl_vs_ar'), '.3g')}× | "
+                     f"{cell(q.get('distinct_1'), '.3f')} | {cell(q.get('distinct_2'), '.3f')} |")
+    cached = {name: r for name, r in rec["results"].items() if name.endswith("+bc") and r.get("agreement")}
+    if cached:
+        lines += ["", "`+bc`: the same sampler with the block cache (Fast-dLLM's dual cache, docs/sampling.md); "
+                  "against the row without it: " + "; ".join(
+                      f"{name} {r['speedup_vs_uncached']:.2f}× faster, {r['agreement']['identical_tokens']:.0%} "
+                      f"of answer tokens identical" for name, r in cached.items()) + "."]
+    lines.append("")
+    return lines
+
+
+def _scoring_lines(rec: dict) -> list[str]:
+    """The scoring part: accuracy and speed per mode."""
+    lines = []
+    s = rec["settings"]
+    lines += [f"**Scoring** (`{rec['command']}`): {rec['model']}; {', '.join(s['tasks'])}, first {s['limit']} "
+              f"documents, stock zero-shot prompts. Peak RSS {peak_rss(rec)}.", "",
+              "| mode | acc | acc_norm | docs/s | NFE/doc | vs AR | vs elbo | same answer as elbo |",
+              "|---|---|---|---|---|---|---|---|"]
+    task = s["tasks"][0]
+    for r in rec["results"].values():
+        metric = r["metrics"].get(task, {})
+        acc, norm = (metric.get(k, {}).get("value") for k in ("acc", "acc_norm"))
+        lines.append(f"| {r['label']} | {cell(acc, '.3f')} | {cell(norm, '.3f')} | {r['docs_per_s']:.3f} | "
+                     f"{r['nfe_per_doc']:.1f} | {cell(r['speed_vs_ar'], '.3f')}× | "
+                     f"{cell(r['speed_vs_elbo'], '.2f')}× | {cell(r['agreement_with_elbo'], '.0%')} |")
+    lines += ["", f"At {s['limit']} documents each accuracy carries about ±{(0.25 / s['limit']) ** 0.5:.2f}: "
+              "the ±1-point part of the target is judged from the per-document agreement as much as from "
+              "the accuracies.", ""]
+    return lines
+
+
+def _quality_lines(rec: dict, quick: bool) -> list[str]:
+    """The generation-quality sweep: perplexity and distinct-2 against iterations."""
+    lines = []
+    s = rec["settings"]
+    lines += [f"**Generation quality vs iterations** (`{rec['command']}`): {rec['model']}; {s['prompts']} "
+              f"prompts from {rec['prompt_source']}, {s['max_new_tokens']} new tokens, greedy. AR parent: "
+              f"ppl {cell(rec['ar']['parent_ppl'], '.4g')}, distinct-2 {cell(rec['ar']['distinct_2'], '.3f')}, "
+              f"{rec['ar']['s_per_prompt']:.2f} s/prompt.", "",
+              "| strategy | " + " | ".join(f"iters {i}" for i in s["iters"]) + " |",
+              "|---|" + "---|" * len(s["iters"])]
+    for label, rows in rec["sweep"].items():
+        lines.append(f"| {label} (ppl / distinct-2 / s per prompt) | " + " | ".join(
+            f"{cell(r['parent_ppl'], '.4g')} / {cell(r['distinct_2'], '.2f')} / {r['s_per_prompt']:.2f}"
+            for r in rows) + " |")
+    if not quick:
+        lines += ["", "![parent perplexity and distinct-2 against iterations](img/gen_quality.png)"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

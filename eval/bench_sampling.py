@@ -117,6 +117,55 @@ def summarise(records: list[dict], max_new_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    from lad.sampling import STRATEGIES
+
+    quiet()
+    started = time.perf_counter()
+    denoiser, tokenizer, chat_template, description = load_denoiser(args.model, args.device)
+    loaded_rss, load_peak = rss_mb(), reset_peak_rss()  # peak_rss_mb from here: the work, not the loading
+    print(f"model: {description} | device {args.device} | {torch.get_num_threads()} threads | "
+          f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
+    if args.prompt_set == "builtin":
+        prompts, _ = prompt_set(args.prompts)
+    else:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+    options = dict(max_new_tokens=args.max_new_tokens, iters=args.iters, seed=0, chat_template=chat_template)
+    if args.block_length:
+        options["block_length"] = args.block_length
+    methods = _methods(args, options)
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    for _ in range(args.warmup):  # untimed: first-touch allocations and kernels for these shapes
+        for name, extra in methods.values():
+            run_once(STRATEGIES[name], denoiser, tokenizer, batches, extra)
+    records = {label: [] for label in methods}
+    for repeat in range(args.repeats):  # round robin, so a slow spell on the machine hits every method alike
+        for label, (name, extra) in methods.items():
+            t0 = time.perf_counter()
+            records[label] += run_once(STRATEGIES[name], denoiser, tokenizer, batches, extra)
+            print(f"  repeat {repeat + 1}/{args.repeats} {label}: {time.perf_counter() - t0:.1f} s", flush=True)
+    results = {label: summarise(records[label], args.max_new_tokens) for label in methods}
+    agree = _cached_agreement(args, methods, results, denoiser, tokenizer, batches)
+    if not args.no_quality:  # greedy, so every pass wrote the same answers: score the first pass's
+        for label in methods:
+            answers = [a for r in records[label][:len(batches)] for a in r["answers"]]
+            results[label]["quality"] = answer_quality(denoiser, tokenizer, prompts, answers, chat_template)
+
+    report(results, agree, args)
+
+    record = {
+        "command": command_line("eval/bench_sampling.py", argv),
+        "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "prompts": prompts, "results": results, "batches": records,
+        "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak,
+        **environment(args.device),
+    }
+    write_record(args.out, record)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", metavar="RUN_DIR", help="a LAD run (default: SmolLM2-135M-Instruct, no adapter)")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many prompts (default: 8)")
@@ -141,23 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                              "--block-length) and measure how far it moves their output")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "sampling_bench.json"))
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _methods(args, options: dict) -> dict:
+    """{row label: (strategy, its options)}: the AR parent, each strategy, a threshold row per τ, and the
+    cached variants asked for."""
     from lad.sampling import STRATEGIES, split_options
 
-    quiet()
-    started = time.perf_counter()
-    denoiser, tokenizer, chat_template, description = load_denoiser(args.model, args.device)
-    loaded_rss, load_peak = rss_mb(), reset_peak_rss()  # peak_rss_mb from here: the work, not the loading
-    print(f"model: {description} | device {args.device} | {torch.get_num_threads()} threads | "
-          f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
-    if args.prompt_set == "builtin":
-        prompts, _ = prompt_set(args.prompts)
-    else:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    options = dict(max_new_tokens=args.max_new_tokens, iters=args.iters, seed=0, chat_template=chat_template)
-    if args.block_length:
-        options["block_length"] = args.block_length
     methods = {}  # row label -> (strategy, extra options)
     for name in ["ar", *args.strategies]:
         if name not in STRATEGIES:
@@ -173,37 +213,33 @@ def main(argv: list[str] | None = None) -> int:
                 methods[f"{label}+pc"] = (name, {**extra, "prefix_cache": True})
             if args.block_cache and name in ("confidence", "threshold"):
                 methods[f"{label}+bc"] = (name, {**extra, "block_cache": True})
-    methods = {label: (name, split_options(name, {**options, **extra})[0]) for label, (name, extra) in methods.items()}
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    for _ in range(args.warmup):  # untimed: first-touch allocations and kernels for these shapes
-        for name, extra in methods.values():
-            run_once(STRATEGIES[name], denoiser, tokenizer, batches, extra)
-    records = {label: [] for label in methods}
-    for repeat in range(args.repeats):  # round robin, so a slow spell on the machine hits every method alike
-        for label, (name, extra) in methods.items():
-            t0 = time.perf_counter()
-            records[label] += run_once(STRATEGIES[name], denoiser, tokenizer, batches, extra)
-            print(f"  repeat {repeat + 1}/{args.repeats} {label}: {time.perf_counter() - t0:.1f} s", flush=True)
-    results = {label: summarise(records[label], args.max_new_tokens) for label in methods}
+    return {label: (name, split_options(name, {**options, **extra})[0]) for label, (name, extra) in methods.items()}
+
+
+def _cached_agreement(args, methods, results, denoiser, tokenizer, batches) -> dict:
+    """How far each cached variant moved its method's output (untimed, traced; greedy)."""
+    from lad.sampling import STRATEGIES
+
     agree = {}
-    if args.prefix_cache or args.block_cache:  # untimed, traced: the final canvases of both variants
-        from lad.sampling.common import eos_token_ids
+    if not (args.prefix_cache or args.block_cache):
+        return agree
+    from lad.sampling.common import eos_token_ids
 
-        eos_ids = eos_token_ids(tokenizer, denoiser)
-        for label, (name, extra) in methods.items():
-            cached_option = next((k for k in ("prefix_cache", "block_cache") if extra.get(k)), None)
-            if cached_option:
-                plain = {k: v for k, v in extra.items() if k != cached_option}
-                agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, plain,
-                                         eos_ids, cached_option)
-                results[label]["agreement"] = agree[label]
-                results[label]["speedup_vs_uncached"] = \
-                    results[label[:-3]]["median_s_per_prompt"] / results[label]["median_s_per_prompt"]
-    if not args.no_quality:  # greedy, so every pass wrote the same answers: score the first pass's
-        for label in methods:
-            answers = [a for r in records[label][:len(batches)] for a in r["answers"]]
-            results[label]["quality"] = answer_quality(denoiser, tokenizer, prompts, answers, chat_template)
+    eos_ids = eos_token_ids(tokenizer, denoiser)
+    for label, (name, extra) in methods.items():
+        cached_option = next((k for k in ("prefix_cache", "block_cache") if extra.get(k)), None)
+        if cached_option:
+            plain = {k: v for k, v in extra.items() if k != cached_option}
+            agree[label] = agreement(STRATEGIES[name], denoiser, tokenizer, batches, plain, eos_ids, cached_option)
+            results[label]["agreement"] = agree[label]
+            results[label]["speedup_vs_uncached"] = \
+                results[label[:-3]]["median_s_per_prompt"] / results[label]["median_s_per_prompt"]
+    return agree
 
+
+def report(results: dict, agree: dict, args) -> None:
+    """Each method's speed against the AR parent (ratios added to `results`), its answers' quality, and the
+    cached variants' agreement."""
     ar = results.get("ar")
     for r in results.values():
         r["speed_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar and ar["tokens_per_s"] else None
@@ -235,16 +271,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:<15}{results[label]['speedup_vs_uncached']:>8.2f}×{a['identical_tokens']:>11.1%}"
                   f"{a['same_text']:>11.1%}{a['dlogprob']:>10.3f}{a['abs_dlogprob']:>12.3f}"
                   + (f"{a['cache_logprob_error']:>11.3f}" if a["cache_logprob_error"] is not None else f"{'-':>11}"))
-
-    record = {
-        "command": command_line("eval/bench_sampling.py", argv),
-        "model": description, "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "prompts": prompts, "results": results, "batches": records,
-        "rss_after_load_mb": loaded_rss, "peak_rss_mb": peak_rss_mb(), "load_peak_rss_mb": load_peak,
-        **environment(args.device),
-    }
-    write_record(args.out, record)
-    return 0
 
 
 def print_quality(results: dict) -> None:

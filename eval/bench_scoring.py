@@ -175,7 +175,7 @@ def print_table(results: dict, tasks: list[str]) -> None:
           "the model per document; ms/seq: scorer time per sequence; speed vs AR: docs/s ratio (> 1 is faster)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", metavar="RUN_DIR", help="a LAD run (default: SmolLM2-135M-Instruct, no adapter)")
     parser.add_argument("--tasks", default="arc_easy", help="comma-separated: arc_easy, arc_challenge, mmlu, hellaswag")
@@ -195,6 +195,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap-iters", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "scoring_bench.json"))
+    return parser
+
+def add_ratios(results: dict, tasks: list[str]) -> None:
+    """Each mode against AR (speed, forwards, same answers) and against elbo (issue 5's target: denoise ≥ 10×
+    elbo's docs/s at equal accuracy ± 1 point)."""
+    ar = results.get("ar")
+    for r in results.values():
+        r["speed_vs_ar"] = r["docs_per_s"] / ar["docs_per_s"] if ar else None
+        r["scoring_speed_vs_ar"] = (ar["scoring_s"] / r["scoring_s"] if ar and r["scoring_s"] else None)
+        r["nfe_vs_ar"] = r["nfe"] / ar["nfe"] if ar and ar["nfe"] else None
+        r["agreement_with_ar"] = agreement(r["predictions"], ar["predictions"]) if ar else None
+    elbo = results.get("elbo")
+    for r in results.values():
+        r["speed_vs_elbo"] = r["docs_per_s"] / elbo["docs_per_s"] if elbo else None
+        r["agreement_with_elbo"] = agreement(r["predictions"], elbo["predictions"]) if elbo else None
+        acc, elbo_acc = first_acc(r, tasks), first_acc(elbo, tasks) if elbo else None
+        r["acc_minus_elbo"] = acc - elbo_acc if acc is not None and elbo_acc is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if min(args.limit, args.iters, args.mc_samples, args.batch_size, args.repeats) < 1:
@@ -235,19 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['label']}: {r['docs']} docs, {r['requests']} requests, NFE {r['nfe']}, "
                   f"{r['wall_s']:.1f} s ({r['scoring_s']:.1f} s scoring)", flush=True)
     results = {mode: summarise(records) for mode, records in runs.items()}
-    ar = results.get("ar")
-    for r in results.values():
-        r["speed_vs_ar"] = r["docs_per_s"] / ar["docs_per_s"] if ar else None
-        r["scoring_speed_vs_ar"] = (ar["scoring_s"] / r["scoring_s"] if ar and r["scoring_s"] else None)
-        r["nfe_vs_ar"] = r["nfe"] / ar["nfe"] if ar and ar["nfe"] else None
-        r["agreement_with_ar"] = agreement(r["predictions"], ar["predictions"]) if ar else None
-    elbo = results.get("elbo")
-    for r in results.values():  # issue 5's target: denoise ≥ 10× elbo's docs/s at equal accuracy ± 1 point
-        r["speed_vs_elbo"] = r["docs_per_s"] / elbo["docs_per_s"] if elbo else None
-        r["agreement_with_elbo"] = agreement(r["predictions"], elbo["predictions"]) if elbo else None
-        acc, elbo_acc = first_acc(r, args.tasks), first_acc(elbo, args.tasks) if elbo else None
-        r["acc_minus_elbo"] = acc - elbo_acc if acc is not None and elbo_acc is not None else None
-
+    add_ratios(results, args.tasks)
+    ar, elbo = results.get("ar"), results.get("elbo")
     print(f"\n{', '.join(args.tasks)}: first {args.limit} documents per task, batch {args.batch_size}, "
           f"{args.repeats} pass(es) per mode (median times), "
           f"denoise iters {args.iters} ({args.order}), elbo {args.mc_samples} samples, zero-shot, stock prompts")

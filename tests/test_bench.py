@@ -235,3 +235,20 @@ def test_speculative_bench_asserts_identity_reports_acceptance_and_draft_slots(t
                   "--out", str(tmp_path / "slots.json")]) == 0
     (row,) = json.loads((tmp_path / "slots.json").read_text())["rows"]
     assert row["gated"] and len(row["agreement"]) == 3 and row["agreement"][0] == 1.0  # slot 0: the parent's own
+
+
+def test_forward_cost_bench_times_each_width_with_the_adapter_off_and_on(tmp_path):
+    from conftest import train_tiny
+    from eval.bench_forward_cost import main
+
+    run = train_tiny(tmp_path / "run", "attention=block_causal", "block_size=4", "shift=true", "noise.objective=mask",
+                     "max_steps=1", "eval_every=0", "save_every=0", "lora.gate=masked")
+    out = tmp_path / "cost.json"
+    assert main(["--run", str(run), "--widths", "1", "4", "--context", "6", "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["columns"], r["adapter"]) for r in rows] == [(1, False), (1, True), (4, False), (4, True)]
+    assert rows[0]["decode_steps"] == 1.0  # every cost is in units of the parent's one-column forward
+    assert all(r["tokens_for_2x"] == pytest.approx(2 * r["decode_steps"], abs=0.02) and r["ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit) as stop:
+        main(["--run", str(run), "--widths", "0"])
+    assert stop.value.code == 2
