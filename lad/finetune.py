@@ -55,6 +55,7 @@ from lad.training.data import Schedule, TokenIds, load_data, prompt_style, seed_
 from lad.training.metrics import Metrics, Throughput, gpu_memory
 from lad.training.state import Run, TrainState, checkpoint, restore
 from lad.training.step import StepOutcome, signalled, train_step
+from lad.training.threads import use_training_threads
 from lad.training.validate import validate
 
 # what other code imports from here: the entry points, and the parts a notebook or benchmark reuses
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             if key not in TUNABLE:
                 raise RecipeError(f"--allow-change {key}: not a setting a resume may change (one of "
                                   f"{', '.join(TUNABLE)})")
+        use_training_threads(log)
         with stop_signals() as stop:
             train(recipe, allow_changes=args.allow_change, stop=stop)
     except USER_ERRORS as err:

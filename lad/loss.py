@@ -28,6 +28,8 @@ class LossStats:
     masked_correct: int = 0
     kl_sum: float = 0.0  # weighted KL(parent || denoiser) summed over examples (distillation only)
     kl_tokens: int = 0  # positions the KL was computed at
+    prompt_kl_sum: float = 0.0  # KL(parent || denoiser) at the prompt's predictions, mean per row, summed over rows
+    prompt_kl_tokens: int = 0
     input_tokens: int = 0  # tokens read (attention mask), for throughput
 
     def add(self, other: "LossStats") -> None:
@@ -44,6 +46,8 @@ class LossStats:
             out[f"{prefix}unmasked_acc"] = (self.correct - self.masked_correct) / (self.tokens - self.masked)
         if self.kl_tokens:
             out[f"{prefix}kl"] = self.kl_sum / max(self.examples, 1)
+        if self.prompt_kl_tokens:
+            out[f"{prefix}prompt_kl"] = self.prompt_kl_sum / max(self.examples, 1)
         return out
 
 
@@ -75,6 +79,24 @@ def distill_positions(noisy_ids: Tensor, answer_mask: Tensor, mask_id: int, stru
     visible = (answer & (noisy_ids != mask_id)).long()
     visible_after = visible.flip(-1).cumsum(-1).flip(-1) - visible  # visible answer tokens at j > i
     return masked & (visible_after == 0)
+
+
+def prompt_positions(attention_mask: Tensor, answer_mask: Tensor) -> Tensor:
+    """Bool [B, L]: the tokens predicted from a prompt column under the shift (token i from column i-1): the
+    prompt's tokens after its first, and the first answer token. Where the prompt is read causally
+    (`attention: prompt_causal`) such a column sees only the prompt up to itself, exactly what the AR parent
+    conditions on, so the parent's distribution there is the exact target, whatever the answer's noise."""
+    real = attention_mask.bool()
+    prompt_column = real & ~answer_mask.bool()
+    out = torch.zeros_like(real)
+    out[:, 1:] = prompt_column[:, :-1] & real[:, 1:]
+    return out
+
+
+def per_row_mean_weights(where: Tensor) -> Tensor:
+    """Float [B, L]: 1 / (the row's count) at `where`, 0 elsewhere, so each row's weighted sum is its mean."""
+    counts = where.sum(-1, keepdim=True).clamp(min=1)
+    return where.float() / counts
 
 
 KL_CHUNK = 256  # positions per chunk: a [256, V] fp32 block at a time instead of several [N, V] copies

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from . import defaults
-from .modeling.attention import BIDIRECTIONAL, BLOCK_CAUSAL
+from .modeling.attention import BIDIRECTIONAL, BLOCK_CAUSAL, PROMPT_CAUSAL
 from .modeling.attention import MODES as ATTENTION_MODES
 from .modeling.locate import ModelNotFoundError, absolute_if_local, locate_model
 from .noise import NoiseConfig
@@ -193,6 +193,10 @@ class Recipe:
     block_size: int | None = None
     eos_padding: bool = False  # pad answers with EOS inside the loss (LLaDA); off: it teaches EOS floods
     distill_weight: float = 0.0  # + weight·KL(causal parent || denoiser) where the parent is a valid target
+    # + weight·KL toward the parent at every next-token prediction read from a prompt column (the prompt's own
+    # tokens and the first answer token, mean per row): exact targets wherever the prompt is read causally, so
+    # the adapter is held to the parent where single-token tasks (MMLU) read their answer
+    prompt_distill_weight: float = 0.0
     anneal_steps: int = 0  # causal → bidirectional attention over the first N steps (DiffuLLaMA); 0: switch at once
     skip_bad_steps: int = 0  # a non-finite loss skips its step this many times in a run before the run stops
     batch_size: int = 8  # examples per process per micro-step
@@ -212,7 +216,7 @@ class Recipe:
     report_to: list[str] = field(default_factory=list)  # accelerate trackers, e.g. [tensorboard]
     report: ReportSpec = field(default_factory=ReportSpec)  # answers next to the parent's after training
     RANGES: ClassVar[dict[str, Range]] = {
-        "distill_weight": AT_LEAST_0, "anneal_steps": AT_LEAST_0, "skip_bad_steps": AT_LEAST_0,
+        "distill_weight": AT_LEAST_0, "prompt_distill_weight": AT_LEAST_0, "anneal_steps": AT_LEAST_0, "skip_bad_steps": AT_LEAST_0,
         "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1, "max_steps": AT_LEAST_1, "epochs": ABOVE_0,
         "eval_every": AT_LEAST_0, "save_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_1, "log_every": AT_LEAST_1,
         "seed": SEED, "block_size": AT_LEAST_1}
@@ -225,6 +229,7 @@ class Recipe:
             raise ValueError("model.quantization: 4/8-bit weights need LoRA (lora.enabled: true)")
         if self.distill_weight and not self.lora.enabled:
             raise ValueError("distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
+        self.validate_prompt_distill()
         if self.noise.replace_from == "parent" and not self.lora.enabled:
             raise ValueError("noise.replace_from: parent needs LoRA (the parent is the base model with the adapter "
                              "disabled)")
@@ -238,6 +243,21 @@ class Recipe:
         if self.lora.gate == "masked" and self.attention == BIDIRECTIONAL:
             raise ValueError("lora.gate: masked needs attention prompt_causal or block_causal (the clean text must "
                              "read causally, as the parent reads it); attention is bidirectional")
+
+    def validate_prompt_distill(self) -> None:
+        """The prompt's next-token predictions are the parent's exact targets only where the prompt is read
+        causally and each column predicts the next token (shift)."""
+        if not self.prompt_distill_weight:
+            return
+        if not self.lora.enabled:
+            raise ValueError("prompt_distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
+        if self.attention != PROMPT_CAUSAL or not self.shift:
+            raise ValueError("prompt_distill_weight: needs attention prompt_causal and shift: true (a prompt column "
+                             "then reads only the prompt before it and predicts the next token, as the parent does); "
+                             f"attention is {self.attention}, shift {str(self.shift).lower()}")
+        if self.lora.gate == "masked":
+            raise ValueError("prompt_distill_weight: a mask-gated adapter leaves the prompt's columns exactly the "
+                             "parent's already; set it to 0")
 
     def validate_blocks(self) -> None:
         """block_size belongs to block_causal attention (its default filled in here, so recipe.yaml states it);

@@ -70,6 +70,42 @@ def test_recipe_checks_the_levers(capsys):
     assert main([TINY, "anneal_steps=5", "model.attn_implementation=flash_attention_2", "--print-recipe"]) == 2
 
 
+def test_prompt_distillation_trains_logs_its_kl_and_resumes_exactly(tmp_path):
+    lever = ["attention=prompt_causal", "shift=true", "prompt_distill_weight=1.0", "distill_weight=1.0"]
+    whole = train(tmp_path / "whole", "max_steps=4", "save_every=2", "eval_every=4", *lever)
+    logged = [m for m in metrics(whole) if "prompt_kl" in m]
+    assert len(logged) == 4 and all(math.isfinite(m["prompt_kl"]) and m["prompt_kl"] >= 0 for m in logged)
+    assert [m for m in metrics(whole) if "val_prompt_kl" in m]
+    plain = adapter(train(tmp_path / "plain", "max_steps=4", "save_every=2", "eval_every=4", *lever[:2],
+                          "distill_weight=1.0"))
+    a = adapter(whole)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)  # the term changes training
+    part = train(tmp_path / "part", "max_steps=4", "save_every=2", "eval_every=0", *lever)
+    import shutil
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "lad.json"):
+        (part / name).unlink()
+    shutil.rmtree(part / "checkpoints" / "step-000004")
+    train(part, "max_steps=4", "save_every=2", "eval_every=0", "resume_from=latest", *lever)
+    b = adapter(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["prompt_distill_weight=1.0"], "prompt_distill_weight: needs attention prompt_causal and shift: true"),
+    (["prompt_distill_weight=1.0", "attention=prompt_causal", "shift=false"], "shift false"),
+    (["prompt_distill_weight=1.0", "attention=prompt_causal", "shift=true", "lora.gate=masked"],
+     "prompt_distill_weight: a mask-gated adapter leaves the prompt's columns exactly the parent's already"),
+    (["prompt_distill_weight=1.0", "attention=prompt_causal", "shift=true", "lora.enabled=false"],
+     "prompt_distill_weight: needs LoRA"),
+    (["prompt_distill_weight=-1"], "prompt_distill_weight: must be"),
+])
+def test_recipe_refuses_prompt_distillation_where_the_parent_is_not_its_target(overrides, words, capsys):
+    assert main([TINY, *overrides, "--print-recipe"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------- non-finite loss
 
 

@@ -3,7 +3,7 @@
 import torch
 
 from conftest import with_lora
-from lad.loss import distill_positions, kl_to_parent
+from lad.loss import distill_positions, kl_to_parent, per_row_mean_weights, prompt_positions
 from lad.modeling.denoiser import Denoiser
 
 M = 9  # mask id in these hand-made rows
@@ -78,3 +78,60 @@ def test_chunked_kl_matches_autograd_value_and_gradient():
     half = logits.detach().bfloat16().requires_grad_()
     kl_to_parent(half, parent.float(), weights.float(), chunk=4).backward()
     assert half.grad.dtype == torch.bfloat16 and torch.isfinite(half.grad).all()
+
+
+def test_prompt_positions_are_the_tokens_read_from_a_prompt_column():
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1],
+                              [0, 0, 1, 1, 1, 1, 1]])  # left padding
+    answer = torch.tensor([[0, 0, 0, 1, 1, 1, 1],
+                           [0, 0, 0, 0, 1, 1, 1]])
+    got = prompt_positions(attention, answer)
+    # prompt 3 tokens: tokens 1, 2 (the prompt's own) and 3 (the first answer token); nothing from padding
+    assert got.long().tolist() == [[0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0]]
+    assert per_row_mean_weights(got).sum(-1).tolist() == [1.0, 1.0]
+
+
+def _prompt_kl_loss(den, weight):
+    """forward_loss on a hand-made prompt-causal batch whose answers are all masks: (loss, stats)."""
+    from lad.noise import Corruption
+    from lad.training.step import forward_loss
+
+    x = torch.randint(3, 250, (2, 10), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(x)
+    attention[1, :2] = 0
+    answer = torch.zeros_like(x, dtype=torch.bool)
+    answer[:, 6:] = True
+    batch = {"input_ids": x, "attention_mask": attention, "answer_mask": answer, "real_answer": answer,
+             "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+             "answer_start": torch.tensor([6, 6])}
+    noisy = torch.where(answer, torch.full_like(x, 260), x)
+    corruption = Corruption(noisy_ids=noisy, loss_mask=answer, weights=answer.float() / 4,
+                            levels=torch.ones(2), structural=torch.zeros(2, dtype=torch.bool))
+    return forward_loss(den, batch, corruption, 260, "cpu", distill_weight=1.0, prompt_distill_weight=weight,
+                        parent=den.parent_logits_at)
+
+
+def test_prompt_kl_holds_the_adapter_to_the_parent_on_the_causally_read_prompt(tiny_model):
+    """Prompt-causal attention with the shift: the prompt's columns read only the prompt, so with the adapter at
+    zero they ARE the parent (KL 0) whatever the answer holds; an adapter that moves them pays a KL whose gradient
+    reaches the LoRA weights. The CE and the answer's KL are the same with or without the prompt term."""
+    model = with_lora(tiny_model("llama"))
+    den = Denoiser(model, mask_id=260, shift=True, attention="prompt_causal")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    _, stats = _prompt_kl_loss(den, 1.0)
+    assert stats.prompt_kl_tokens == 6 + 4  # prompts of 6 and 4 tokens: all but their first, and each first answer
+    assert abs(stats.prompt_kl_sum) < 1e-5
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    plain_loss, plain = _prompt_kl_loss(den, 0.0)
+    loss, stats = _prompt_kl_loss(den, 2.0)
+    assert stats.prompt_kl_sum > 1e-3 and plain.prompt_kl_tokens == 0
+    assert (stats.loss_sum, stats.kl_sum) == (plain.loss_sum, plain.kl_sum)
+    assert torch.allclose(loss, plain_loss + 2.0 * stats.prompt_kl_sum, atol=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

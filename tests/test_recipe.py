@@ -467,7 +467,8 @@ def _valid(cls):
             DataSource: recipe.data.train[0], NoiseConfig: recipe.noise, OptimSpec: recipe.optim}.get(cls) or cls()
 
 
-NEEDS = {"block_size": {"attention": "block_causal"}}  # keys that only mean something beside another setting
+NEEDS = {"block_size": {"attention": "block_causal"},  # keys that only mean something beside another setting
+         "prompt_distill_weight": {"attention": "prompt_causal", "shift": True}}
 
 
 def _accepts(obj, key, value) -> bool:

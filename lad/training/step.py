@@ -16,7 +16,8 @@ from contextlib import nullcontext
 import torch
 
 from lad.data import Example
-from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
+from lad.loss import (LossStats, distill_positions, kl_to_parent, per_row_mean_weights, position_stats,
+                      prompt_positions, weighted_cross_entropy)
 from lad.modeling.anneal import anneal_progress, annealed_allowed
 from lad.noise import corrupt, sample_levels
 from lad.recipe import Recipe
@@ -91,7 +92,7 @@ def batch_loss(denoiser, unwrapped, batch, recipe: Recipe, ids: TokenIds, seeds:
     corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels, recipe.noise, ids.mask, gens,
                          replace_pool=pool, replace_choices=choices)
     return forward_loss(denoiser, batch, corruption, ids.mask, device, distill_weight=recipe.distill_weight,
-                        parent=parent, attention_mask=attention)
+                        prompt_distill_weight=recipe.prompt_distill_weight, parent=parent, attention_mask=attention)
 
 
 @torch.no_grad()
@@ -131,36 +132,49 @@ def anneal_attention(denoiser, batch, recipe: Recipe, step: int, rows: list[int]
                                   batch["answer_start"].to(device), annealed=allowed.to(device))
 
 
-def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_weight: float = 0.0, parent=None,
+def forward_loss(denoiser, batch, corruption, mask_id: int, device, *, distill_weight: float = 0.0,
+                 prompt_distill_weight: float = 0.0, parent=None,
                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LossStats]:
     """Weighted CE summed over the rows of `batch`, computing the LM head only where the loss needs it.
 
     With distill_weight, `parent` (`Denoiser.parent_logits_at`) gives the causal parent's distribution on the
-    clean batch at `distill_positions`, and weight·KL is added with each position's CE weight (the stats keep
-    CE and KL apart). attention_mask: a 4-D mask (or `decoder_mask`'s per-layer-type masks), on `device`,
-    to use instead of the batch's padding mask (annealing)."""
+    clean batch at `distill_positions`, and weight·KL is added with each position's CE weight; with
+    prompt_distill_weight, also weight·KL at `prompt_positions`, each row's mean (the stats keep CE and both KLs
+    apart). attention_mask: a 4-D mask (or `decoder_mask`'s per-layer-type masks), on `device`, to use instead
+    of the batch's padding mask (annealing)."""
     positions = corruption.loss_mask.to(device)
+    prompt = (prompt_positions(batch["attention_mask"], batch["answer_mask"]).to(device) if prompt_distill_weight
+              else torch.zeros_like(positions))
+    heads = positions | prompt  # where the LM head runs
     noisy = corruption.noisy_ids.to(device)
     position_ids = batch["position_ids"].to(device)
     attention = batch["attention_mask"].to(device) if attention_mask is None else attention_mask  # on `device`
-    logits = denoiser(noisy, attention, positions=positions, position_ids=position_ids,
-                      answer_start=batch["answer_start"].to(device))
+    computed = denoiser(noisy, attention, positions=heads, position_ids=position_ids,
+                        answer_start=batch["answer_start"].to(device))
+    logits = computed[positions[heads]] if prompt_distill_weight else computed  # the CE's rows
     targets = batch["input_ids"].to(device)[positions]
     weights = corruption.weights.to(device)[positions]
     loss_sum = weighted_cross_entropy(logits, targets, weights)
     was_masked = (noisy == mask_id)[positions]
     stats = position_stats(logits, targets, was_masked, loss_sum.detach(), len(batch["input_ids"]))
-    if not distill_weight:
+    where = torch.zeros_like(positions)
+    if distill_weight:
+        where = distill_positions(noisy, batch["real_answer"].to(device), mask_id,
+                                  corruption.structural.to(device)) & positions
+    asked = where | prompt
+    if not asked.any():
         return loss_sum, stats
-    where = distill_positions(noisy, batch["real_answer"].to(device), mask_id,
-                              corruption.structural.to(device)) & positions
-    if not where.any():
-        return loss_sum, stats
-    target = parent(batch["input_ids"].to(device), batch["attention_mask"].to(device), where, position_ids)
-    pick = where[positions]  # rows of `logits` (row-major over positions) that are distillation positions
-    kl_sum = kl_to_parent(logits[pick], target, weights[pick])
-    stats.kl_sum, stats.kl_tokens = float(kl_sum.detach()), int(where.sum())
-    return loss_sum + distill_weight * kl_sum, stats
+    target = parent(batch["input_ids"].to(device), batch["attention_mask"].to(device), asked, position_ids)
+    if where.any():
+        pick = where[positions]  # rows of `logits` (row-major over positions) that are distillation positions
+        kl_sum = kl_to_parent(logits[pick], target[where[asked]], weights[pick])
+        stats.kl_sum, stats.kl_tokens = float(kl_sum.detach()), int(where.sum())
+        loss_sum = loss_sum + distill_weight * kl_sum
+    if prompt.any():
+        prompt_kl = kl_to_parent(computed[prompt[heads]], target[prompt[asked]], per_row_mean_weights(prompt)[prompt])
+        stats.prompt_kl_sum, stats.prompt_kl_tokens = float(prompt_kl.detach()), int(prompt.sum())
+        loss_sum = loss_sum + prompt_distill_weight * prompt_kl
+    return loss_sum, stats
 
 
 def gather_stats(accelerator, stats: LossStats) -> LossStats:
