@@ -167,8 +167,7 @@ def section(records: dict, command: str, quick: bool) -> str:
 
 def _train_lines(rec: dict) -> list[str]:
     """The training part: tokens/s and peak RSS per arm."""
-    lines = []
-    lines += [f"**Training** (`{rec['command']}`): {rec['recipe']}, {rec['settings']['steps']} measured steps per "
+    lines = [f"**Training** (`{rec['command']}`): {rec['recipe']}, {rec['settings']['steps']} measured steps per "
               f"arm after {rec['settings']['skip']} warm-up rounds, round robin. Real (non-padding) tokens per "
               "second; peak RSS of each arm alone in its own process, during its training steps (the loading's own peak "
               "apart).", "",
@@ -185,9 +184,8 @@ def _train_lines(rec: dict) -> list[str]:
 
 def _sampling_lines(rec: dict) -> list[str]:
     """The generation part: speed and the parent-judged quality per method."""
-    lines = []
     s = rec["settings"]
-    lines += [f"**Generation** (`{rec['command']}`): {rec['model']}; {s['prompts']} prompts, batch "
+    lines = [f"**Generation** (`{rec['command']}`): {rec['model']}; {s['prompts']} prompts, batch "
               f"{s['batch_size']}, {s['max_new_tokens']} new tokens, iters {s['iters']}, greedy, median of "
               f"{s['repeats']} round-robin repeats; answers scored by the AR parent's perplexity. Peak RSS "
               f"{peak_rss(rec)}.", "",
@@ -211,9 +209,8 @@ def _sampling_lines(rec: dict) -> list[str]:
 
 def _scoring_lines(rec: dict) -> list[str]:
     """The scoring part: accuracy and speed per mode."""
-    lines = []
     s = rec["settings"]
-    lines += [f"**Scoring** (`{rec['command']}`): {rec['model']}; {', '.join(s['tasks'])}, first {s['limit']} "
+    lines = [f"**Scoring** (`{rec['command']}`): {rec['model']}; {', '.join(s['tasks'])}, first {s['limit']} "
               f"documents, stock zero-shot prompts. Peak RSS {peak_rss(rec)}.", "",
               "| mode | acc | acc_norm | docs/s | NFE/doc | vs AR | vs elbo | same answer as elbo |",
               "|---|---|---|---|---|---|---|---|"]
@@ -232,9 +229,8 @@ def _scoring_lines(rec: dict) -> list[str]:
 
 def _quality_lines(rec: dict, quick: bool) -> list[str]:
     """The generation-quality sweep: perplexity and distinct-2 against iterations."""
-    lines = []
     s = rec["settings"]
-    lines += [f"**Generation quality vs iterations** (`{rec['command']}`): {rec['model']}; {s['prompts']} "
+    lines = [f"**Generation quality vs iterations** (`{rec['command']}`): {rec['model']}; {s['prompts']} "
               f"prompts from {rec['prompt_source']}, {s['max_new_tokens']} new tokens, greedy. AR parent: "
               f"ppl {cell(rec['ar']['parent_ppl'], '.4g')}, distinct-2 {cell(rec['ar']['distinct_2'], '.3f')}, "
               f"{rec['ar']['s_per_prompt']:.2f} s/prompt.", "",
