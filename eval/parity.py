@@ -138,6 +138,7 @@ def compare(lad: dict, parent: dict) -> dict:
     row = {"task": lad["task"], "label": lad["label"], "setting": lad["setting"], "n": len(mine),
            "wall_s": lad["wall_s"]}
     row["slope"], row["offset"] = length_fit(mine, theirs)
+    row["same_answer"] = float(np.mean([np.argmax(m[2]) == np.argmax(t[2]) for m, t in zip(mine, theirs)]))
     for metric in ("acc", "acc_norm"):
         delta, low, high = paired_interval(a[metric], b[metric])
         row[metric] = {"lad": float(a[metric].mean()), "parent": float(b[metric].mean()), "delta": delta,
@@ -159,12 +160,12 @@ def rows() -> list[dict]:
 
 def table(found: list[dict]) -> str:
     lines = ["| run | task (docs) | setting | parent acc / acc_norm | LAD acc / acc_norm | Δ acc [95%] p | "
-             "Δ acc_norm [95%] p | slope | offset | LAD s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ acc_norm [95%] p | same answer | slope | offset | LAD s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in found:
         a, n = r["acc"], r["acc_norm"]
         lines.append(f"| {r['label']} | {r['task']} ({r['n']}) | {r['setting']} | {a['parent']:.3f} / "
                      f"{n['parent']:.3f} | {a['lad']:.3f} / {n['lad']:.3f} | {interval_cell(a, documents=False)} | "
-                     f"{interval_cell(n, documents=False)} | {r['slope']:+.3f} | {r['offset']:+.2f} | {r['wall_s']:.0f} |")
+                     f"{interval_cell(n, documents=False)} | {r['same_answer']:.1%} | {r['slope']:+.3f} | {r['offset']:+.2f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -68,3 +68,6 @@ def test_paired_row_and_length_slope():
     assert row["acc"]["low"] <= row["acc"]["delta"] <= row["acc"]["high"]
     same = parity.compare({**lad, "docs": parent_docs}, {"docs": parent_docs})
     assert same["slope"] == 0.0 and same["offset"] == 0.0 and same["acc"]["delta"] == 0.0 and same["acc"]["p"] == 1.0
+    assert same["same_answer"] == 1.0  # the argmax choice of every document, LAD's against the parent's
+    flipped = [[d[0], d[1], [-x for x in d[2]], d[3]] for d in parent_docs]  # every argmax moves (distinct values)
+    assert parity.compare({**lad, "docs": flipped}, {"docs": parent_docs})["same_answer"] == 0.0
