@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lad.quality import builtin_texts
+from lad.training.threads import available_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "eval" / "results"
@@ -46,15 +47,9 @@ def environment(device: str = "cpu", **versions: str) -> dict:
     return {"versions": {"lad": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft.__version__, **versions, "python": platform.python_version()},
             "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                        "cpus": _cpu_count(), "threads": torch.get_num_threads(), "memory_gib": _memory_gib(),
+                        "cpus": available_cores(), "threads": torch.get_num_threads(), "memory_gib": _memory_gib(),
                         "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def _cpu_count() -> int | None:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _memory_gib() -> float | None:

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import yaml
 
@@ -23,8 +23,8 @@ from .modeling.attention import BIDIRECTIONAL, BLOCK_CAUSAL, PROMPT_CAUSAL
 from .modeling.attention import MODES as ATTENTION_MODES
 from .modeling.locate import ModelNotFoundError, absolute_if_local, locate_model
 from .noise import NoiseConfig
-from .schema import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range, RecipeError, YAMLRefused, build, check_ranges,
-                     read_yaml)
+from .overrides import apply_override, parse_override
+from .schema import ABOVE_0, AT_LEAST_0, AT_LEAST_1, SEED, Range, RecipeError, build, check_ranges, read_yaml
 
 UNIT = Range(0, 1, high_open=True)  # [0, 1)
 
@@ -227,12 +227,8 @@ class Recipe:
             raise ValueError("max_steps: set max_steps or epochs (or both)")
         if not self.lora.enabled and self.model.quantization:
             raise ValueError("model.quantization: 4/8-bit weights need LoRA (lora.enabled: true)")
-        if self.distill_weight and not self.lora.enabled:
-            raise ValueError("distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
+        self.validate_parent_users()
         self.validate_prompt_distill()
-        if self.noise.replace_from == "parent" and not self.lora.enabled:
-            raise ValueError("noise.replace_from: parent needs LoRA (the parent is the base model with the adapter "
-                             "disabled)")
         if self.anneal_steps and self.model.attn_implementation == "flash_attention_2":
             raise ValueError("anneal_steps: annealing builds 4-D attention masks, which flash_attention_2 cannot "
                              "take; use attn_implementation: sdpa")
@@ -244,13 +240,20 @@ class Recipe:
             raise ValueError("lora.gate: masked needs attention prompt_causal or block_causal (the clean text must "
                              "read causally, as the parent reads it); attention is bidirectional")
 
+    def validate_parent_users(self) -> None:
+        """The levers that read the AR parent need LoRA: the parent is the base model with the adapter disabled."""
+        users = (("distill_weight: needs", self.distill_weight),
+                 ("prompt_distill_weight: needs", self.prompt_distill_weight),
+                 ("noise.replace_from: parent needs", self.noise.replace_from == "parent"))
+        for words, used in users:
+            if used and not self.lora.enabled:
+                raise ValueError(f"{words} LoRA (the parent is the base model with the adapter disabled)")
+
     def validate_prompt_distill(self) -> None:
         """The prompt's next-token predictions are the parent's exact targets only where the prompt is read
         causally and each column predicts the next token (shift)."""
         if not self.prompt_distill_weight:
             return
-        if not self.lora.enabled:
-            raise ValueError("prompt_distill_weight: needs LoRA (the parent is the base model with the adapter disabled)")
         if self.attention != PROMPT_CAUSAL or not self.shift:
             raise ValueError("prompt_distill_weight: needs attention prompt_causal and shift: true (a prompt column "
                              "then reads only the prompt before it and predicts the next token, as the parent does); "
@@ -279,47 +282,6 @@ class Recipe:
 
 
 # ---------------------------------------------------------------- YAML + overrides
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise RecipeError(f"override {item!r}: expected key=value")
-    key, raw = item.split("=", 1)
-    if not key:
-        raise RecipeError(f"override {item!r}: empty key")
-    try:
-        value = read_yaml(raw) if raw != "" else ""
-    except YAMLRefused as err:
-        raise RecipeError(f"override {item!r}: {err.what}") from None
-    except yaml.YAMLError:  # not YAML: the text itself, e.g. `data.system_prompt=Answer: [briefly`
-        value = raw
-    return key.split("."), value
-
-
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        nxt = path[i + 1]
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) > len(node):
-                raise RecipeError(f"{'.'.join(path)}: no list item {part}")
-            if int(part) == len(node):  # a new item, as for the last key below
-                node.append([] if nxt.isdigit() else {})
-            node = node[int(part)]
-            continue
-        if node.get(part) is None:
-            node[part] = [] if nxt.isdigit() else {}
-        node = node[part]
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) > len(node):
-            raise RecipeError(f"{'.'.join(path)}: no list item {last}")
-        if int(last) == len(node):
-            node.append(value)
-        else:
-            node[int(last)] = value
-    else:
-        node[last] = value
 
 
 def _resolve_paths(recipe: Recipe, base: Path | None) -> None:

@@ -14,6 +14,11 @@ from __future__ import annotations
 import os
 
 
+def available_cores() -> int | None:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def training_threads(environ=None, cuda: bool | None = None, cores: int | None = None) -> int | None:
     """Torch threads for this training process, or None to keep what it has: the cores available to it divided
     among the machine's processes, when `accelerate launch` (not told `use_cpu`) pinned a CPU-only run to one."""
@@ -25,8 +30,8 @@ def training_threads(environ=None, cuda: bool | None = None, cores: int | None =
     launched_without_cpu_policy = environ.get("ACCELERATE_USE_CPU", "").lower() == "false"
     if cuda or not launched_without_cpu_policy or environ.get("OMP_NUM_THREADS") != "1":
         return None
-    cores = len(os.sched_getaffinity(0)) if cores is None and hasattr(os, "sched_getaffinity") else cores
-    share = (cores or os.cpu_count() or 1) // max(int(environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    cores = available_cores() if cores is None else cores
+    share = (cores or 1) // max(int(environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
     return share if share > 1 else None
 
 
