@@ -254,10 +254,10 @@ class Recipe:
         causally and each column predicts the next token (shift)."""
         if not self.prompt_distill_weight:
             return
-        if self.attention != PROMPT_CAUSAL or not self.shift:
-            raise ValueError("prompt_distill_weight: needs attention prompt_causal and shift: true (a prompt column "
-                             "then reads only the prompt before it and predicts the next token, as the parent does); "
-                             f"attention is {self.attention}, shift {str(self.shift).lower()}")
+        if self.attention not in (PROMPT_CAUSAL, BLOCK_CAUSAL) or not self.shift:
+            raise ValueError("prompt_distill_weight: needs attention prompt_causal or block_causal and shift: true (a "
+                             "prompt column then reads only the prompt before it and predicts the next token, as the "
+                             f"parent does); attention is {self.attention}, shift {str(self.shift).lower()}")
         if self.lora.gate == "masked":
             raise ValueError("prompt_distill_weight: a mask-gated adapter leaves the prompt's columns exactly the "
                              "parent's already; set it to 0")

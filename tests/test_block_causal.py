@@ -16,10 +16,11 @@ import torch
 from lad.data import Example, collate
 from lad.modeling.attention import block_causal_allowed
 from lad.modeling.denoiser import Denoiser
-from lad.noise import NoiseConfig
+from lad.noise import Corruption, NoiseConfig
 from lad.recipe import RecipeError, load_recipe
 from lad.run import LadInfo, load_run
 from lad.training.blocks import block_batch
+from lad.modeling.attention import answer_start_from
 
 from conftest import TINY_RECIPE, make_tiny_model, read_adapter, read_metrics, stopped_copy, train_tiny, with_lora
 
@@ -162,7 +163,7 @@ def test_recipe_key_and_its_checks():
 
 
 BLOCK_RUN = ["attention=block_causal", "block_size=4", "shift=true", "noise.objective=mask",
-             "noise.complementary=true", "distill_weight=0.5", "max_steps=8", "save_every=4", "eval_every=4",
+             "noise.complementary=true", "distill_weight=0.5", "prompt_distill_weight=1.0", "max_steps=8", "save_every=4", "eval_every=4",
              "batch_size=4"]
 
 
@@ -173,7 +174,7 @@ def test_a_block_causal_run_trains_records_its_blocks_and_resumes_bitwise(tmp_pa
     den, _, _ = load_run(straight)
     assert den.block_causal and den.block_size == 4 and den.prefix_cache_exact
     metrics = [m for m in read_metrics(straight) if "loss" in m]
-    assert metrics and all(m["loss"] == m["loss"] and "kl" in m for m in metrics)  # finite, with the KL term
+    assert metrics and all(m["loss"] == m["loss"] and "kl" in m and "prompt_kl" in m for m in metrics)  # both KLs
     assert metrics[-1]["loss"] < metrics[0]["loss"] * 1.5
     assert any("val_loss" in m for m in read_metrics(straight))
     from lad.generate import main as generate
@@ -183,6 +184,42 @@ def test_a_block_causal_run_trains_records_its_blocks_and_resumes_bitwise(tmp_pa
     train_tiny(resumed, *BLOCK_RUN, "resume_from=latest")
     a, b = read_adapter(straight), read_adapter(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _prompt_kl(den, batch, laid=None):
+    from lad.training.blocks import block_forward_loss
+    from lad.training.step import forward_loss
+
+    if laid is not None:
+        return block_forward_loss(den, den, laid, batch, "cpu", prompt_distill_weight=1.0,
+                                  parent=den.parent_logits_at)[1]
+    noisy = torch.where(batch["answer_mask"].bool(), torch.full_like(batch["input_ids"], MASK_ID), batch["input_ids"])
+    answer = batch["answer_mask"].bool()
+    corruption = Corruption(noisy, answer, answer.float(), torch.ones(len(noisy)), torch.zeros(len(noisy), dtype=bool))
+    return forward_loss(den, batch, corruption, MASK_ID, "cpu", prompt_distill_weight=1.0,
+                        parent=den.parent_logits_at)[1]
+
+
+def test_prompt_kl_in_the_one_pass_layout_is_the_prompt_causal_one():
+    """The layout keeps the prompt in its own columns, read causally: its KL toward the parent is the one a
+    prompt-causal denoiser with the same weights pays (0 with the adapter at zero), whatever the blocks hold."""
+    den = denoiser(shift=True, block_size=3)
+    batch = collate(examples(), pad_id=0, shift=True)
+    batch["answer_start"] = answer_start_from(batch["answer_mask"])
+    laid = block_batch(batch, NoiseConfig(objective="mask"), 3, True, MASK_ID, [11, 12, 13], torch.arange(256))
+    causal = Denoiser(den.model, MASK_ID, shift=True, attention="prompt_causal").eval()
+    with torch.no_grad():
+        for name, param in den.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    block, plain = _prompt_kl(den, batch, laid), _prompt_kl(causal, batch)
+    assert block.prompt_kl_tokens == plain.prompt_kl_tokens == int(batch["answer_start"].sum())
+    assert block.prompt_kl_sum > 1e-3 and abs(block.prompt_kl_sum - plain.prompt_kl_sum) < 1e-5
+    with torch.no_grad():
+        for name, param in den.model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    assert abs(_prompt_kl(den, batch, laid).prompt_kl_sum) < 1e-5
 
 
 def test_lad_json_block_size_is_checked(tmp_path):

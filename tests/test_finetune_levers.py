@@ -92,8 +92,9 @@ def test_prompt_distillation_trains_logs_its_kl_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["prompt_distill_weight=1.0"], "prompt_distill_weight: needs attention prompt_causal and shift: true"),
+    (["prompt_distill_weight=1.0"], "prompt_distill_weight: needs attention prompt_causal or block_causal"),
     (["prompt_distill_weight=1.0", "attention=prompt_causal", "shift=false"], "shift false"),
+    (["prompt_distill_weight=1.0", "attention=block_causal", "shift=false"], "attention is block_causal, shift false"),
     (["prompt_distill_weight=1.0", "attention=prompt_causal", "shift=true", "lora.gate=masked"],
      "prompt_distill_weight: a mask-gated adapter leaves the prompt's columns exactly the parent's already"),
     (["prompt_distill_weight=1.0", "attention=prompt_causal", "shift=true", "lora.enabled=false"],

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lad.loss import LossStats, distill_positions, kl_to_parent, position_stats, weighted_cross_entropy
+from lad.loss import (LossStats, distill_positions, kl_to_parent, per_row_mean_weights, position_stats,
+                      prompt_positions, weighted_cross_entropy)
 from lad.modeling.attention import ANSWER, NOISY
 from lad.noise import Corruption, NoiseConfig, corrupt
 
@@ -186,23 +187,41 @@ def block_batch(batch: dict, noise: NoiseConfig, block_size: int, shift: bool, m
 
 
 def block_forward_loss(denoiser, unwrapped, laid: BlockBatch, batch: dict, device, *, distill_weight: float = 0.0,
-                       parent=None) -> tuple[Tensor, LossStats]:
+                       prompt_distill_weight: float = 0.0, parent=None) -> tuple[Tensor, LossStats]:
     """Weighted CE (+ weight·KL toward the causal parent) summed over the rows, one forward for every block.
-    `denoiser` as prepared (DDP), `unwrapped` the Denoiser (it builds the layout's mask)."""
+    `denoiser` as prepared (DDP), `unwrapped` the Denoiser (it builds the layout's mask). prompt_distill_weight:
+    also weight·KL at `loss.prompt_positions`, each row's mean: the layout keeps the prompt in its own columns,
+    read causally, so with the shift those columns condition on exactly what the parent does."""
     attention = unwrapped.layout_mask(laid.kind.to(device), laid.block.to(device), laid.attention_mask.to(device),
                                       laid.position_ids.to(device))
-    logits = denoiser(laid.input_ids.to(device), attention, position_ids=laid.position_ids.to(device),
-                      sources=laid.sources.to(device))
+    prompt = prompt_positions(batch["attention_mask"], batch["answer_mask"]) if prompt_distill_weight \
+        else torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    rows, tokens = prompt.nonzero(as_tuple=True)
+    width, length = laid.input_ids.shape[1], batch["input_ids"].shape[1]
+    sources = torch.cat([laid.sources, rows * width + tokens - 1])  # token i is read from column i - 1
+    computed = denoiser(laid.input_ids.to(device), attention, position_ids=laid.position_ids.to(device),
+                        sources=sources.to(device))
+    n = len(laid.sources)
+    logits = computed[:n]
     targets, weights = laid.targets.to(device), laid.weights.to(device)
     loss_sum = weighted_cross_entropy(logits, targets, weights)
     stats = position_stats(logits, targets, laid.was_masked.to(device), loss_sum.detach(), len(batch["input_ids"]))
-    if not distill_weight or not laid.distill.any():
+    distill = laid.distill if distill_weight else torch.zeros_like(laid.distill)
+    if not distill.any() and not len(rows):
         return loss_sum, stats
-    pick = laid.distill.to(device)
-    target = parent_targets(parent, batch, laid.logical[laid.distill], device)
-    kl_sum = kl_to_parent(logits[pick], target, weights[pick])
-    stats.kl_sum, stats.kl_tokens = float(kl_sum.detach()), int(pick.sum())
-    return loss_sum + distill_weight * kl_sum, stats
+    asked = torch.cat([laid.logical[distill], rows * length + tokens])
+    target = parent_targets(parent, batch, asked, device)
+    kept = int(distill.sum())
+    if kept:
+        pick = distill.to(device)
+        kl_sum = kl_to_parent(logits[pick], target[:kept], weights[pick])
+        stats.kl_sum, stats.kl_tokens = float(kl_sum.detach()), kept
+        loss_sum = loss_sum + distill_weight * kl_sum
+    if len(rows):
+        prompt_kl = kl_to_parent(computed[n:], target[kept:], per_row_mean_weights(prompt)[prompt].to(device))
+        stats.prompt_kl_sum, stats.prompt_kl_tokens = float(prompt_kl.detach()), len(rows)
+        loss_sum = loss_sum + prompt_distill_weight * prompt_kl
+    return loss_sum, stats
 
 
 def parent_targets(parent, batch: dict, logical: Tensor, device) -> Tensor:

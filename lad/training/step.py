@@ -87,7 +87,7 @@ def batch_loss(denoiser, unwrapped, batch, recipe: Recipe, ids: TokenIds, seeds:
         laid = block_batch(batch, recipe.noise, unwrapped.block_size, unwrapped.shift, ids.mask, seeds, pool,
                            choices)
         return block_forward_loss(denoiser, unwrapped, laid, batch, device, distill_weight=recipe.distill_weight,
-                                  parent=parent)
+                                  prompt_distill_weight=recipe.prompt_distill_weight, parent=parent)
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     corruption = corrupt(batch["input_ids"], batch["answer_mask"], levels, recipe.noise, ids.mask, gens,
                          replace_pool=pool, replace_choices=choices)
