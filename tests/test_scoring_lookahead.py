@@ -53,7 +53,8 @@ def test_each_token_sees_exactly_lookahead_masks(attention, shift, lookahead):
     for (context, continuation), (value, _) in zip(REQUESTS, scored):
         assert value == pytest.approx(by_hand(den, context, continuation, lookahead), abs=ATOL)
     alone = [score_denoise(den, [r], iters=64, lookahead=lookahead)[0] for r in REQUESTS]
-    assert [round(v, 4) for v, _ in scored] == [round(v, 4) for v, _ in alone]
+    # batched and alone agree to float noise (rounding both to 4 places could split a value at a rounding edge)
+    assert [v for v, _ in scored] == pytest.approx([v for v, _ in alone], abs=ATOL)
 
 
 def test_several_tokens_per_forward_show_at_least_their_quota():
