@@ -3,7 +3,8 @@
     python -m eval.ablate --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
     python -m eval.ablate --variants prompt_causal,prompt_causal_mask          # the prompt read causally
     python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
-    python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary,block8_pkl
+    python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary,\
+        block8_pkl
     python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair,pc_draft,pc_draft_local,pc_draft_local_parent,pc_draft_local_w4,pc_draft_local_hour,pc_draft_parent,pc_structural_noshift --tasks none --quality 0  # issue 31
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),

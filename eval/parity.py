@@ -159,13 +159,15 @@ def rows() -> list[dict]:
 
 
 def table(found: list[dict]) -> str:
-    lines = ["| run | task (docs) | setting | parent acc / acc_norm | LAD acc / acc_norm | Δ acc [95%] p | "
-             "Δ acc_norm [95%] p | same answer | slope | offset | LAD s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| run | task (docs) | setting | parent acc / acc_norm | LAD acc / acc_norm | Δ acc [95%] p | "
+            "Δ acc_norm [95%] p | same answer | slope | offset | LAD s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in found:
         a, n = r["acc"], r["acc_norm"]
         lines.append(f"| {r['label']} | {r['task']} ({r['n']}) | {r['setting']} | {a['parent']:.3f} / "
                      f"{n['parent']:.3f} | {a['lad']:.3f} / {n['lad']:.3f} | {interval_cell(a, documents=False)} | "
-                     f"{interval_cell(n, documents=False)} | {r['same_answer']:.1%} | {r['slope']:+.3f} | {r['offset']:+.2f} | {r['wall_s']:.0f} |")
+                     f"{interval_cell(n, documents=False)} | {r['same_answer']:.1%} | {r['slope']:+.3f} | "
+                     f"{r['offset']:+.2f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from lad.data import Example, collate
-from lad.modeling.attention import block_causal_allowed
+from lad.modeling.attention import answer_start_from, block_causal_allowed
 from lad.modeling.denoiser import Denoiser
 from lad.noise import Corruption, NoiseConfig
 from lad.recipe import RecipeError, load_recipe
 from lad.run import LadInfo, load_run
 from lad.training.blocks import block_batch
-from lad.modeling.attention import answer_start_from
 
 from conftest import TINY_RECIPE, make_tiny_model, read_adapter, read_metrics, stopped_copy, train_tiny, with_lora
 
@@ -163,8 +162,8 @@ def test_recipe_key_and_its_checks():
 
 
 BLOCK_RUN = ["attention=block_causal", "block_size=4", "shift=true", "noise.objective=mask",
-             "noise.complementary=true", "distill_weight=0.5", "prompt_distill_weight=1.0", "max_steps=8", "save_every=4", "eval_every=4",
-             "batch_size=4"]
+             "noise.complementary=true", "distill_weight=0.5", "prompt_distill_weight=1.0", "max_steps=8",
+             "save_every=4", "eval_every=4", "batch_size=4"]
 
 
 def test_a_block_causal_run_trains_records_its_blocks_and_resumes_bitwise(tmp_path):
