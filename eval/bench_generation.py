@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         rows += bench_run(run, args.settings, prompts, args)
     record = {"what": "generation speed and parent-judged quality against HF generate (issue 29)",
-              "command": command_line("eval.bench_generation", argv), "environment": environment(),
+              "command": command_line("-m eval.bench_generation", argv), "environment": environment(),
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
               "prompt_source": f"{source}[{args.offset}:{args.offset + args.prompts}]", "rows": rows}
     write_record(args.out, record)

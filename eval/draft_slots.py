@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{Path(row['run']).name} ({'gated' if row['gated'] else 'ungated'}, {row['drafts']} drafts): "
               + " ".join(f"{a:.2f}" for a in row["agreement"]), flush=True)
     write_record(args.out, {"what": "per-slot agreement of one-forward drafts with the parent's greedy text",
-                            "command": command_line("eval.draft_slots", argv), "environment": environment(),
+                            "command": command_line("-m eval.draft_slots", argv), "environment": environment(),
                             "prompt_source": f"{source}[{args.offset}:{args.offset + args.prompts}]",
                             "settings": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows})
     return 0

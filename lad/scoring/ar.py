@@ -22,16 +22,18 @@ from .batching import check_requests, count, device_of, length_chunks, pad_batch
 
 @torch.no_grad()
 def score_ar(denoiser, requests, *, batch_size: int = 16, progress=None,
-             stats: dict | None = None) -> list[tuple[float, bool]]:
+             stats: dict | None = None, per_token: list | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order, from `denoiser.parent_logits`.
 
     progress(n): called after each chunk with the number of requests it finished. stats: if given,
     stats["nfe"] += sequences run (one per request), stats["forward_calls"] += batched forwards.
+    per_token: if given (a list), filled with each request's token log-probabilities, in request order.
     """
     requests = check_requests(requests, need_context=True)
     denoiser.eval()
     device, pad_id = device_of(denoiser), pad_id_of(denoiser)
     results: list[tuple[float, bool] | None] = [None] * len(requests)
+    tokens: list[list[float] | None] = [None] * len(requests)
     for chunk in length_chunks([len(c) + len(x) for c, x in requests], batch_size):
         inputs = [(requests[i][0] + requests[i][1])[:-1] for i in chunk]
         ids, attention = pad_batch(inputs, pad_id, side="left", device=device)
@@ -42,8 +44,12 @@ def score_ar(denoiser, requests, *, batch_size: int = 16, progress=None,
             continuation = requests[i][1]
             rows = log_probs[row, keep - len(continuation):]
             truth = torch.tensor(continuation, device=device)
-            value = rows.gather(-1, truth[:, None]).sum()
-            results[i] = (float(value), bool((rows.argmax(-1) == truth).all()))
+            terms = rows.gather(-1, truth[:, None])[:, 0]
+            results[i] = (float(terms.sum()), bool((rows.argmax(-1) == truth).all()))
+            if per_token is not None:
+                tokens[i] = terms.tolist()
         if progress is not None:
             progress(len(chunk))
+    if per_token is not None:
+        per_token[:] = tokens
     return results

@@ -52,12 +52,13 @@ def block_row(context: list[int], continuation: list[int], block_size: int, shif
 
 @torch.no_grad()
 def score_blocks(denoiser, requests, *, batch_size: int = 16, lookahead: int | None = None, progress=None,
-                 stats: dict | None = None) -> list[tuple[float, bool]]:
+                 stats: dict | None = None, per_token: list | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) per request, in request order; stats["nfe"] += requests run (one forward each).
-    lookahead: as `block_row`'s."""
+    lookahead: as `block_row`'s. per_token: if given (a list), filled with each request's token log-probabilities
+    (the terms of its sum), in request order, for analyses by position (eval/token_offsets.py)."""
     requests = check_requests(requests, need_context=denoiser.shift)
     denoiser.eval()
-    device, results = device_of(denoiser), [None] * len(requests)
+    device, results, tokens = device_of(denoiser), [None] * len(requests), [None] * len(requests)
     rows_of = {i: block_row(*requests[i], denoiser.block_size, denoiser.shift, denoiser.mask_id, lookahead)
                for i in range(len(requests))}
     for chunk in length_chunks([len(rows_of[i][0]) for i in range(len(requests))], batch_size):
@@ -82,7 +83,12 @@ def score_blocks(denoiser, requests, *, batch_size: int = 16, lookahead: int | N
             truth = torch.tensor(requests[i][1], device=device)
             part = log_probs[at:at + len(truth)]
             at += len(truth)
-            results[i] = (float(part.gather(-1, truth[:, None]).sum()), bool((part.argmax(-1) == truth).all()))
+            terms = part.gather(-1, truth[:, None])[:, 0]
+            results[i] = (float(terms.sum()), bool((part.argmax(-1) == truth).all()))
+            if per_token is not None:
+                tokens[i] = terms.tolist()
         if progress is not None:
             progress(len(chunk))
+    if per_token is not None:
+        per_token[:] = tokens
     return results
