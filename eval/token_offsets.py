@@ -49,44 +49,40 @@ def accuracy(requests, terms) -> float:
     return float(np.mean([hit for _, hit in best.values()]))
 
 
-def groups_of(continuation_len: int, block: int) -> list[tuple[int, int]]:
-    """(offset inside block, block index) of each continuation token."""
-    return [(i % block, i // block) for i in range(continuation_len)]
-
-
-def in_last_block(continuation_len: int, block: int) -> list[bool]:
-    """Whether each continuation token sits in the continuation's last block, whose masks show where it ends."""
+def tags_of(continuation_len: int, block: int) -> list[tuple[int, int, bool]]:
+    """(offset inside block, block index, in the continuation's last block) of each continuation token; the last
+    block's masks show where the continuation ends."""
     last = (continuation_len - 1) // block
-    return [i // block == last for i in range(continuation_len)]
+    return [(i % block, i // block, i // block == last) for i in range(continuation_len)]
 
 
 def summarize(requests, lad, parent, block: int) -> dict:
-    """Per-token Δ (run − parent) by offset and by block, gold endings apart; and the accuracy with the parent's
-    terms substituted at one offset (or block) at a time."""
+    """Per-token Δ (run − parent) by offset, by block and last block vs earlier, gold endings apart; and the
+    accuracy with the parent's terms substituted at one such group at a time."""
+    tags = [tags_of(len(m), block) for m in lad]  # once per request, for every grouping below
+
     def substituted(pick) -> float:
-        mixed = [[pi if pick(o, b, last) else mi
-                  for (o, b), last, mi, pi in zip(groups_of(len(m), block), in_last_block(len(m), block), m, p)]
-                 for m, p in zip(lad, parent)]
-        return accuracy(requests, mixed)
+        return accuracy(requests, [[pi if pick(*t) else mi for t, mi, pi in zip(ts, m, p)]
+                                   for ts, m, p in zip(tags, lad, parent)])
 
     def table(key) -> dict:
         cells: dict = {}
-        for (doc, choice, gold, *_), m, p in zip(requests, lad, parent):
-            for g, last, mi, pi in zip(groups_of(len(m), block), in_last_block(len(m), block), m, p):
-                cells.setdefault(key(*g, last), {"gold": [], "other": []})["gold" if choice == gold else "other"].append(mi - pi)
+        for (doc, choice, gold, *_), ts, m, p in zip(requests, tags, lad, parent):
+            for t, mi, pi in zip(ts, m, p):
+                cells.setdefault(key(*t), {"gold": [], "other": []})["gold" if choice == gold else "other"].append(mi - pi)
         return {str(k): {"tokens": len(v["gold"]) + len(v["other"]),
                          "delta_gold": round(float(np.mean(v["gold"])), 4) if v["gold"] else None,
                          "delta_other": round(float(np.mean(v["other"])), 4) if v["other"] else None}
                 for k, v in sorted(cells.items())}
 
-    blocks = sorted({b for m in lad for _, b in groups_of(len(m), block)})
+    blocks = sorted({t[1] for ts in tags for t in ts})
     return {"acc_run": accuracy(requests, lad), "acc_parent": accuracy(requests, parent),
             "by_offset": table(lambda o, b, last: o), "by_block": table(lambda o, b, last: min(b, 3)),
             "by_last_block": table(lambda o, b, last: "last" if last else "earlier"),
             "acc_parent_at_offset": {str(o): substituted(lambda oo, _b, _l, o=o: oo == o) for o in range(block)},
             "acc_parent_at_block": {str(b): substituted(lambda _o, bb, _l, b=b: bb == b) for b in blocks[:4]},
-            "acc_parent_at_last_block": substituted(lambda _o, _b, last: last),
-            "acc_parent_at_earlier_blocks": substituted(lambda _o, _b, last: not last),
+            "acc_parent_at_last_block": {name: substituted(lambda _o, _b, last, want=name == "last": last == want)
+                                         for name in ("earlier", "last")},
             "acc_parent_except_offset0": substituted(lambda oo, _b, _l: oo != 0)}
 
 
@@ -109,7 +105,7 @@ def print_table(summary: dict, block: int) -> None:
         print(f"| {b}{'+' if b == '3' else ''} | {row['tokens']} | {signed(row['delta_gold'])} | "
               f"{signed(row['delta_other'])} | {cell(acc, '.3f')} |")
     for name in ("earlier", "last"):
-        row, acc = summary["by_last_block"][name], summary[f"acc_parent_at_{name}{'_blocks' if name == 'earlier' else '_block'}"]
+        row, acc = summary["by_last_block"][name], summary["acc_parent_at_last_block"][name]
         print(f"| {name} block{'s' if name == 'earlier' else ''} | {row['tokens']} | {signed(row['delta_gold'])} | "
               f"{signed(row['delta_other'])} | {acc:.3f} |")
 

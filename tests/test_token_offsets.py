@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.token_offsets import accuracy, groups_of, summarize
+from eval.token_offsets import accuracy, summarize, tags_of
 from lad.modeling.denoiser import Denoiser
 from lad.scoring import score_ar
 from lad.scoring.blocks import score_blocks
@@ -44,7 +44,8 @@ def test_per_token_terms_add_up_to_the_scores(scorer):
 
 
 def test_groups_and_accuracy_by_hand():
-    assert groups_of(5, 2) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+    assert tags_of(5, 2) == [(0, 0, False), (1, 0, False), (0, 1, False), (1, 1, False), (0, 2, True)]
+    assert tags_of(4, 2) == [(0, 0, False), (1, 0, False), (0, 1, True), (1, 1, True)]
     # two documents of two choices; gold is choice 1 in doc 0 and choice 0 in doc 1
     requests = [(0, 0, 1, [], [1, 2]), (0, 1, 1, [], [1, 2]), (1, 0, 0, [], [1, 2]), (1, 1, 0, [], [1, 2])]
     run = [[-1.0, -1.0], [-1.5, -0.9], [-1.0, -3.0], [-1.0, -1.0]]  # doc 0 wrong (-2 > -2.4), doc 1 wrong (-4 < -2)
@@ -55,6 +56,8 @@ def test_groups_and_accuracy_by_hand():
     # the runs differ only at offset 1: the parent's terms there give the parent's accuracy, at offset 0 nothing
     assert summary["acc_parent_at_offset"] == {"0": 0.0, "1": 1.0}
     assert summary["acc_parent_except_offset0"] == 1.0
+    # two-token endings in blocks of 2: one block, the last; the parent's terms there give the parent's accuracy
+    assert summary["acc_parent_at_last_block"] == {"earlier": 0.0, "last": 1.0}
     assert summary["by_offset"]["0"] == {"tokens": 4, "delta_gold": 0.0, "delta_other": 0.0}
     # offset 1: gold endings differ by (-0.9 - -0.9) and (-3.0 - -0.5); the others by (-1 - -2) and 0
     assert summary["by_offset"]["1"] == {"tokens": 4, "delta_gold": -1.25, "delta_other": 0.5}
