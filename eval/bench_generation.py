@@ -35,14 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (cell, command_line, environment, load_denoiser, prompt_set, quiet, save_figure,  # noqa: E402
                          write_record)
 from lad.quality import answer_quality  # noqa: E402
+from lad.sampling.options import OPTIONS  # noqa: E402
 
 SETTINGS = ("confidence:iters=N", "confidence:iters=N/2", "confidence:iters=N/4", "threshold:threshold=0.9,iters=N",
             "threshold:threshold=0.7,iters=N", "threshold:threshold=0.7,iters=N,carry=false",
             "threshold:threshold=0.5,iters=N")
 
 
-FLAGS = ("carry", "prefix_cache", "block_cache", "delay_eos", "stop_at_eos", "adaptive")
-INTEGERS = ("draft_length", "max_draft")
+FLAGS = tuple(k for k, o in OPTIONS.items() if o.kind is bool)  # the samplers' own table (lad/sampling/options.py)
+INTEGERS = tuple(k for k, o in OPTIONS.items() if o.kind is int)
 
 
 def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:

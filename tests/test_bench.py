@@ -189,6 +189,11 @@ def test_generation_bench_settings_parse_as_written():
         ("threshold", {"threshold": 0.7, "iters": 128, "carry": False})
     assert parse_setting("confidence:iters=N/4", 64) == ("confidence", {"iters": 16})
     assert parse_setting("ar", 64) == ("ar", {})
+    # every sampler flag and integer option parses by its own type (lad/sampling/options.py)
+    assert parse_setting("confidence:iters=N/2,delay_repeats=true,stop_at_eos=0", 64) == \
+        ("confidence", {"iters": 32, "delay_repeats": True, "stop_at_eos": False})
+    assert parse_setting("speculative:draft_length=4,adaptive=on,max_draft=8", 64) == \
+        ("speculative", {"draft_length": 4, "adaptive": True, "max_draft": 8})
     assert overlap([1, 2, 3], [1, 5, 3, 4]) == 0.5 and overlap([], []) == 1.0
 
 

@@ -85,9 +85,10 @@ def test_settings_to_sampler_options():
                        "temperature": 0.0, "seed": 3, "threshold": 0.9, "draft_length": 4}  # remask default, one block: out
     assert isinstance(options["iters"], int)
     noiseless = view.sampler_options(**{**SETTINGS, "no_noise": True, "noise_start": 0.8, "remask": "confidence",
-                                        "block_length": 4, "delay_eos": True, "block_cache": True})
+                                        "block_length": 4, "delay_eos": True, "delay_repeats": True,
+                                        "block_cache": True})
     assert noiseless["noise_start"] == 0.0 and noiseless["remask"] == "confidence" and noiseless["block_length"] == 4
-    assert noiseless["delay_eos"] is True and noiseless["block_cache"] is True
+    assert noiseless["delay_eos"] is True and noiseless["block_cache"] is True and noiseless["delay_repeats"] is True
 
 
 def test_the_page_controls_take_their_ranges_and_choices_from_the_options_table():

@@ -303,6 +303,21 @@ def test_confidence_delay_eos(run):
         assert out.text == "" and out.steps[-1].tokens == tokens
 
 
+def test_confidence_delay_repeats(run):
+    _, tokenizer = run
+    a, b = 97, 98
+    tokens = [a, a, a, b, b, 99, 100, 101]
+    probs = [0.5, 0.9, 0.8, 0.4, 0.95, 0.3, 0.35, 0.45]
+    plain = confidence(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=8, iters=4,
+                       stop_at_eos=False, trace=True)[0]
+    assert committed_at(plain.steps) == [1, 0, 1, 2, 0, 3, 3, 2]  # two per forward, most confident first
+    out = confidence(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=8, iters=4,
+                     delay_repeats=True, stop_at_eos=False, trace=True)[0]
+    # a slot repeating the word of the masked slot left of it waits until that one is committed
+    assert committed_at(out.steps) == [0, 1, 2, 1, 2, 3, 3, 0] and out.nfe == 4
+    assert out.steps[-1].tokens == tokens
+
+
 # ---------------------------------------------------------------- threshold (Fast-dLLM)
 
 
@@ -360,6 +375,20 @@ def test_threshold_delay_eos(run):
     plain = threshold(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=6, iters=6, threshold=0.9,
                       stop_at_eos=False, trace=True)[0]
     assert committed_at(plain.steps) == [0, 0, 0, 1, 2, 0]
+
+
+def test_threshold_delay_repeats(run):
+    _, tokenizer = run
+    tokens = [97, 97, 97, 98, 98, 99, 100, 101]
+    probs = [0.5, 0.9, 0.8, 0.4, 0.95, 0.3, 0.35, 0.45]
+    plain = threshold(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=8, iters=8, threshold=0.7,
+                      stop_at_eos=False, trace=True)[0]
+    assert committed_at(plain.steps)[:5] == [1, 0, 0, 3, 0]  # three above τ at once, two of them one word
+    out = threshold(fake(tokenizer, tokens, probs), tokenizer, ["x"], max_new_tokens=8, iters=8, threshold=0.7,
+                    delay_repeats=True, stop_at_eos=False, trace=True)[0]
+    # repeats of a masked left neighbour are not committed by τ, nor forced while anything else is eligible;
+    # the block's last allowed forward (the 8th) commits what is left
+    assert committed_at(out.steps) == [0, 1, 2, 4, 5, 7, 6, 3] and out.nfe == 8
 
 
 # ---------------------------------------------------------------- ar (the AR parent)

@@ -33,8 +33,8 @@ def describe(model: DemoModel) -> str:
 
 
 SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_start", "retention", "temperature",
-            "pause", "remask", "threshold", "block_length", "delay_eos", "block_cache", "draft_length",
-            "polish", "compare")  # on_run's order
+            "pause", "remask", "threshold", "block_length", "delay_eos", "delay_repeats", "block_cache",
+            "draft_length", "polish", "compare")  # on_run's order
 
 
 def option_slider(gr, name: str, top: float, value, step: float, **kwargs):
@@ -70,6 +70,8 @@ def settings_controls(gr, model: DemoModel) -> dict:
         with gr.Row():
             delay_eos = gr.Checkbox(False, label="Delay EOS (confidence, threshold: commit the end last)",
                                     elem_id="lad-delay-eos")
+            delay_repeats = gr.Checkbox(False, label="Delay repeats (confidence, threshold: a mask repeating the "
+                                        "word of the mask left of it waits for it)", elem_id="lad-delay-repeats")
             block_cache = gr.Checkbox(False, label="Block cache (confidence, threshold with blocks: faster, "
                                       "approximate)", elem_id="lad-block-cache")
             draft_length = option_slider(gr, "draft_length", MAX_DRAFT, DRAFT_LENGTH, 1,
@@ -80,8 +82,9 @@ def settings_controls(gr, model: DemoModel) -> dict:
             compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
     return dict(strategy=strategy, iterations=iterations, max_new=max_new, seed=seed, no_noise=no_noise,
                 noise_start=noise_start, retention=retention, temperature=temperature, pause=pause, remask=remask,
-                threshold=threshold, block_length=block_length, delay_eos=delay_eos, block_cache=block_cache,
-                draft_length=draft_length, polish=polish, compare=compare)
+                threshold=threshold, block_length=block_length, delay_eos=delay_eos,
+                delay_repeats=delay_repeats, block_cache=block_cache, draft_length=draft_length, polish=polish,
+                compare=compare)
 
 
 class Sessions:
@@ -165,13 +168,15 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             return gr.Button("Running…", interactive=False), "Waiting for the model…"
 
         def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                   pause, remask, threshold, block_length, delay_eos, block_cache, draft_length, polish, compare,
+                   pause, remask, threshold, block_length, delay_eos, delay_repeats, block_cache, draft_length, polish,
+                   compare,
                    request: gr.Request):
             key = session(request)
             state = sessions.start(key)
             settings = dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, noise_start=noise_start,
                             no_noise=no_noise, retention=retention, remask=remask, temperature=temperature,
                             seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos,
+                            delay_repeats=delay_repeats,
                             block_cache=block_cache, draft_length=draft_length, polish=polish)
             last = False
             try:

@@ -136,12 +136,13 @@ def _option(label: str, name: str, value):
 
 def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_noise: bool, retention: str,
                     remask: str, temperature, seed, threshold, block_length, delay_eos: bool = False,
-                    block_cache: bool = False, draft_length=DRAFT_LENGTH) -> dict:
+                    delay_repeats: bool = False, block_cache: bool = False, draft_length=DRAFT_LENGTH) -> dict:
     """The page's settings as keyword options of the strategy function; SettingsError names a bad one.
 
     `no_noise` ("disable intermediate noising") is refine's noise_start=0: noiseless refinement.
     `remask="default"` keeps the strategy's own default; `block_length` 0 means one block (the whole answer).
     `delay_eos` (confidence, threshold) commits EOS last, so an easy, confident EOS cannot end the answer early.
+    `delay_repeats` (confidence, threshold): a mask predicting the word of the mask left of it waits for it.
     `block_cache` (confidence, threshold) freezes the rest of the answer's K/V while a block is decoded (faster,
     approximate; docs/sampling.md). `draft_length` (speculative): tokens drafted per round.
     """
@@ -166,6 +167,8 @@ def sampler_options(strategy: str, iterations, max_new_tokens, noise_start, no_n
         options["remask"] = remask
     if delay_eos:
         options["delay_eos"] = True
+    if delay_repeats:
+        options["delay_repeats"] = True
     if block_cache:
         options["block_cache"] = True
     return options

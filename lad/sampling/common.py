@@ -231,6 +231,16 @@ def predict_slots(denoiser, canvas: Canvas, cache, generators: list[torch.Genera
     return tokens, conf, block_state
 
 
+def repeats_masked_neighbour(predicted: Tensor, masked: Tensor) -> Tensor:
+    """Bool [B, N]: masked slots predicting the same token as the masked slot just left of them (the leftmost slot
+    of such a run is not one). One forward predicts each masked slot as if its neighbours were unknown, so it
+    often writes one word into several adjacent slots ("Japan Japan Japan"); committed one at a time, the next
+    slot is predicted knowing the word is already there (`delay_repeats`)."""
+    repeats = torch.zeros_like(masked)
+    repeats[:, 1:] = masked[:, 1:] & masked[:, :-1] & (predicted[:, 1:] == predicted[:, :-1])
+    return repeats
+
+
 def settled(answer: Tensor, eos: Tensor, mask_id: int) -> Tensor:
     """Bool [B]: rows whose text can no longer change — an EOS with every slot before it committed. For samplers
     that never change a committed token (confidence, threshold) the rest of such a row is noise that `finish`

@@ -10,6 +10,10 @@ Which ones: `remask="confidence"` commits the slots whose predicted token has th
 "low_confidence" remasking: the least confident stay masked); `remask="random"` commits random slots.
 `delay_eos=True` gives EOS candidates the lowest priority, so EOS is committed only once the quota cannot be
 filled otherwise — the model cannot end the answer early just because EOS is an easy, confident prediction.
+`delay_repeats=True` gives the lowest priority (below EOS) to a masked slot that predicts the same token as the
+masked slot just left of it: one forward writes one likely word into several adjacent masks ("Japan Japan
+Japan"), and committing them together is how parallel decoding loops; the slot waits until its left neighbour
+is committed and is then predicted knowing it. It changes only which slots a forward commits, never how many.
 
 `iters` is the NFE budget: one forward per iteration, NFE = n_blocks · steps (== iters when iters is a multiple
 of the number of blocks). LLaDA runs forwards that commit nothing when steps > block_length; we cap steps at
@@ -38,7 +42,7 @@ import torch
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
-                     record_step, row_generators, sampler_cache, settled)
+                     record_step, repeats_masked_neighbour, row_generators, sampler_cache, settled)
 from .options import check_values
 
 
@@ -68,6 +72,7 @@ def blocks_of(max_new_tokens: int, iters: int, block_length: int | None) -> tupl
 def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
                seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                block_length: int | None = None, remask: str = "confidence", delay_eos: bool = False,
+               delay_repeats: bool = False,
                prefix_cache: bool | None = None, block_cache: bool = False, carry: bool = True,
                stop_at_eos: bool = True, chat_template: bool = True, on_step=None, trace: bool = False):
     check_values(remask=remask)
@@ -102,6 +107,8 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
                 priority = torch.stack([torch.rand(n, generator=g, device=g.device) for g in generators]).to(device)
             if delay_eos:  # priorities are in [0, 1]: every EOS candidate ranks below every other token
                 priority = priority - 2.0 * torch.isin(predicted, eos_tensor)
+            if delay_repeats:  # below every EOS candidate too
+                priority = priority - 4.0 * repeats_masked_neighbour(predicted, before == mask_id)
             eligible = in_block & (before == mask_id)
             priority = priority.masked_fill(~eligible, float("-inf"))
             chosen = torch.zeros_like(eligible)

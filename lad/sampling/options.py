@@ -31,6 +31,8 @@ OPTIONS: dict[str, Option] = {
     "threshold": Option(float, "threshold: commit slots with confidence >= this (> 1: one token per step)", low=0,
                         rule=">= 0 (a probability; > 1 commits one token per step)"),
     "delay_eos": Option(bool, f"{SLOTS}: commit EOS last"),
+    "delay_repeats": Option(bool, f"{SLOTS}: a masked slot predicting the word of the masked slot left of it waits "
+                                  "until that one is committed (parallel commits of one word loop)"),
     "prefix_cache": Option(bool, "refine, confidence, threshold: compute the prompt's K/V once and run only the "
                                  "answer slots (faster; approximate for a bidirectional run, exact for a prompt-causal "
                                  "one, where it is on unless --no-prefix-cache)", negatable=True),

@@ -11,6 +11,9 @@ in it is committed, so NFE <= iters always (a block usually finishes sooner). `t
 per forward; `threshold > 1` commits one token per forward (pure confidence order).
 `delay_eos=True`: an EOS candidate is committed only when no other masked slot is left in the block (or at the
 forced last iteration) — the model cannot end the answer early because EOS is an easy, confident prediction.
+`delay_repeats=True`: a masked slot predicting the same token as the masked slot just left of it is not committed
+by τ, and is the forward's one forced commit only when nothing else is eligible (as in `confidence`: one forward
+writes one likely word into several adjacent masks, and committing them together is how parallel decoding loops).
 
 Rows advance independently: a row whose block is complete moves on to its next block at the next forward while
 the others finish theirs, so a prompt's output is the same alone or in a batch. NFE counts the batch's forwards.
@@ -37,7 +40,7 @@ import torch
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
 from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
-                     record_step, row_generators, sampler_cache, settled)
+                     record_step, repeats_masked_neighbour, row_generators, sampler_cache, settled)
 from .confidence import blocks_of
 from .options import check_values
 
@@ -45,9 +48,9 @@ from .options import check_values
 @torch.no_grad()
 def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = MAX_NEW_TOKENS, iters: int = ITERS,
               seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, threshold: float = 0.9,
-              block_length: int | None = None, delay_eos: bool = False, prefix_cache: bool | None = None,
-              block_cache: bool = False, carry: bool = True, stop_at_eos: bool = True, chat_template: bool = True,
-              on_step=None, trace: bool = False):
+              block_length: int | None = None, delay_eos: bool = False, delay_repeats: bool = False,
+              prefix_cache: bool | None = None, block_cache: bool = False, carry: bool = True,
+              stop_at_eos: bool = True, chat_template: bool = True, on_step=None, trace: bool = False):
     tau = threshold
     check_values(threshold=tau)  # also refuses NaN
     started = time.perf_counter()
@@ -80,9 +83,10 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         if shared_blocks:
             eligible &= block[:, None] == shared  # rows ahead wait for the others
         is_eos = torch.isin(predicted, eos_tensor) if delay_eos else torch.zeros_like(eligible)
-        commit = eligible & (conf >= tau) & ~is_eos
-        # at least one per row: the most confident (non-EOS first when delaying EOS; confidence is in [0, 1])
-        priority = (conf - 2.0 * is_eos.float()).masked_fill(~eligible, float("-inf"))
+        repeats = repeats_masked_neighbour(predicted, before == mask_id) & delay_repeats
+        commit = eligible & (conf >= tau) & ~is_eos & ~repeats
+        # at least one per row: the most confident (non-EOS, non-repeat first when delaying them; conf is in [0, 1])
+        priority = (conf - 2.0 * is_eos.float() - 4.0 * repeats.float()).masked_fill(~eligible, float("-inf"))
         commit |= torch.zeros_like(eligible).scatter_(1, priority.argmax(-1, keepdim=True), True) & eligible
         others_left = (eligible & ~is_eos & ~commit).any(dim=-1, keepdim=True)
         commit |= eligible & (conf >= tau) & is_eos & ~others_left  # EOS once nothing else is left
