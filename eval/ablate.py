@@ -5,7 +5,7 @@
     python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
     python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary,\
         block8_pkl
-    python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair,pc_draft,pc_draft_local,pc_draft_local_parent,pc_draft_local_w4,pc_draft_local_hour,pc_draft_parent,pc_structural_noshift --tasks none --quality 0  # issue 31
+    python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair,pc_draft,pc_draft_local,pc_draft_local_parent,pc_draft_local_w4,pc_draft_local_hour,pc_draft_local_320,block4_draft_local_hour,pc_draft_parent,pc_structural_noshift --tasks none --quality 0  # issue 31
 
 Each variant trains recipes/smollm2_135m_corpora.yaml with the same data, seed and steps plus its overrides (runs/ablate/),
 then is scored with `lad-eval --iters 16` in both reveal orders on the local dev splits; the AR parent is scored
@@ -100,6 +100,16 @@ VARIANTS = {
     "pc_draft_local_hour": ["max_steps=160", "shift=true", "attention=prompt_causal", "noise.objective=structural",
                             "noise.draft_share=0.5", "noise.replace_rate=0.3", "noise.swap_rate=0.2",
                             "noise.duplicate_rate=0", "noise.span_shift_rate=0"],
+    # the same at twice the one-hour budget (320 steps, about 35 CPU-minutes): 80 → 160 steps moved the frontier
+    # (more repairs and half the damage); does it keep moving?
+    "pc_draft_local_320": ["max_steps=320", "shift=true", "attention=prompt_causal", "noise.objective=structural",
+                           "noise.draft_share=0.5", "noise.replace_rate=0.3", "noise.swap_rate=0.2",
+                           "noise.duplicate_rate=0", "noise.span_shift_rate=0"],
+    # pc_draft_local_hour's schedule on the block-causal layout (blocks of 4; edits stay inside their block): does
+    # reading a block against clean earlier blocks change what a polish pass repairs or damages?
+    "block4_draft_local_hour": ["max_steps=160", "shift=true", "attention=block_causal", "block_size=4",
+                                "noise.objective=structural", "noise.draft_share=0.5", "noise.replace_rate=0.3",
+                                "noise.swap_rate=0.2", "noise.duplicate_rate=0", "noise.span_shift_rate=0"],
     # pc_structural without the shift: slot j read at its own position, where copying a right token is the
     # identity (under the shift it must be read from position j-1, whose pretrained guess is the next token)
     "pc_structural_noshift": ["shift=false", "attention=prompt_causal", "noise.objective=structural"],
