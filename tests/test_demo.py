@@ -100,7 +100,7 @@ def test_the_page_controls_take_their_ranges_and_choices_from_the_options_table(
     gr = import_gradio()
     with gr.Blocks():
         controls = settings_controls(gr, SimpleNamespace(denoiser=SimpleNamespace(info=None)))
-    sliders = {"iterations": "iters", "max_new": "max_new_tokens", "noise_start": "noise_start",
+    sliders = {"iterations": "iters", "max_new_tokens": "max_new_tokens", "noise_start": "noise_start",
                "temperature": "temperature", "threshold": "threshold", "draft_length": "draft_length",
                "polish": "polish"}
     for control, option in sliders.items():

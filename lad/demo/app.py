@@ -32,11 +32,6 @@ def describe(model: DemoModel) -> str:
             f"step {info.step}" + (f"\n\n**Note:** {note}." if note else ""))
 
 
-SETTINGS = ("strategy", "iterations", "max_new", "seed", "no_noise", "noise_start", "retention", "temperature",
-            "pause", "remask", "threshold", "block_length", "delay_eos", "delay_repeats", "block_cache",
-            "draft_length", "polish", "compare")  # on_run's order
-
-
 def option_slider(gr, name: str, top: float, value, step: float, **kwargs):
     """A slider over option `name`'s valid range (lad/sampling/options.py, as lad-generate checks it); `top` is
     the page's own end where the option has none (iterations, temperature), or a lower one."""
@@ -46,7 +41,9 @@ def option_slider(gr, name: str, top: float, value, step: float, **kwargs):
 
 
 def settings_controls(gr, model: DemoModel) -> dict:
-    """The Settings accordion (inside the page's Blocks): {name in SETTINGS: its component}."""
+    """The Settings accordion (inside the page's Blocks): {setting: its component}, the one list of the page's
+    settings (`on_run` receives their values in this order; the names are `DemoModel.stream`'s, plus `pause` and
+    `compare`)."""
     with gr.Accordion("Settings", open=True):
         with gr.Row():
             strategy = gr.Dropdown(list(STRATEGIES), value=default_strategy(model.denoiser), label="Strategy",
@@ -80,7 +77,7 @@ def settings_controls(gr, model: DemoModel) -> dict:
             polish = option_slider(gr, "polish", 8, 0, 1, label="Polish passes (any strategy: noiseless refinement "
                                    "of the finished draft)", elem_id="lad-polish")
             compare = gr.Checkbox(False, label="Compare with the AR parent (both timings)", elem_id="lad-compare")
-    return dict(strategy=strategy, iterations=iterations, max_new=max_new, seed=seed, no_noise=no_noise,
+    return dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, seed=seed, no_noise=no_noise,
                 noise_start=noise_start, retention=retention, temperature=temperature, pause=pause, remask=remask,
                 threshold=threshold, block_length=block_length, delay_eos=delay_eos,
                 delay_repeats=delay_repeats, block_cache=block_cache, draft_length=draft_length, polish=polish,
@@ -167,17 +164,11 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             sessions.ask(session(request))
             return gr.Button("Running…", interactive=False), "Waiting for the model…"
 
-        def on_run(prompt, strategy, iterations, max_new, seed, no_noise, noise_start, retention, temperature,
-                   pause, remask, threshold, block_length, delay_eos, delay_repeats, block_cache, draft_length, polish,
-                   compare,
-                   request: gr.Request):
+        def on_run(request: gr.Request, prompt, *values):  # values: the controls' values, in `controls`' order
             key = session(request)
             state = sessions.start(key)
-            settings = dict(strategy=strategy, iterations=iterations, max_new_tokens=max_new, noise_start=noise_start,
-                            no_noise=no_noise, retention=retention, remask=remask, temperature=temperature,
-                            seed=seed, threshold=threshold, block_length=block_length, delay_eos=delay_eos,
-                            delay_repeats=delay_repeats,
-                            block_cache=block_cache, draft_length=draft_length, polish=polish)
+            settings = dict(zip(controls, values))
+            pause, compare = settings.pop("pause"), settings.pop("compare")
             last = False
             try:
                 frames = () if state["stop"].is_set() else model.stream(prompt, settings, pause, compare,
@@ -198,7 +189,7 @@ def build_app(model: DemoModel, title: str = "LAD demo"):
             line = sessions.stop(session(request))
             return (gr.skip() if line is None else line), ready()
 
-        inputs = [prompt, *(controls[name] for name in SETTINGS)]
+        inputs = [prompt, *controls.values()]
         outputs = [lad_out, ar_out, status, run]
         for trigger in (run.click, prompt.submit):
             trigger(on_ask, None, [run, status], queue=False).then(on_run, inputs, outputs)

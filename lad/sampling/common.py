@@ -241,6 +241,20 @@ def repeats_masked_neighbour(predicted: Tensor, masked: Tensor) -> Tensor:
     return repeats
 
 
+def held_back(predicted: Tensor, masked: Tensor, eos: Tensor, delay_eos: bool, delay_repeats: bool):
+    """(is_eos, repeats), bool [B, N] each: the slots `delay_eos` and `delay_repeats` hold back (all False for an
+    option that is off). One owner for both samplers, so `confidence` and `threshold` hold back the same slots."""
+    none = torch.zeros_like(masked)
+    is_eos = torch.isin(predicted, eos) if delay_eos else none
+    repeats = repeats_masked_neighbour(predicted, masked) if delay_repeats else none
+    return is_eos, repeats
+
+
+def rank_held_back_last(priority: Tensor, is_eos: Tensor, repeats: Tensor) -> Tensor:
+    """`priority` (in [0, 1]) with every EOS candidate below every other slot and every repeat below both."""
+    return priority - 2.0 * is_eos.float() - 4.0 * repeats.float()
+
+
 def settled(answer: Tensor, eos: Tensor, mask_id: int) -> Tensor:
     """Bool [B]: rows whose text can no longer change — an EOS with every slot before it committed. For samplers
     that never change a committed token (confidence, threshold) the rest of such a row is noise that `finish`

@@ -41,8 +41,8 @@ import time
 import torch
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
-from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
-                     record_step, repeats_masked_neighbour, row_generators, sampler_cache, settled)
+from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, held_back, predict_slots,
+                     prepare, rank_held_back_last, record_step, row_generators, sampler_cache, settled)
 from .options import check_values
 
 
@@ -105,10 +105,8 @@ def confidence(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int =
                 priority = conf.clone()
             else:
                 priority = torch.stack([torch.rand(n, generator=g, device=g.device) for g in generators]).to(device)
-            if delay_eos:  # priorities are in [0, 1]: every EOS candidate ranks below every other token
-                priority = priority - 2.0 * torch.isin(predicted, eos_tensor)
-            if delay_repeats:  # below every EOS candidate too
-                priority = priority - 4.0 * repeats_masked_neighbour(predicted, before == mask_id)
+            priority = rank_held_back_last(priority, *held_back(predicted, before == mask_id, eos_tensor, delay_eos,
+                                                                delay_repeats))
             eligible = in_block & (before == mask_id)
             priority = priority.masked_fill(~eligible, float("-inf"))
             chosen = torch.zeros_like(eligible)

@@ -39,8 +39,8 @@ import time
 import torch
 
 from ..defaults import ITERS, MAX_NEW_TOKENS
-from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, predict_slots, prepare,
-                     record_step, repeats_masked_neighbour, row_generators, sampler_cache, settled)
+from .common import (decode_blocks, eos_token_ids, extra_forwards, finish, growing_cache, held_back, predict_slots,
+                     prepare, rank_held_back_last, record_step, row_generators, sampler_cache, settled)
 from .confidence import blocks_of
 from .options import check_values
 
@@ -82,11 +82,10 @@ def threshold(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         eligible = (slot_block[None, :] == block[:, None]) & (before == mask_id)  # done rows: nothing eligible
         if shared_blocks:
             eligible &= block[:, None] == shared  # rows ahead wait for the others
-        is_eos = torch.isin(predicted, eos_tensor) if delay_eos else torch.zeros_like(eligible)
-        repeats = repeats_masked_neighbour(predicted, before == mask_id) & delay_repeats
+        is_eos, repeats = held_back(predicted, before == mask_id, eos_tensor, delay_eos, delay_repeats)
         commit = eligible & (conf >= tau) & ~is_eos & ~repeats
         # at least one per row: the most confident (non-EOS, non-repeat first when delaying them; conf is in [0, 1])
-        priority = (conf - 2.0 * is_eos.float() - 4.0 * repeats.float()).masked_fill(~eligible, float("-inf"))
+        priority = rank_held_back_last(conf, is_eos, repeats).masked_fill(~eligible, float("-inf"))
         commit |= torch.zeros_like(eligible).scatter_(1, priority.argmax(-1, keepdim=True), True) & eligible
         others_left = (eligible & ~is_eos & ~commit).any(dim=-1, keepdim=True)
         commit |= eligible & (conf >= tau) & is_eos & ~others_left  # EOS once nothing else is left
