@@ -12,6 +12,10 @@ the `ar` strategy) on the same weights and prompts, and reports:
     distinct-2   distinct bigrams over all bigrams of all answers (low: repetitive)
     overlap      share of positions holding the parent's own greedy token (over the longer of the two answers)
 
+`merged=true` in a setting folds the LoRA weights into the base for that setting's calls (PEFT `merge_adapter`,
+undone after each call, outside the timer): the speed of a `lad export`ed model, without the adapter's two small
+products per layer, next to the parent on the same weights. Ungated runs only (a gate cannot be merged).
+
 Timing passes go round robin over the methods (`--repeats`, after one warmup pass), so a slow spell on the
 machine hits all alike; medians are reported. Quality comes from the first timed pass (greedy is deterministic).
 The prompts are lad/data/builtin_prompts.jsonl from `--offset` on: the block-causal recipe distils the parent's
@@ -29,6 +33,7 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,7 +58,7 @@ def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
     options = {}
     for item in filter(None, rest.split(",")):
         key, value = item.split("=", 1)
-        if key in FLAGS:
+        if key in FLAGS or key == "merged":
             options[key] = value.lower() in ("1", "true", "yes", "on")
         elif key in ("iters", "block_length"):
             top, _, bottom = value.replace("N", str(max_new_tokens)).partition("/")
@@ -63,6 +68,29 @@ def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
         else:
             options[key] = float(value)
     return name, options
+
+
+@contextmanager
+def adapter_merged(denoiser, merge: bool):
+    """The LoRA weights folded into the base while the block runs (`merged=true`), then the base weights put back
+    bit for bit (from a copy kept on the CPU: PEFT's unmerge alone leaves fp32 rounding in the parent's weights)."""
+    import torch
+
+    if not merge:
+        yield
+        return
+    if getattr(denoiser, "gated", False) or not callable(getattr(denoiser.model, "merge_adapter", None)):
+        raise SystemExit("merged=true needs an ungated LoRA run (a gated adapter or a full fine-tune cannot merge)")
+    bases = [m.get_base_layer().weight for m in denoiser.model.modules() if hasattr(m, "lora_A")]
+    saved = [w.detach().to("cpu", copy=True) for w in bases]
+    denoiser.model.merge_adapter()
+    try:
+        yield
+    finally:
+        denoiser.model.unmerge_adapter()
+        with torch.no_grad():
+            for weight, copy in zip(bases, saved):
+                weight.copy_(copy)
 
 
 def answer_all(fn, denoiser, tokenizer, prompts, batch_size, options, eos_ids) -> dict:
@@ -130,7 +158,10 @@ def bench_run(run: str, settings: list[str], prompts: list[str], args) -> list[d
         for repeat in range(args.repeats + 1):  # pass 0 warms up (one batch), not timed
             for key, (name, options) in methods.items():
                 use = prompts[:batch_size] if repeat == 0 else prompts
-                result = answer_all(get_strategy(name), denoiser, tokenizer, use, batch_size, base | options, eos_ids)
+                options = dict(options)
+                with adapter_merged(denoiser, options.pop("merged", False)):
+                    result = answer_all(get_strategy(name), denoiser, tokenizer, use, batch_size, base | options,
+                                        eos_ids)
                 if repeat:
                     timings[key].append(result["s_per_prompt"])
                     first.setdefault(key, result)

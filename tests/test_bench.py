@@ -206,15 +206,46 @@ def test_generation_bench_runs_end_to_end_on_a_tiny_block_causal_run(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["--runs", str(run), "--prompts", "2", "--max-new-tokens", "8", "--batch-sizes", "1", "2",
                  "--settings", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false",
-                 "--out", str(out), "--plot", str(tmp_path / "front.png")]) == 0
+                 "confidence:iters=N/2,merged=true", "--out", str(out), "--plot", str(tmp_path / "front.png")]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["setting"], r["batch_size"]) for r in rows] == [
-        (s, b) for b in (1, 2) for s in ("ar", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false")]
+    settings = ("ar", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false",
+                "confidence:iters=N/2,merged=true")
+    assert [(r["setting"], r["batch_size"]) for r in rows] == [(s, b) for b in (1, 2) for s in settings]
+    for b in (1, 2):  # the merged adapter answers as the adapter does (fp32: the same greedy tokens)
+        plain, merged = (next(r for r in rows if r["setting"] == s and r["batch_size"] == b) for s in settings[1::2])
+        assert merged["parent_ppl"] == pytest.approx(plain["parent_ppl"], rel=1e-4)
+        assert merged["tokens_per_forward"] == plain["tokens_per_forward"]
     ar = [r for r in rows if r["setting"] == "ar"]
     assert all(r["ppl_ratio"] == pytest.approx(1.0) and r["overlap_with_ar"] == 1.0 for r in ar)
     half = next(r for r in rows if r["setting"] == "confidence:iters=N/2" and r["batch_size"] == 1)
     assert half["tokens_per_forward"] > 1.5  # two commits per forward, fewer only past EOS
     assert (tmp_path / "front.png").stat().st_size > 1000
+
+
+def test_adapter_merged_folds_the_lora_in_and_takes_it_out_again(tmp_path):
+    import torch
+    from conftest import train_tiny
+
+    from eval.bench_generation import adapter_merged
+    from eval.common import load_denoiser
+
+    run = train_tiny(tmp_path / "run", "max_steps=1", "eval_every=0", "save_every=0")
+    denoiser = load_denoiser(str(run))[0]
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    layers = [m for m in denoiser.model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in layers:  # an adapter far from zero, as after a real conversion
+            m.lora_B["default"].weight.normal_(0, 0.05)
+        before, parent = denoiser.model(input_ids=ids).logits, denoiser.parent_logits(ids)
+        with adapter_merged(denoiser, True):
+            assert layers and all(m.merged for m in layers)
+            inside = denoiser.model(input_ids=ids).logits
+        assert not any(m.merged for m in layers)
+        after, parent_after = denoiser.model(input_ids=ids).logits, denoiser.parent_logits(ids)
+    assert (before - parent).abs().max() > 1e-3  # the adapter changes the logits, so the test can see it
+    torch.testing.assert_close(inside, before, atol=1e-4, rtol=1e-4)  # fp32 rounding of W + BA
+    assert torch.equal(after, before) and torch.equal(parent_after, parent)  # the weights put back bit for bit
 
 
 def test_speculative_bench_asserts_identity_reports_acceptance_and_draft_slots(tmp_path):
