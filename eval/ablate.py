@@ -3,7 +3,7 @@
     python -m eval.ablate --steps 80 --variants mask,both,distill,suffix,anneal,shift --tasks arc_easy --limit 200
     python -m eval.ablate --variants prompt_causal,prompt_causal_mask          # the prompt read causally
     python -m eval.ablate --variants mixed,structural,rank4,attn_only,distilled,corpora_distilled   # issue 5's rows
-    python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block8_plain,block8_complementary,\
+    python -m eval.ablate --steps 40 --variants block4,block8,block16,block32,block4_nokl,block8_complementary,\
         block8_pkl
     python -m eval.ablate --variants prompt_causal_mask,pc_structural,pc_mixed,pc_repair,pc_draft,pc_draft_local,pc_draft_local_parent,pc_draft_local_w4,pc_draft_local_hour,pc_draft_local_320,block4_draft_local_hour,pc_draft_parent,pc_structural_noshift --tasks none --quality 0  # issue 31
 
@@ -63,7 +63,8 @@ VARIANTS = {
     # one-pass step reads the answer twice (three times with complementary copies), so compare at equal time too
     **{f"block{b}": ["shift=true", "attention=block_causal", f"block_size={b}", "noise.suffix_share=0.5",
                      "distill_weight=1.0"] for b in (4, 8, 16, 32)},
-    "block8_plain": ["shift=true", "attention=block_causal", "block_size=8"],
+    # block4 (the chosen size) without the KL toward the parent: what that lever buys under block-causal attention
+    "block4_nokl": ["shift=true", "attention=block_causal", "block_size=4", "noise.suffix_share=0.5"],
     "block8_complementary": ["shift=true", "attention=block_causal", "block_size=8", "noise.complementary=true",
                              "distill_weight=1.0"],
     # block8 with the prompt held to the parent (prompt_distill_weight, the lever that closed MMLU's gap)
