@@ -15,6 +15,8 @@ the `ar` strategy) on the same weights and prompts, and reports:
 `merged=true` in a setting folds the LoRA weights into the base for that setting's calls (PEFT `merge_adapter`,
 undone after each call, outside the timer): the speed of a `lad export`ed model, without the adapter's two small
 products per layer, next to the parent on the same weights. Ungated runs only (a gate cannot be merged).
+`polish=N` (and `polish_keep=P`) follows the setting's answers with up to N noiseless passes, as `generate`
+does; their time and forwards count in the setting's.
 
 Timing passes go round robin over the methods (`--repeats`, after one warmup pass), so a slow spell on the
 machine hits all alike; medians are reported. Quality comes from the first timed pass (greedy is deterministic).
@@ -39,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (cell, command_line, environment, load_denoiser, prompt_set, quiet, save_figure,  # noqa: E402
                          write_record)
+from lad.defaults import POLISH_KEEP  # noqa: E402
 from lad.quality import answer_quality  # noqa: E402
 from lad.sampling.options import OPTIONS  # noqa: E402
 
@@ -91,6 +94,17 @@ def adapter_merged(denoiser, merge: bool):
         with torch.no_grad():
             for weight, copy in zip(bases, saved):
                 weight.copy_(copy)
+
+
+def with_polish(fn, passes: int, keep: float):
+    """The strategy, then up to `passes` noiseless passes over its answers (generate()'s order), timed together."""
+    from lad.sampling.polish import polish
+
+    def run(denoiser, tokenizer, batch, **options):
+        gens = fn(denoiser, tokenizer, batch, **options)
+        return polish(denoiser, tokenizer, gens, passes, max_new_tokens=options["max_new_tokens"],
+                      chat_template=options["chat_template"], keep=keep)
+    return run
 
 
 def answer_all(fn, denoiser, tokenizer, prompts, batch_size, options, eos_ids) -> dict:
@@ -159,9 +173,12 @@ def bench_run(run: str, settings: list[str], prompts: list[str], args) -> list[d
             for key, (name, options) in methods.items():
                 use = prompts[:batch_size] if repeat == 0 else prompts
                 options = dict(options)
-                with adapter_merged(denoiser, options.pop("merged", False)):
-                    result = answer_all(get_strategy(name), denoiser, tokenizer, use, batch_size, base | options,
-                                        eos_ids)
+                merged, passes = options.pop("merged", False), options.pop("polish", 0)
+                fn = get_strategy(name)
+                if passes:
+                    fn = with_polish(fn, passes, options.pop("polish_keep", POLISH_KEEP))
+                with adapter_merged(denoiser, merged):
+                    result = answer_all(fn, denoiser, tokenizer, use, batch_size, base | options, eos_ids)
                 if repeat:
                     timings[key].append(result["s_per_prompt"])
                     first.setdefault(key, result)

@@ -206,15 +206,18 @@ def test_generation_bench_runs_end_to_end_on_a_tiny_block_causal_run(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["--runs", str(run), "--prompts", "2", "--max-new-tokens", "8", "--batch-sizes", "1", "2",
                  "--settings", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false",
-                 "confidence:iters=N/2,merged=true", "--out", str(out), "--plot", str(tmp_path / "front.png")]) == 0
+                 "confidence:iters=N/2,merged=true", "confidence:iters=N/2,polish=1,polish_keep=0.5", "--out", str(out),
+                 "--plot", str(tmp_path / "front.png")]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = ("ar", "confidence:iters=N/2", "threshold:threshold=0.5,iters=N,carry=false",
-                "confidence:iters=N/2,merged=true")
+                "confidence:iters=N/2,merged=true", "confidence:iters=N/2,polish=1,polish_keep=0.5")
     assert [(r["setting"], r["batch_size"]) for r in rows] == [(s, b) for b in (1, 2) for s in settings]
     for b in (1, 2):  # the merged adapter answers as the adapter does (fp32: the same greedy tokens)
-        plain, merged = (next(r for r in rows if r["setting"] == s and r["batch_size"] == b) for s in settings[1::2])
+        plain, merged = (next(r for r in rows if r["setting"] == s and r["batch_size"] == b) for s in (settings[1], settings[3]))
         assert merged["parent_ppl"] == pytest.approx(plain["parent_ppl"], rel=1e-4)
         assert merged["tokens_per_forward"] == plain["tokens_per_forward"]
+        polished = next(r for r in rows if r["setting"] == settings[4] and r["batch_size"] == b)
+        assert polished["tokens_per_forward"] < plain["tokens_per_forward"]  # the pass's forward is counted
     ar = [r for r in rows if r["setting"] == "ar"]
     assert all(r["ppl_ratio"] == pytest.approx(1.0) and r["overlap_with_ar"] == 1.0 for r in ar)
     half = next(r for r in rows if r["setting"] == "confidence:iters=N/2" and r["batch_size"] == 1)
