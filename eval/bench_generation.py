@@ -158,13 +158,15 @@ def overlap(answer: list[int], reference: list[int]) -> float:
 
 def bench_run(run: str, settings: list[str], prompts: list[str], args) -> list[dict]:
     """Every (batch size, setting) row of one run, each against the parent timed in the same passes."""
-    from lad.sampling import get_strategy
+    from lad.sampling import PARENT_STRATEGIES, get_strategy
     from lad.sampling.common import eos_token_ids
 
     denoiser, tokenizer, chat_template, _ = load_denoiser(run)
     eos_ids = eos_token_ids(tokenizer, denoiser)
     base = {"max_new_tokens": args.max_new_tokens, "chat_template": chat_template, "temperature": 0.0}
     methods = {"ar": ("ar", {})} | {s: parse_setting(s, args.max_new_tokens) for s in settings}
+    if any(o.get("merged") and n in PARENT_STRATEGIES for n, o in methods.values()):  # they switch the adapter off
+        raise SystemExit("merged=true is for the diffusion samplers: ar and speculative read the parent")
     rows = []
     for batch_size in args.batch_sizes:
         timings = {key: [] for key in methods}

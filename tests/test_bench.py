@@ -213,7 +213,8 @@ def test_generation_bench_runs_end_to_end_on_a_tiny_block_causal_run(tmp_path):
                 "confidence:iters=N/2,merged=true", "confidence:iters=N/2,polish=1,polish_keep=0.5")
     assert [(r["setting"], r["batch_size"]) for r in rows] == [(s, b) for b in (1, 2) for s in settings]
     for b in (1, 2):  # the merged adapter answers as the adapter does (fp32: the same greedy tokens)
-        plain, merged = (next(r for r in rows if r["setting"] == s and r["batch_size"] == b) for s in (settings[1], settings[3]))
+        plain, merged = (next(r for r in rows if r["setting"] == s and r["batch_size"] == b)
+                         for s in (settings[1], settings[3]))
         assert merged["parent_ppl"] == pytest.approx(plain["parent_ppl"], rel=1e-4)
         assert merged["tokens_per_forward"] == plain["tokens_per_forward"]
         polished = next(r for r in rows if r["setting"] == settings[4] and r["batch_size"] == b)
@@ -229,7 +230,7 @@ def test_adapter_merged_folds_the_lora_in_and_takes_it_out_again(tmp_path):
     import torch
     from conftest import train_tiny
 
-    from eval.bench_generation import adapter_merged
+    from eval.bench_generation import adapter_merged, main
     from eval.common import load_denoiser
 
     run = train_tiny(tmp_path / "run", "max_steps=1", "eval_every=0", "save_every=0")
@@ -249,6 +250,9 @@ def test_adapter_merged_folds_the_lora_in_and_takes_it_out_again(tmp_path):
     assert (before - parent).abs().max() > 1e-3  # the adapter changes the logits, so the test can see it
     torch.testing.assert_close(inside, before, atol=1e-4, rtol=1e-4)  # fp32 rounding of W + BA
     assert torch.equal(after, before) and torch.equal(parent_after, parent)  # the weights put back bit for bit
+    with pytest.raises(SystemExit, match="merged=true is for the diffusion samplers"):
+        main(["--runs", str(run), "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1",
+              "--settings", "speculative:draft_length=2,merged=true", "--out", str(tmp_path / "b.json")])
 
 
 def test_speculative_bench_asserts_identity_reports_acceptance_and_draft_slots(tmp_path):
