@@ -107,6 +107,21 @@ def with_polish(fn, passes: int, keep: float):
     return run
 
 
+def timed_method(name: str, options: dict):
+    """(the callable a setting times, its sampler options, whether its adapter is merged): `merged`, `polish` and
+    `polish_keep` are the benchmark's keys, not the strategy's. Built once per setting, before any pass."""
+    from lad.sampling import PARENT_STRATEGIES, get_strategy
+
+    options = dict(options)
+    merged, passes = options.pop("merged", False), options.pop("polish", 0)
+    if merged and name in PARENT_STRATEGIES:  # they switch the adapter off to read the parent
+        raise SystemExit("merged=true is for the diffusion samplers: ar and speculative read the parent")
+    fn = get_strategy(name)
+    if passes:
+        fn = with_polish(fn, passes, options.pop("polish_keep", POLISH_KEEP))
+    return fn, options, merged
+
+
 def answer_all(fn, denoiser, tokenizer, prompts, batch_size, options, eos_ids) -> dict:
     """Every prompt answered in batches: answers, seconds per prompt, answer tokens per forward per row."""
     answers, seconds, per_forward, speculation = [], 0.0, [], {}
@@ -158,27 +173,20 @@ def overlap(answer: list[int], reference: list[int]) -> float:
 
 def bench_run(run: str, settings: list[str], prompts: list[str], args) -> list[dict]:
     """Every (batch size, setting) row of one run, each against the parent timed in the same passes."""
-    from lad.sampling import PARENT_STRATEGIES, get_strategy
     from lad.sampling.common import eos_token_ids
 
     denoiser, tokenizer, chat_template, _ = load_denoiser(run)
     eos_ids = eos_token_ids(tokenizer, denoiser)
     base = {"max_new_tokens": args.max_new_tokens, "chat_template": chat_template, "temperature": 0.0}
     methods = {"ar": ("ar", {})} | {s: parse_setting(s, args.max_new_tokens) for s in settings}
-    if any(o.get("merged") and n in PARENT_STRATEGIES for n, o in methods.values()):  # they switch the adapter off
-        raise SystemExit("merged=true is for the diffusion samplers: ar and speculative read the parent")
+    timed = {key: timed_method(name, options) for key, (name, options) in methods.items()}
     rows = []
     for batch_size in args.batch_sizes:
         timings = {key: [] for key in methods}
         first = {}
         for repeat in range(args.repeats + 1):  # pass 0 warms up (one batch), not timed
-            for key, (name, options) in methods.items():
+            for key, (fn, options, merged) in timed.items():
                 use = prompts[:batch_size] if repeat == 0 else prompts
-                options = dict(options)
-                merged, passes = options.pop("merged", False), options.pop("polish", 0)
-                fn = get_strategy(name)
-                if passes:
-                    fn = with_polish(fn, passes, options.pop("polish_keep", POLISH_KEEP))
                 with adapter_merged(denoiser, merged):
                     result = answer_all(fn, denoiser, tokenizer, use, batch_size, base | options, eos_ids)
                 if repeat:
