@@ -15,8 +15,8 @@ the `ar` strategy) on the same weights and prompts, and reports:
 `merged=true` in a setting folds the LoRA weights into the base for that setting's calls (PEFT `merge_adapter`,
 undone after each call, outside the timer): the speed of a `lad export`ed model, without the adapter's two small
 products per layer, next to the parent on the same weights. Ungated runs only (a gate cannot be merged).
-`polish=N` (and `polish_keep=P`) follows the setting's answers with up to N noiseless passes, as `generate`
-does; their time and forwards count in the setting's.
+`polish=N` (and `polish_keep=P`, `polish_with=denoiser|parent|both`) follows the setting's answers with up to N
+noiseless passes, as `generate` does; their time and forwards count in the setting's.
 
 Timing passes go round robin over the methods (`--repeats`, after one warmup pass), so a slow spell on the
 machine hits all alike; medians are reported. Quality comes from the first timed pass (greedy is deterministic).
@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (cell, command_line, environment, load_denoiser, prompt_set, quiet, save_figure,  # noqa: E402
                          write_record)
-from lad.defaults import POLISH_KEEP  # noqa: E402
+from lad.defaults import POLISH_KEEP, POLISH_WITH  # noqa: E402
 from lad.quality import answer_quality  # noqa: E402
 from lad.sampling.options import OPTIONS  # noqa: E402
 
@@ -52,6 +52,7 @@ SETTINGS = ("confidence:iters=N", "confidence:iters=N/2", "confidence:iters=N/4"
 
 FLAGS = tuple(k for k, o in OPTIONS.items() if o.kind is bool)  # the samplers' own table (lad/sampling/options.py)
 INTEGERS = tuple(k for k, o in OPTIONS.items() if o.kind is int)
+WORDS = tuple(k for k, o in OPTIONS.items() if o.kind is str)  # schedule, remask, polish_with, ...
 
 
 def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
@@ -68,6 +69,8 @@ def parse_setting(text: str, max_new_tokens: int) -> tuple[str, dict]:
             options[key] = int(top) // int(bottom or 1)
         elif key in INTEGERS:
             options[key] = int(value)
+        elif key in WORDS:
+            options[key] = value
         else:
             options[key] = float(value)
     return name, options
@@ -96,29 +99,32 @@ def adapter_merged(denoiser, merge: bool):
                 weight.copy_(copy)
 
 
-def with_polish(fn, passes: int, keep: float):
+def with_polish(fn, passes: int, keep: float, with_: str = POLISH_WITH):
     """The strategy, then up to `passes` noiseless passes over its answers (generate()'s order), timed together."""
     from lad.sampling.polish import polish
 
     def run(denoiser, tokenizer, batch, **options):
         gens = fn(denoiser, tokenizer, batch, **options)
         return polish(denoiser, tokenizer, gens, passes, max_new_tokens=options["max_new_tokens"],
-                      chat_template=options["chat_template"], keep=keep)
+                      chat_template=options["chat_template"], keep=keep, with_=with_)
     return run
 
 
 def timed_method(name: str, options: dict):
-    """(the callable a setting times, its sampler options, whether its adapter is merged): `merged`, `polish` and
-    `polish_keep` are the benchmark's keys, not the strategy's. Built once per setting, before any pass."""
+    """(the callable a setting times, its sampler options, whether its adapter is merged): `merged` and the
+    `polish` keys are the benchmark's, not the strategy's. Built once per setting, before any pass."""
     from lad.sampling import PARENT_STRATEGIES, get_strategy
 
     options = dict(options)
     merged, passes = options.pop("merged", False), options.pop("polish", 0)
     if merged and name in PARENT_STRATEGIES:  # they switch the adapter off to read the parent
         raise SystemExit("merged=true is for the diffusion samplers: ar and speculative read the parent")
+    keep, with_ = options.pop("polish_keep", POLISH_KEEP), options.pop("polish_with", POLISH_WITH)
+    if merged and passes and with_ != "denoiser":  # the merged weights are no longer the parent's
+        raise SystemExit(f"merged=true cannot polish with the parent (polish_with={with_}): merging changes it")
     fn = get_strategy(name)
     if passes:
-        fn = with_polish(fn, passes, options.pop("polish_keep", POLISH_KEEP))
+        fn = with_polish(fn, passes, keep, with_)
     return fn, options, merged
 
 

@@ -17,6 +17,8 @@ shift corrupts every slot it moves and is only repaired by moving them back; the
 repairs. Every run is measured on the same references and the same corruptions (fixed seeds). A replacement is any
 reference token by default; `--replace-from parent` plants the parent's likeliest wrong tokens for the slot instead
 (plausible mistakes, the kind `noise.replace_from: parent` trains on; label such records apart).
+`--polish-with parent|both` measures the polishes that ask the AR parent to fill or judge slots (label them apart;
+their parent perplexities favour them, since the judge picked some of the tokens: read repaired / damaged first).
 
     python -m eval.bench_refine --runs runs/ablate/prompt_causal_mask,runs/ablate/pc_structural,runs/ablate/pc_mixed
     python -m eval.bench_refine --report            # the table in docs/results.md and docs/img/refine.png
@@ -131,14 +133,15 @@ def repair_counts(ref: torch.Tensor, before: torch.Tensor, after: torch.Tensor) 
 
 @torch.no_grad()
 def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, chat_template,
-                keep: float = 1.0) -> dict[int, torch.Tensor]:
-    """{p: the rows after p noiseless passes} for every p in `passes` (0: the rows as given)."""
+                keep: float = 1.0, with_: str = "denoiser") -> dict[int, torch.Tensor]:
+    """{p: the rows after p noiseless passes} for every p in `passes` (0: the rows as given); `with_`: who flags
+    and fills a slot (lad/sampling/polish.py)."""
     canvas, cache = draft_canvas(denoiser, tokenizer, [prompt] * len(rows), rows, chat_template)
     out, done, fixed = {0: rows.clone()}, 0, False
     for p in sorted(passes):
         if not fixed:  # greedy passes from a fixed point would only repeat it
             before = canvas.answer.clone()
-            spent = polish_canvas(denoiser, canvas, p - done, cache=cache, keep=keep)  # stops once nothing changes
+            spent = polish_canvas(denoiser, canvas, p - done, cache=cache, keep=keep, with_=with_)  # stops if fixed
             fixed = spent < p - done or bool((canvas.answer == before).all())
         done = p
         out[p] = canvas.answer.cpu().clone()
@@ -146,7 +149,7 @@ def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, ch
 
 
 def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passes, eos: set[int],
-              judge: bool = True, keeps=(1.0,), replace_from: str = "pool") -> dict:
+              judge: bool = True, keeps=(1.0,), replace_from: str = "pool", with_: str = "denoiser") -> dict:
     """Every cell {edit, rate, keep, passes, counts..., parent_ppl} of one run, and the references' own parent
     perplexity (`judge=False`: no perplexities, for a denoiser without a parent). Perplexity is judged before
     and after the most passes only (the parent's forwards cost as much as the passes). `replace_from`: a
@@ -163,7 +166,7 @@ def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passe
                                                                     chat_template)
         rows, labels = corrupted(ref["ids"], rates, denoiser.mask_id, own, seed=index)
         for keep in keeps:
-            states = polish_rows(denoiser, tokenizer, ref["prompt"], rows, passes, chat_template, keep)
+            states = polish_rows(denoiser, tokenizer, ref["prompt"], rows, passes, chat_template, keep, with_)
             for p, state in states.items():
                 for (edit, rate), before, after in zip(labels, rows, state):
                     key = (edit, rate, keep, p)
@@ -252,8 +255,25 @@ def source_table(records: list[dict], rate: float, passes: int = 1) -> str:
     return "\n".join(lines) if len(lines) > 4 else ""
 
 
-def plot(records: list[dict], rate: float, path: Path) -> None:
-    """Repaired and damaged shares against passes, one panel per edit, one line per run and keep."""
+def frontiers(records: list[dict], rate: float, edit: str) -> dict[str, tuple[str, list]]:
+    """{label: (filler, [(damaged, repaired) after one pass, one point per keep, most damage first])}: records of
+    the same run, filler and replacements are one line (a later record may add keeps), named by the shortest label."""
+    groups: dict[tuple, dict] = {}
+    for record in records:
+        key = (record["run"], record.get("polish_with", "denoiser"), record.get("replace_from", "pool"))
+        group = groups.setdefault(key, {"label": record["label"], "points": {}})
+        group["label"] = min(group["label"], record["label"], key=len)
+        for c in record["cells"]:
+            if c["rate"] == rate and c["edit"] == edit and c["passes"] == 1:
+                got = shares(c)
+                group["points"][c.get("keep", 1.0)] = (got["damaged"], got["repaired"])
+    return {g["label"]: (key[1], [g["points"][k] for k in sorted(g["points"], reverse=True)])
+            for key, g in groups.items() if g["points"]}
+
+
+def plot(records: list[dict], rate: float, path: Path, edits=("replace", "swap", "mask")) -> None:
+    """The repair-damage frontier after one pass, one panel per edit: a line per run and filler through its keeps
+    (up and to the left is better)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,22 +281,19 @@ def plot(records: list[dict], rate: float, path: Path) -> None:
 
     from eval.common import save_figure
 
-    fig, axes = plt.subplots(2, len(EDITS), figsize=(3.2 * len(EDITS), 6), sharex=True)
-    for e, edit in enumerate(EDITS):
-        for record in records:
-            for keep in keeps_of(record):
-                cells = sorted((c for c in record["cells"] if c["rate"] == rate and c["edit"] == edit
-                                and c["passes"] and c.get("keep", 1.0) == keep), key=lambda c: c["passes"])
-                xs, label = [c["passes"] for c in cells], f"{record['label']} (keep {keep:g})"
-                style = "-" if keep == 1.0 else "--"
-                axes[0, e].plot(xs, [shares(c)["repaired"] for c in cells], style, marker="o", label=label)
-                axes[1, e].plot(xs, [shares(c)["damaged"] for c in cells], style, marker="o", label=label)
-        axes[0, e].set_title(f"{edit} at rate {rate:g}")
-        axes[1, e].set_xlabel("noiseless passes")
-        axes[1, e].set_xscale("log", base=2)
+    fig, axes = plt.subplots(1, len(edits), figsize=(4.2 * len(edits) + 3, 4), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for ax, edit in zip(axes[0], edits):
+        for i, (label, (filler, points)) in enumerate(sorted(frontiers(records, rate, edit).items())):
+            damaged, repaired = zip(*points)
+            ax.plot([max(d, 1e-3) for d in damaged], repaired, marker="o", label=label, color=colours[i % 20],
+                    linestyle="-" if filler == "denoiser" else "--")  # dashed: the parent helps fill
+        ax.axvline(0.02, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{edit} at rate {rate:g}, one pass")
+        ax.set_xlabel("intact slots damaged (log)")
+        ax.set_xscale("log")
     axes[0, 0].set_ylabel("corrupted slots repaired")
-    axes[1, 0].set_ylabel("intact slots damaged")
-    axes[0, 0].legend(fontsize=6)
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save_figure(fig, path)
 
 
@@ -287,7 +304,8 @@ def report(rate: float = 0.1) -> int:
     if not records:
         raise SystemExit(f"no results in {RESULTS.relative_to(ROOT)}: run the benchmark first")
     body = "\n\n".join(filter(None, [table(records, rate), source_table(records, rate)]))
-    body += ("\n\n![repair by passes](img/refine.png)\n\nEach record holds the command that made it "
+    body += ("\n\n![repair against damage, one pass](img/refine.png)\n\nThe plot: each line is one run and filler "
+             "through its keep thresholds (the dotted line: the target's 2% damage). Each record holds the command that made it "
              f"(eval/results/repair/<label>.json), e.g. `{records[0]['command']}`")
     splice_file(ROOT / "docs" / "results.md", body, START, END)
     plot(records, rate, ROOT / "docs" / "img" / "refine.png")
@@ -323,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace-from", choices=("pool", "parent"), default="pool",
                    help="replacements: any reference token (pool), or the parent's likeliest wrong tokens for the "
                         "slot (parent: plausible mistakes, as noise.replace_from: parent trains on)")
+    p.add_argument("--polish-with", choices=("denoiser", "parent", "both"), default="denoiser",
+                   help="who flags a slot and fills it (lad/sampling/polish.py; label such records apart)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="write the table and plot from the saved results")
     args = p.parse_args(argv)
@@ -352,12 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         refs = references(out / "references.json", denoiser, tokenizer, chat_template, args)
         result = bench_run(denoiser, tokenizer, chat_template, refs, rates, passes,
                            eos_token_ids(tokenizer, denoiser), keeps=[float(k) for k in args.keep.split(",")],
-                           replace_from=args.replace_from)
+                           replace_from=args.replace_from, with_=args.polish_with)
         info = denoiser.info
         record = {"label": label, "run": run, "command": command_line("eval/bench_refine.py", argv),
                   "environment": environment(), "references": len(refs), "rates": rates, "passes": passes,
                   "objective": info.objective, "attention": info.attention, "step": info.step,
-                  "replace_from": args.replace_from, **result}
+                  "replace_from": args.replace_from, "polish_with": args.polish_with, **result}
         write_record(out / f"{label}.json", record)
         print(table([record], 0.1 if 0.1 in rates else rates[0]), flush=True)
     return 0

@@ -27,7 +27,7 @@ from lad.quality import agreement, answer_quality  # noqa: E402
 
 
 def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict, polish: int = 0,
-           keep: float | None = None) -> dict:
+           keep: float | None = None, with_: str | None = None) -> dict:
     """Answers to every prompt, with seconds per prompt and NFE per batch (the cost each prompt shared);
     `polish`: then up to that many noiseless passes over each batch's drafts (their forwards counted)."""
     from lad.sampling.polish import polish as polish_drafts
@@ -37,7 +37,8 @@ def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options
         batch = prompts[start:start + batch_size]
         gens = fn(denoiser, tokenizer, batch, **options)
         gens = polish_drafts(denoiser, tokenizer, gens, polish, max_new_tokens=options["max_new_tokens"],
-                             chat_template=options["chat_template"], **({} if keep is None else {"keep": keep}))
+                             chat_template=options["chat_template"],
+                             **{k: v for k, v in (("keep", keep), ("with_", with_)) if v is not None})
         answers += [g.token_ids for g in gens]
         texts += [g.text for g in gens]
         nfe.append(gens[0].nfe)
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also each strategy and iters followed by N noiseless passes (lad-generate --polish N)")
     parser.add_argument("--polish-keep", type=float, default=None, metavar="P",
                         help="with --polish: lad-generate --polish-keep P (default: LAD's)")
+    parser.add_argument("--polish-with", choices=("denoiser", "parent", "both"), default=None,
+                        help="with --polish: lad-generate --polish-with (default: LAD's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "gen_quality.json"))
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name: str, polish: int = 0, parent: list | None = None, **options) -> tuple[dict, list]:
         """(the row, the answers); `parent`: the parent's answers the row's agreement is measured against."""
         out = answer(STRATEGIES[name], denoiser, tokenizer, prompts, args.batch_size, {**base, **options}, polish,
-                     args.polish_keep)
+                     args.polish_keep, args.polish_with)
         answers = out.pop("answers")
         quality = answer_quality(denoiser, tokenizer, prompts, answers, chat_template)
         quality["parent_agreement"] = agreement(answers, parent) if parent is not None else 1.0

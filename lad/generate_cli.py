@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .console import Parser, device_problem, guarded, printable, quiet_libraries
-from .defaults import POLISH_KEEP
+from .defaults import POLISH_KEEP, POLISH_WITH
 from .generate import DEFAULT_BATCH_SIZE, GenerateError, ar_generate, generate, load, toy_note, trace_dict
 from .sampling import PARENT_STRATEGIES, STRATEGIES, Generation, default_strategy, get_strategy, split_options, \
     strategy_options
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--strategy", choices=sorted(STRATEGIES),
                      help="default: the run's own: confidence for runs trained on the mask objective, refine for "
                           "structural or mixed noise (docs/sampling.md)")
-    add_option_flags(how, [*OPTION_FLAGS, *POLISH_OPTIONS], defaults={"polish": 0, "polish_keep": POLISH_KEEP})
+    add_option_flags(how, [*OPTION_FLAGS, *POLISH_OPTIONS], defaults={"polish": 0, "polish_keep": POLISH_KEEP,
+                                                                         "polish_with": POLISH_WITH})
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")
@@ -113,6 +114,10 @@ def check_before_loading(args: argparse.Namespace, options: dict) -> None:
     check_strategy_options(strategy, options)
     if (args.ar or strategy in PARENT_STRATEGIES) and info is not None:
         check_parent(info, args.model)
+    if args.polish:
+        from .sampling.polish import check_filler
+
+        check_filler(info, args.polish_with, args.model, "--polish-with")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -190,14 +195,15 @@ def run(args: argparse.Namespace) -> int:
         if view is not None:
             view.reset([f"[{start + i + 1}]" for i in range(len(batch))] if numbered else None)
         gens = generate(denoiser, batch, strategy=args.strategy, tokenizer=tokenizer, batch_size=len(batch),
-                        polish=args.polish, polish_keep=args.polish_keep, on_step=view, trace=args.json, **options)
+                        polish=args.polish, polish_keep=args.polish_keep, polish_with=args.polish_with, on_step=view,
+                        trace=args.json, **options)
         ars = ar_generate(denoiser, tokenizer, batch, chat_template=denoiser.info.chat_template,
                           **options) if args.ar else [None] * len(batch)
         for i, (gen, ar) in enumerate(zip(gens, ars)):
             if args.json:
                 record = {**trace_dict(gen, tokenizer, cache), "options": options}
                 if args.polish:
-                    record["polish"], record["polish_keep"] = args.polish, args.polish_keep
+                    record.update(polish=args.polish, polish_keep=args.polish_keep, polish_with=args.polish_with)
                 if ar is not None:
                     record["ar"] = ar.to_dict(with_steps=False)
                 print(json.dumps(record, ensure_ascii=False), flush=True)

@@ -194,6 +194,8 @@ def test_generation_bench_settings_parse_as_written():
         ("confidence", {"iters": 32, "delay_repeats": True, "stop_at_eos": False})
     assert parse_setting("speculative:draft_length=4,adaptive=on,max_draft=8", 64) == \
         ("speculative", {"draft_length": 4, "adaptive": True, "max_draft": 8})
+    assert parse_setting("refine:schedule=linear,polish=2,polish_with=both", 64) == \
+        ("refine", {"schedule": "linear", "polish": 2, "polish_with": "both"})
     assert overlap([1, 2, 3], [1, 5, 3, 4]) == 0.5 and overlap([], []) == 1.0
 
 
@@ -253,6 +255,9 @@ def test_adapter_merged_folds_the_lora_in_and_takes_it_out_again(tmp_path):
     with pytest.raises(SystemExit, match="merged=true is for the diffusion samplers"):
         main(["--runs", str(run), "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1",
               "--settings", "speculative:draft_length=2,merged=true", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="merged=true cannot polish with the parent"):
+        main(["--runs", str(run), "--prompts", "1", "--max-new-tokens", "4", "--batch-sizes", "1",
+              "--settings", "confidence:merged=true,polish=1,polish_with=both", "--out", str(tmp_path / "c.json")])
 
 
 def test_speculative_bench_asserts_identity_reports_acceptance_and_draft_slots(tmp_path):

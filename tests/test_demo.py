@@ -152,9 +152,10 @@ def test_stream_polishes_the_draft_after_its_steps(model):
     plain = frames(model, strategy="confidence")
     out = frames(model, strategy="confidence", polish=3)
     (gen,) = generate(model.denoiser, "What is 2+2?", tokenizer=model.tokenizer, strategy="confidence", iters=6,
-                      max_new_tokens=12, polish=3)
-    assert 1 <= gen.polish_forwards <= 3 and len(out) == len(plain) + gen.polish_forwards
-    assert out[-2].status == f"LAD: step {gen.nfe}/9 · {gen.nfe} forwards"  # the passes are steps of their own
+                      max_new_tokens=12, polish=3, polish_with=model.polish_with, trace=True)
+    passes = len(out) - len(plain)  # the passes are steps of their own; one asking the parent costs two forwards
+    assert 1 <= passes <= 3 and passes <= gen.polish_forwards <= 2 * passes and model.polish_with == "both"
+    assert out[-2].status == f"LAD: step {gen.steps[-1].iteration + 1}/9 · {gen.nfe} forwards"
     assert out[-1].lad == view.final_html(gen.text)
     assert out[-1].status.startswith(f"**LAD** (confidence): {gen.nfe} forwards, {gen.polish_forwards} of them "
                                      "polishing")
@@ -197,6 +198,8 @@ def test_an_exported_model_has_no_parent_to_compare_with(model, monkeypatch):
     for out in (frames(model, compare=True), frames(model, strategy="ar")):
         assert out[-1].status.startswith("**Error:** ") and "exported (merged) model" in out[-1].status
     assert frames(model)[-1].status.startswith("**LAD** (refine)")  # the denoiser itself still runs
+    assert model.polish_with == "denoiser"  # and polishes alone: there is no parent to fill from
+    assert frames(model, polish=1)[-1].status.startswith("**LAD** (refine)")
 
 
 def test_an_unexpected_failure_is_shown_and_the_next_run_works(model, monkeypatch):

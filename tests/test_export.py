@@ -245,6 +245,12 @@ def test_exported_folder_has_no_ar_parent_and_one_set_of_weights(exported, capsy
     assert lad_generate(["--model", str(exported["noshift"]), "--prompt", "hi", "--iters", "2", "--ar"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exported (merged) model" in err[0] and "AR parent" in err[0]
+    argv = ["--model", str(exported["noshift"]), "--prompt", "hi", "--iters", "2", "--polish", "1"]
+    assert lad_generate([*argv, "--polish-with", "both"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lad-generate: error: --polish-with both fills from the AR parent")
+    assert err[0].endswith("(--polish-with denoiser)")
+    assert lad_generate([*argv, "--polish-with", "denoiser"]) == 0
     with pytest.raises(ValueError, match="one set of weights"):
         load_run(exported["noshift"], weights="best")
 

@@ -43,6 +43,20 @@ class Oracle(nn.Module):
         return self.table.repeat(ids.shape[0], 1)
 
 
+class WithParent(Oracle):
+    """An oracle denoiser whose AR parent predicts `parent[j]` at slot j (another table); counts both."""
+
+    info = None
+
+    def __init__(self, tokens: list[int], parent: list[int], vocab: int, p: float = 0.99, parent_p: float = 0.99):
+        super().__init__(tokens, vocab, p)
+        self.parent, self.parent_calls = Oracle(parent, vocab, parent_p), 0
+
+    def parent_logits_at(self, ids, attention_mask, positions, position_ids=None):
+        self.parent_calls += 1
+        return self.parent.table.repeat(ids.shape[0], 1)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from lad.finetune import main as finetune
@@ -110,14 +124,19 @@ def test_polish_after_each_strategy_counts_traces_and_reaches_a_fixed_point(run_
         (draft,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy=strategy, max_new_tokens=12,
                             trace=True)
         (polished,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy=strategy, max_new_tokens=12,
-                               trace=True, polish=4)
+                               trace=True, polish=4, polish_with="denoiser", polish_keep=1.0)
         assert 1 <= polished.polish_forwards <= 4 and polished.nfe == draft.nfe + polished.polish_forwards
-        assert len(polished.steps) == len(draft.steps) + polished.polish_forwards
+        assert len(polished.steps) == len(draft.steps) + polished.polish_forwards  # one forward per pass
+        (filled,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy=strategy, max_new_tokens=12,
+                             trace=True, polish=4)  # the defaults: the parent is asked in a pass that flags a slot
+        passes = len(filled.steps) - len(draft.steps)
+        assert 1 <= passes <= 4 and passes <= filled.polish_forwards <= 2 * passes
+        assert filled.nfe == draft.nfe + filled.polish_forwards
         if draft.steps:
             assert polished.steps[len(draft.steps)].iteration == draft.steps[-1].iteration + 1
         assert polished.to_dict(with_steps=False)["polish_forwards"] == polished.polish_forwards
         if polished.polish_forwards < 4:  # it stopped because a pass changed nothing: polishing again cannot move it
-            (again,) = polish(denoiser, tokenizer, [polished], 2, max_new_tokens=12,
+            (again,) = polish(denoiser, tokenizer, [polished], 2, max_new_tokens=12, keep=1.0, with_="denoiser",
                               chat_template=denoiser.info.chat_template)
             assert again.text == polished.text and again.polish_forwards == 1
     (plain,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy="confidence", max_new_tokens=12)
@@ -134,10 +153,18 @@ def test_cli_polish_flag(run_dir):
     done = lad_generate("--polish", "2", "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert record["polish"] == 2 and 1 <= record["polish_forwards"] <= 2
-    assert record["polish_keep"] == 1.0
+    assert record["polish"] == 2 and 1 <= record["polish_forwards"] <= 4  # a pass that asks the parent costs two
+    assert record["polish_keep"] == 0.2 and record["polish_with"] == "both"  # lad/defaults.py
+    for with_, forwards in (("denoiser", 1), ("parent", 2)):  # keep 1 flags every slot the model is not sure of
+        done = lad_generate("--polish", "1", "--polish-with", with_, "--polish-keep", "1", "--json")
+        assert done.returncode == 0, done.stderr
+        record = json.loads(done.stdout)
+        assert record["polish_with"] == with_ and record["polish_forwards"] == forwards
     for flag, value, message in (("--polish", "-1", "--polish must be >= 0, got -1"),
-                                 ("--polish-keep", "1.5", "--polish-keep must be in [0, 1], got 1.5")):
+                                 ("--polish-keep", "1.5", "--polish-keep must be in [0, 1], got 1.5"),
+                                 ("--polish-with", "oracle", "argument --polish-with: invalid choice: 'oracle' (choose "
+                                                             "from 'denoiser', 'parent', 'both') (see lad-generate "
+                                                             "--help)")):
         bad = lad_generate(flag, value)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"lad-generate: error: {message}"]
 
@@ -206,6 +233,99 @@ def test_keep_leaves_the_tokens_the_model_finds_likely_enough(byte_tokenizer):
         polish_canvas(oracle, canvas, 1, keep=2.0)
 
 
+def test_polish_with_the_parent_fills_the_slots_the_denoiser_flags(byte_tokenizer):
+    wrong = list(REFERENCE)
+    wrong[2], wrong[5] = 7, 8
+    guess = list(REFERENCE)
+    guess[2] = 9  # the denoiser flags slot 2 but would fill it with a wrong token; the parent has the right one
+    vocab = len(byte_tokenizer)
+
+    def polished(with_, keep=0.01):
+        model = WithParent(guess, REFERENCE, vocab)
+        canvas = build_canvas(byte_tokenizer, ["a"], len(REFERENCE), MASK, chat_template=False)
+        canvas.answer.copy_(torch.tensor([wrong]))
+        spent = polish_canvas(model, canvas, 3, keep=keep, with_=with_)
+        return canvas.answer[0].tolist(), spent, model
+
+    answer, spent, model = polished("denoiser")
+    assert answer[2] == 9 and answer[5] == REFERENCE[5] and model.parent_calls == 0
+    answer, spent, model = polished("parent")
+    assert answer == REFERENCE  # the second pass flags slot 2 again, the parent keeps it: nothing changed, so it ends
+    assert (model.calls, model.parent_calls, spent) == (2, 2, 4)
+    sure = WithParent(REFERENCE, wrong, vocab)  # the denoiser flags nothing: the parent is never asked
+    canvas = build_canvas(byte_tokenizer, ["a"], len(REFERENCE), MASK, chat_template=False)
+    canvas.answer.copy_(torch.tensor([REFERENCE]))
+    assert polish_canvas(sure, canvas, 3, keep=0.01, with_="parent") == 1 and sure.parent_calls == 0
+    assert canvas.answer[0].tolist() == REFERENCE
+    answer, spent, model = polished("both")  # slot 2: the two disagree, each gives the other's token 0.01/vocab
+    assert answer[5] == REFERENCE[5] and answer[2] in (9, REFERENCE[2])
+    assert 1 <= model.parent_calls <= model.calls and spent == model.calls + model.parent_calls
+    with pytest.raises(ValueError, match=r"^polish_with must be one of"):
+        polish_canvas(model, build_canvas(byte_tokenizer, ["a"], 4, MASK, chat_template=False), 1, with_="oracle")
+
+
+def test_polish_with_both_takes_the_token_the_two_models_agree_on(byte_tokenizer):
+    vocab = len(byte_tokenizer)
+    draft = list(REFERENCE)
+    draft[4] = 7  # both models give it almost nothing: the denoiser flags it
+    model = WithParent(REFERENCE, REFERENCE, vocab)
+    small = math.log(1e-6)
+    for table, first in ((model.table, 65), (model.parent.table, 67)):  # denoiser: A .5, B .4; parent: C .5, B .4
+        table[4] = small
+        table[4, first], table[4, 66] = math.log(0.5), math.log(0.4)
+    answers = {}
+    for with_ in ("denoiser", "parent", "both"):
+        canvas = build_canvas(byte_tokenizer, ["a"], len(REFERENCE), MASK, chat_template=False)
+        canvas.answer.copy_(torch.tensor([draft]))
+        polish_canvas(model, canvas, 1, keep=0.05, with_=with_)
+        answers[with_] = canvas.answer[0].tolist()
+        assert [t for j, t in enumerate(answers[with_]) if j != 4] == [t for j, t in enumerate(draft) if j != 4]
+    assert (answers["denoiser"][4], answers["parent"][4], answers["both"][4]) == (65, 67, 66)  # B: .16 against .5e-6
+
+
+def test_bench_polishes_with_the_filler_it_is_given(byte_tokenizer):
+    pool = torch.tensor(REFERENCE)
+    x = torch.tensor(REFERENCE)
+    apply_edit(x, "replace", 0.4, MASK, pool, torch.Generator().manual_seed(1))
+    shown = x.tolist()  # a denoiser that believes the corrupted draft flags nothing; one that guesses wrong flags all
+    guess = [t + 1 if t < 255 else t - 1 for t in REFERENCE]
+    for denoiser_table, with_, repaired in ((guess, "parent", True), (guess, "denoiser", False),
+                                            (shown, "parent", False)):
+        model = WithParent(denoiser_table, REFERENCE, len(byte_tokenizer))
+        after = bench_refine.polish_rows(model, byte_tokenizer, "fix me", x[None], [1], chat_template=False,
+                                         keep=0.5, with_=with_)
+        assert (after[1][0].tolist() == REFERENCE) is repaired
+
+
+def test_frontier_joins_the_keeps_of_one_run_and_filler(tmp_path):
+    def cell(keep, repaired, damaged):
+        return {"rate": 0.1, "edit": "replace", "passes": 1, "keep": keep, "corrupted": 10, "repaired": repaired,
+                "intact": 100, "damaged": damaged, "answers": 1, "edits_before": 0, "edits_after": 0}
+
+    records = [{"label": "run_keeps", "run": "r", "cells": [cell(0.2, 3, 1)]},
+               {"label": "run", "run": "r", "cells": [cell(1.0, 5, 4), cell(0.05, 2, 0)]},
+               {"label": "run_both", "run": "r", "polish_with": "both", "cells": [cell(0.2, 4, 1)]}]
+    got = bench_refine.frontiers(records, 0.1, "replace")
+    assert got == {"run": ("denoiser", [(0.04, 0.5), (0.01, 0.3), (0.0, 0.2)]), "run_both": ("both", [(0.01, 0.4)])}
+    bench_refine.plot(records, 0.1, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_polish_with_the_parent_needs_one(run_dir):
+    from dataclasses import replace as changed
+
+    from lad.run import RunDirError
+
+    denoiser, tokenizer = load(run_dir)
+    (draft,) = generate(denoiser, "Hi", tokenizer=tokenizer, max_new_tokens=8)
+    (filled,) = polish(denoiser, tokenizer, [draft], 2, max_new_tokens=8, with_="parent",
+                       chat_template=denoiser.info.chat_template)
+    assert 1 <= filled.polish_forwards <= 4
+    denoiser.info = changed(denoiser.info, merged=True)
+    with pytest.raises(RunDirError, match="exported .merged. model"):
+        polish(denoiser, tokenizer, [draft], 1, max_new_tokens=8, with_="both")
+
+
 def test_gen_quality_compares_draft_plus_polish_at_its_forwards(run_dir, tmp_path):
     from eval import gen_quality
     from lad.quality import agreement
@@ -213,7 +333,8 @@ def test_gen_quality_compares_draft_plus_polish_at_its_forwards(run_dir, tmp_pat
     assert agreement([[1, 2, 3]], [[1, 5, 3, 4]]) == 0.5 and agreement([[]], [[]]) is None
     out, png = tmp_path / "q.json", tmp_path / "q.png"
     assert gen_quality.main(["--model", str(run_dir), "--prompts", "2", "--iters", "2", "--strategies", "confidence",
-                             "--polish", "2", "--max-new-tokens", "8", "--out", str(out), "--plot", str(png)]) == 0
+                             "--polish", "2", "--polish-with", "denoiser", "--max-new-tokens", "8", "--out", str(out),
+                             "--plot", str(png)]) == 0
     record = json.loads(out.read_text())
     plain, polished = record["sweep"]["confidence"][0], record["sweep"]["confidence + polish 2"][0]
     assert record["ar"]["parent_agreement"] == 1.0 and 0 <= polished["parent_agreement"] <= 1

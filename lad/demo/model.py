@@ -8,10 +8,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..defaults import POLISH_WITH
 from ..run import RunDirError, check_parent
 from ..sampling import PARENT_STRATEGIES, Step, get_strategy, split_options
 from ..sampling.common import eos_token_ids
-from ..sampling.polish import polish as polish_drafts
+from ..sampling.polish import has_parent, polish as polish_drafts
 from ..sampling.render import decode_pieces
 from . import view
 
@@ -42,6 +43,13 @@ class DemoModel:
     pieces: dict = field(default_factory=dict)  # token id → decoded text
 
     @property
+    def polish_with(self) -> str:
+        """The polish passes' filler: the default (POLISH_WITH), or the denoiser alone on a run without an AR
+        parent (a merged export), which the page has no setting to change."""
+        info = self.denoiser.info
+        return POLISH_WITH if info is None or has_parent(info) else "denoiser"
+
+    @property
     def eos_ids(self) -> set[int]:
         return eos_token_ids(self.tokenizer, self.denoiser)
 
@@ -68,7 +76,7 @@ class DemoModel:
                                                 **split_options(strategy, common)[0])
                 (gen,) = polish_drafts(self.denoiser, self.tokenizer, [gen], polish,
                                        max_new_tokens=options["max_new_tokens"], chat_template=self.chat_template,
-                                       on_step=reporter("lad"))
+                                       with_=self.polish_with, on_step=reporter("lad"))
                 out.put(("lad-done", gen))
                 if compare:
                     (ar,) = get_strategy("ar")(self.denoiser, self.tokenizer, [prompt], on_step=reporter("ar"),

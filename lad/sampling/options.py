@@ -7,7 +7,7 @@ place and say the same thing (a test holds every strategy option to an entry her
 
 from __future__ import annotations
 
-from ..defaults import POLISH_KEEP
+from ..defaults import POLISH_KEEP, POLISH_WITH
 from ..options import Option, add_flags, flag, value_problem
 
 __all__ = ["OPTIONS", "POLISH_OPTIONS", "Option", "add_option_flags", "check_values", "flag", "option_problem"]
@@ -55,8 +55,12 @@ OPTIONS: dict[str, Option] = {
     "polish_keep": Option(float, "with --polish: a slot keeps its token when the model gives it at least this "
                                  f"probability (1 = every slot takes the greedy token; default {POLISH_KEEP:g})",
                           low=0, high=1, metavar="P"),
+    "polish_with": Option(str, "with --polish: whose greedy token a slot the denoiser flags takes: the denoiser's, "
+                               "the AR parent's given the draft before it (parent), or their product's (both); the "
+                               f"parent costs one more forward per pass (default {POLISH_WITH})",
+                          choices=("denoiser", "parent", "both")),
 }
-POLISH_OPTIONS = ("polish", "polish_keep")
+POLISH_OPTIONS = ("polish", "polish_keep", "polish_with")
 
 
 def option_problem(name: str, value, label: str | None = None) -> str | None:

@@ -7,6 +7,13 @@ changed, and a pass that changes nothing ends the polishing (greedy passes would
 forward reads every block against the draft's earlier blocks, as its training read clean earlier blocks, so one
 forward polishes every block within itself.
 
+Who fills (`polish_with`, measured by issue 31's repair benchmark): the denoiser always flags (a slot whose token it
+gives less than `keep`), and a flagged slot takes the greedy token of the denoiser (`denoiser`), of the AR parent
+given the draft before the slot (`parent`), or of the product of the two distributions (`both`: the denoiser reads
+the right context, the parent reads the left with all its pretraining). Asking the parent costs one more forward in
+a pass that flags something. Letting the parent judge as well was measured and damages far more: after an earlier
+wrong token its left context is wrong too.
+
 `polish_canvas` works on a canvas (ids in, ids out); `polish` rebuilds the canvas of finished `Generation`s (the
 answer, its end, then end tokens to the canvas width) so that it follows any strategy, the AR parent's included.
 """
@@ -18,33 +25,76 @@ from dataclasses import replace
 
 import torch
 
-from ..defaults import POLISH_KEEP
+from ..defaults import POLISH_KEEP, POLISH_WITH
 from .common import (Generation, answer_logits, build_canvas, decode_blocks, eos_token_ids, record_step,
                      sampler_cache)
 from .options import check_values
 
 
+def parent_log_probs(denoiser, canvas) -> torch.Tensor:
+    """[B, N, V] the AR parent's log-distribution at each answer slot given the canvas before it (adapter off,
+    causal: the parent reads a draft as it would read its own answer)."""
+    rows, width = canvas.answer.shape
+    logits = denoiser.parent_logits_at(canvas.ids, canvas.attention_mask, canvas.positions)
+    return logits.float().log_softmax(-1).view(rows, width, -1)
+
+
+def check_filler(info, with_: str, where, name: str = "polish_with") -> None:
+    """RunDirError when `with_` asks the AR parent and the run holds none (a merged export, a full fine-tune);
+    `name`: the setting as the caller typed it (--polish-with on the command line)."""
+    from ..run import RunDirError, check_parent
+
+    if with_ != "denoiser" and info is not None:
+        try:
+            check_parent(info, where)
+        except RunDirError as err:
+            raise RunDirError(f"{name} {with_} fills from the AR parent, but {err}; polish with the denoiser alone "
+                              f"({name} denoiser)") from None
+
+
+def has_parent(info) -> bool:
+    """Whether a run can read its AR parent (the adapter switched off)."""
+    from ..run import RunDirError, check_parent
+
+    try:
+        check_parent(info, "")
+    except RunDirError:
+        return False
+    return True
+
+
+def pass_edits(denoiser, canvas, cache, before, editable, keep: float, with_: str):
+    """One pass's (slots to change, their new tokens, confidence per slot, forwards spent): the denoiser flags
+    editable slots, and `with_` fills them; the parent is asked only when a slot is flagged."""
+    log_probs = answer_logits(denoiser, canvas, cache).log_softmax(-1)
+    current = log_probs.gather(-1, before.to(log_probs.device).unsqueeze(-1)).squeeze(-1).exp()
+    change = editable & (current < keep).to(before.device)
+    spent = 1
+    if with_ != "denoiser" and bool(change.any()):
+        parent = parent_log_probs(denoiser, canvas).to(log_probs.device)
+        log_probs = parent if with_ == "parent" else (log_probs + parent).log_softmax(-1)
+        spent += 1
+    confidence, predicted = log_probs.exp().max(-1)
+    return change, predicted.to(before.device), confidence.to(before.device), spent
+
+
 @torch.no_grad()
 def polish_canvas(denoiser, canvas, passes: int, *, cache=None, editable=None, keep: float = POLISH_KEEP,
-                  steps=None, on_step=None, first_iteration: int = 0, nfe: int = 0) -> int:
+                  with_: str = POLISH_WITH, steps=None, on_step=None, first_iteration: int = 0, nfe: int = 0) -> int:
     """Up to `passes` noiseless passes over `canvas.answer`, in place; returns the forwards spent. `editable`
-    (bool [B, N], default all): the slots a pass may change. `keep`: a slot whose current token the model gives
-    at least this probability keeps it (1: every slot takes the model's greedy token). Stops early once a pass
-    changes nothing."""
-    check_values(polish=passes, polish_keep=keep)
+    (bool [B, N], default all): the slots a pass may change. `keep`: a slot whose current token the denoiser gives
+    at least this probability keeps it (1: every slot takes the filler's greedy token). `with_`: who fills a
+    flagged slot (module docstring). Stops early once a pass changes nothing."""
+    check_values(polish=passes, polish_keep=keep, polish_with=with_)
     editable = torch.ones_like(canvas.answer, dtype=torch.bool) if editable is None else editable
     spent = 0
     for i in range(passes):
         before = canvas.answer.clone()
-        probs = answer_logits(denoiser, canvas, cache).softmax(-1)
-        spent += 1
-        confidence, predicted = probs.max(-1)
-        current = probs.gather(-1, before.to(probs.device).unsqueeze(-1)).squeeze(-1)
-        change = editable & (current < keep).to(before.device)
-        after = torch.where(change, predicted.to(before.device), before)
+        change, predicted, confidence, forwards = pass_edits(denoiser, canvas, cache, before, editable, keep, with_)
+        spent += forwards
+        after = torch.where(change, predicted, before)
         canvas.answer.copy_(after)
-        record_step(steps, on_step, first_iteration + i, before, after, confidence.to(before.device),
-                    denoiser.mask_id, nfe + spent)
+        record_step(steps, on_step, first_iteration + i, before, after, confidence, denoiser.mask_id, nfe + spent)
         if bool((after == before).all()):
             break
     return spent
@@ -74,14 +124,15 @@ def end_token(tokenizer, denoiser) -> int:
 
 @torch.no_grad()
 def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, max_new_tokens: int,
-           chat_template: bool | str = True, keep: float = POLISH_KEEP, on_step=None,
+           chat_template: bool | str = True, keep: float = POLISH_KEEP, with_: str = POLISH_WITH, on_step=None,
            trace: bool = False) -> list[Generation]:
     """`generations` (one batch, in prompt order) after up to `passes` noiseless passes: same prompts, the text
     the passes left, `nfe` counting their forwards, the passes' steps appended to the trace (iterations numbered
     on from the draft's). An answer longer than `max_new_tokens` (an AR draft) is cut to it first."""
-    check_values(polish=passes)  # before the canvas is built
+    check_values(polish=passes, polish_with=with_)  # before the canvas is built
     if passes == 0 or not generations:
         return generations
+    check_filler(denoiser.info, with_, "this run")
     started = time.perf_counter()
     denoiser.eval()
     end = end_token(tokenizer, denoiser)
@@ -91,8 +142,8 @@ def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, m
     done = max((g.steps[-1].iteration + 1 if g.steps else g.nfe for g in generations), default=0)
     steps = [[] for _ in generations] if trace else None
     draft_nfe = generations[0].nfe
-    spent = polish_canvas(denoiser, canvas, passes, cache=cache, keep=keep, steps=steps, on_step=on_step,
-                          first_iteration=done, nfe=draft_nfe)
+    spent = polish_canvas(denoiser, canvas, passes, cache=cache, keep=keep, with_=with_, steps=steps,
+                          on_step=on_step, first_iteration=done, nfe=draft_nfe)
     eos = eos_token_ids(tokenizer, denoiser)
     seconds = time.perf_counter() - started
     out = []
