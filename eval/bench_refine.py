@@ -17,8 +17,9 @@ shift corrupts every slot it moves and is only repaired by moving them back; the
 repairs. Every run is measured on the same references and the same corruptions (fixed seeds). A replacement is any
 reference token by default; `--replace-from parent` plants the parent's likeliest wrong tokens for the slot instead
 (plausible mistakes, the kind `noise.replace_from: parent` trains on; label such records apart).
-`--polish-with parent|both` measures the polishes that ask the AR parent to fill or judge slots (label them apart;
-their parent perplexities favour them, since the judge picked some of the tokens: read repaired / damaged first).
+`--polish-with parent|both` measures the polishes in which the AR parent helps fill the slots the denoiser flags
+(label them apart; their parent perplexities favour them, since the judge helped pick the tokens: read repaired /
+damaged first). The benchmark's defaults (keep 1, the denoiser alone) stay those of its first records.
 
     python -m eval.bench_refine --runs runs/ablate/prompt_causal_mask,runs/ablate/pc_structural,runs/ablate/pc_mixed
     python -m eval.bench_refine --report            # the table in docs/results.md and docs/img/refine.png
@@ -134,8 +135,8 @@ def repair_counts(ref: torch.Tensor, before: torch.Tensor, after: torch.Tensor) 
 @torch.no_grad()
 def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, chat_template,
                 keep: float = 1.0, with_: str = "denoiser") -> dict[int, torch.Tensor]:
-    """{p: the rows after p noiseless passes} for every p in `passes` (0: the rows as given); `with_`: who flags
-    and fills a slot (lad/sampling/polish.py)."""
+    """{p: the rows after p noiseless passes} for every p in `passes` (0: the rows as given); `with_`: whose
+    greedy token a flagged slot takes (lad/sampling/polish.py)."""
     canvas, cache = draft_canvas(denoiser, tokenizer, [prompt] * len(rows), rows, chat_template)
     out, done, fixed = {0: rows.clone()}, 0, False
     for p in sorted(passes):
@@ -305,8 +306,8 @@ def report(rate: float = 0.1) -> int:
         raise SystemExit(f"no results in {RESULTS.relative_to(ROOT)}: run the benchmark first")
     body = "\n\n".join(filter(None, [table(records, rate), source_table(records, rate)]))
     body += ("\n\n![repair against damage, one pass](img/refine.png)\n\nThe plot: each line is one run and filler "
-             "through its keep thresholds (the dotted line: the target's 2% damage). Each record holds the command that made it "
-             f"(eval/results/repair/<label>.json), e.g. `{records[0]['command']}`")
+             "through its keep thresholds (the dotted line: the target's 2% damage). Each record holds the command "
+             f"that made it (eval/results/repair/<label>.json), e.g. `{records[0]['command']}`")
     splice_file(ROOT / "docs" / "results.md", body, START, END)
     plot(records, rate, ROOT / "docs" / "img" / "refine.png")
     print(body)
@@ -342,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="replacements: any reference token (pool), or the parent's likeliest wrong tokens for the "
                         "slot (parent: plausible mistakes, as noise.replace_from: parent trains on)")
     p.add_argument("--polish-with", choices=("denoiser", "parent", "both"), default="denoiser",
-                   help="who flags a slot and fills it (lad/sampling/polish.py; label such records apart)")
+                   help="whose greedy token a slot the denoiser flags takes (lad/sampling/polish.py; label such "
+                        "records apart)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="write the table and plot from the saved results")
     args = p.parse_args(argv)

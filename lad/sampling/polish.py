@@ -11,8 +11,8 @@ Who fills (`polish_with`, measured by issue 31's repair benchmark): the denoiser
 gives less than `keep`), and a flagged slot takes the greedy token of the denoiser (`denoiser`), of the AR parent
 given the draft before the slot (`parent`), or of the product of the two distributions (`both`: the denoiser reads
 the right context, the parent reads the left with all its pretraining). Asking the parent costs one more forward in
-a pass that flags something. Letting the parent judge as well was measured and damages far more: after an earlier
-wrong token its left context is wrong too.
+a pass that flags something. Letting the product judge as well was measured and damages far more (after an
+earlier wrong token the parent's left context is wrong too; eval/results/repair/prototypes/).
 
 `polish_canvas` works on a canvas (ids in, ids out); `polish` rebuilds the canvas of finished `Generation`s (the
 answer, its end, then end tokens to the canvas width) so that it follows any strategy, the AR parent's included.
