@@ -294,7 +294,9 @@ def plot(records: list[dict], rate: float, path: Path, edits=("replace", "swap",
         ax.set_xlabel("intact slots damaged (log)")
         ax.set_xscale("log")
     axes[0, 0].set_ylabel("corrupted slots repaired")
-    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    lines = {line.get_label(): line for ax in axes[0] for line in ax.get_lines()
+             if not line.get_label().startswith("_")}  # every run that any panel drew, once
+    axes[0, -1].legend(lines.values(), lines.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     save_figure(fig, path)
 
 
