@@ -42,6 +42,7 @@ from eval.common import ROOT, cell, command_line, environment, prompt_set, quiet
 from lad.noise import EDITS, apply_edit  # noqa: E402
 from lad.quality import answer_nll, perplexity  # noqa: E402
 from lad.sampling.common import render_prompt  # noqa: E402
+from lad.sampling.options import OPTIONS  # noqa: E402
 from lad.sampling.polish import draft_canvas, end_token, polish_canvas  # noqa: E402
 
 RESULTS = ROOT / "eval" / "results" / "repair"
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace-from", choices=("pool", "parent"), default="pool",
                    help="replacements: any reference token (pool), or the parent's likeliest wrong tokens for the "
                         "slot (parent: plausible mistakes, as noise.replace_from: parent trains on)")
-    p.add_argument("--polish-with", choices=("denoiser", "parent", "both"), default="denoiser",
+    p.add_argument("--polish-with", choices=OPTIONS["polish_with"].choices, default="denoiser",
                    help="whose greedy token a slot the denoiser flags takes (lad/sampling/polish.py; label such "
                         "records apart)")
     p.add_argument("--out-dir", default=str(RESULTS))

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (ROOT, cell, command_line, environment, load_denoiser, peak_rss_mb,  # noqa: E402
                          reset_peak_rss, prompt_set, quiet, rss_mb, write_record)
 from lad.quality import agreement, answer_quality  # noqa: E402
+from lad.sampling.options import OPTIONS  # noqa: E402
 
 
 def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict, polish: int = 0,
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also each strategy and iters followed by N noiseless passes (lad-generate --polish N)")
     parser.add_argument("--polish-keep", type=float, default=None, metavar="P",
                         help="with --polish: lad-generate --polish-keep P (default: LAD's)")
-    parser.add_argument("--polish-with", choices=("denoiser", "parent", "both"), default=None,
+    parser.add_argument("--polish-with", choices=OPTIONS["polish_with"].choices, default=None,
                         help="with --polish: lad-generate --polish-with (default: LAD's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

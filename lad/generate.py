@@ -68,7 +68,7 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
     `tokenizer` is required). Prompts run in batches of `batch_size` (default: 8). `options` go to the
     strategy (max_new_tokens, iters, seed, temperature, ...); `chat_template` defaults to the run's.
     `polish`: up to this many noiseless refinement passes over each finished draft (lad/sampling/polish.py), in
-    which a slot keeps its token when the model gives it at least `polish_keep` probability; `polish_with`: whose
+    which a slot keeps its token when the denoiser gives it at least `polish_keep` probability; `polish_with`: whose
     greedy token a flagged slot takes (denoiser, parent, both).
     """
     if isinstance(prompts, str):

@@ -193,6 +193,15 @@ def check_parent(info: LadInfo, where) -> None:
                           "so no AR parent; score the base model itself")
 
 
+def has_parent(info: LadInfo) -> bool:
+    """Whether a run can read its AR parent (the adapter switched off): what `check_parent` asks, as a question."""
+    try:
+        check_parent(info, "")
+    except RunDirError:
+        return False
+    return True
+
+
 def merged_spec(folder: Path, info: LadInfo):
     """An exported folder loads from itself, in the precision the run computed in (no base, no adapter)."""
     from .recipe import ModelSpec

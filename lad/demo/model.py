@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 
 from ..defaults import POLISH_WITH
-from ..run import RunDirError, check_parent
+from ..run import RunDirError, check_parent, has_parent
 from ..sampling import PARENT_STRATEGIES, Step, get_strategy, split_options
 from ..sampling.common import eos_token_ids
-from ..sampling.polish import has_parent, polish as polish_drafts
+from ..sampling.polish import polish as polish_drafts
 from ..sampling.render import decode_pieces
 from . import view
 

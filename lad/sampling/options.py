@@ -52,8 +52,9 @@ OPTIONS: dict[str, Option] = {
     "polish": Option(int, "any strategy: then up to N noiseless refinement passes over the finished draft, each "
                           "re-predicting every slot from the draft (stops when a pass changes nothing; default 0)",
                      low=0, metavar="N"),
-    "polish_keep": Option(float, "with --polish: a slot keeps its token when the model gives it at least this "
-                                 f"probability (1 = every slot takes the greedy token; default {POLISH_KEEP:g})",
+    "polish_keep": Option(float, "with --polish: a slot keeps its token when the denoiser gives it at least this "
+                                 "probability (1 = every slot takes the filler's greedy token; default "
+                                 f"{POLISH_KEEP:g})",
                           low=0, high=1, metavar="P"),
     "polish_with": Option(str, "with --polish: whose greedy token a slot the denoiser flags takes: the denoiser's, "
                                "the AR parent's given the draft before it (parent), or their product's (both); the "

@@ -52,17 +52,6 @@ def check_filler(info, with_: str, where, name: str = "polish_with") -> None:
                               f"({name} denoiser)") from None
 
 
-def has_parent(info) -> bool:
-    """Whether a run can read its AR parent (the adapter switched off)."""
-    from ..run import RunDirError, check_parent
-
-    try:
-        check_parent(info, "")
-    except RunDirError:
-        return False
-    return True
-
-
 def pass_edits(denoiser, canvas, cache, before, editable, keep: float, with_: str):
     """One pass's (slots to change, their new tokens, confidence per slot, forwards spent): the denoiser flags
     editable slots, and `with_` fills them; the parent is asked only when a slot is flagged."""
