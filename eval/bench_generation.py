@@ -15,7 +15,7 @@ the `ar` strategy) on the same weights and prompts, and reports:
 `merged=true` in a setting folds the LoRA weights into the base for that setting's calls (PEFT `merge_adapter`,
 undone after each call, outside the timer): the speed of a `lad export`ed model, without the adapter's two small
 products per layer, next to the parent on the same weights. Ungated runs only (a gate cannot be merged).
-`polish=N` (and `polish_keep=P`, `polish_with=denoiser|parent|both`) follows the setting's answers with up to N
+`polish=N` (and `polish_keep=P`, `polish_with=denoiser|parent|both`, `polish_doubt=P`) follows the setting's answers with up to N
 noiseless passes, as `generate` does; their time and forwards count in the setting's.
 
 Timing passes go round robin over the methods (`--repeats`, after one warmup pass), so a slow spell on the
@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.common import (cell, command_line, environment, load_denoiser, prompt_set, quiet, save_figure,  # noqa: E402
                          write_record)
-from lad.defaults import POLISH_KEEP, POLISH_WITH  # noqa: E402
+from lad.defaults import POLISH_DOUBT, POLISH_KEEP, POLISH_WITH  # noqa: E402
 from lad.quality import answer_quality  # noqa: E402
 from lad.sampling.options import OPTIONS  # noqa: E402
 
@@ -99,14 +99,15 @@ def adapter_merged(denoiser, merge: bool):
                 weight.copy_(copy)
 
 
-def with_polish(fn, passes: int, keep: float, with_: str = POLISH_WITH):
-    """The strategy, then up to `passes` noiseless passes over its answers (generate()'s order), timed together."""
+def with_polish(fn, passes: int, **settings):
+    """The strategy, then up to `passes` noiseless passes over its answers (generate()'s order), timed together;
+    `settings`: polish()'s keep, with_ and doubt."""
     from lad.sampling.polish import polish
 
     def run(denoiser, tokenizer, batch, **options):
         gens = fn(denoiser, tokenizer, batch, **options)
         return polish(denoiser, tokenizer, gens, passes, max_new_tokens=options["max_new_tokens"],
-                      chat_template=options["chat_template"], keep=keep, with_=with_)
+                      chat_template=options["chat_template"], **settings)
     return run
 
 
@@ -119,12 +120,14 @@ def timed_method(name: str, options: dict):
     merged, passes = options.pop("merged", False), options.pop("polish", 0)
     if merged and name in PARENT_STRATEGIES:  # they switch the adapter off to read the parent
         raise SystemExit("merged=true is for the diffusion samplers: ar and speculative read the parent")
-    keep, with_ = options.pop("polish_keep", POLISH_KEEP), options.pop("polish_with", POLISH_WITH)
-    if merged and passes and with_ != "denoiser":  # the merged weights are no longer the parent's
-        raise SystemExit(f"merged=true cannot polish with the parent (polish_with={with_}): merging changes it")
+    settings = dict(keep=options.pop("polish_keep", POLISH_KEEP), with_=options.pop("polish_with", POLISH_WITH),
+                    doubt=options.pop("polish_doubt", POLISH_DOUBT))
+    if merged and passes and settings["with_"] != "denoiser":  # the merged weights are no longer the parent's
+        raise SystemExit(f"merged=true cannot polish with the parent (polish_with={settings['with_']}): merging "
+                         "changes it")
     fn = get_strategy(name)
     if passes:
-        fn = with_polish(fn, passes, keep, with_)
+        fn = with_polish(fn, passes, **settings)
     return fn, options, merged
 
 

@@ -135,7 +135,7 @@ def repair_counts(ref: torch.Tensor, before: torch.Tensor, after: torch.Tensor) 
 
 @torch.no_grad()
 def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, chat_template,
-                keep: float = 1.0, with_: str = "denoiser") -> dict[int, torch.Tensor]:
+                keep: float = 1.0, with_: str = "denoiser", doubt: float = 1.0) -> dict[int, torch.Tensor]:
     """{p: the rows after p noiseless passes} for every p in `passes` (0: the rows as given); `with_`: whose
     greedy token a flagged slot takes (lad/sampling/polish.py)."""
     canvas, cache = draft_canvas(denoiser, tokenizer, [prompt] * len(rows), rows, chat_template)
@@ -143,7 +143,8 @@ def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, ch
     for p in sorted(passes):
         if not fixed:  # greedy passes from a fixed point would only repeat it
             before = canvas.answer.clone()
-            spent = polish_canvas(denoiser, canvas, p - done, cache=cache, keep=keep, with_=with_)  # stops if fixed
+            spent = polish_canvas(denoiser, canvas, p - done, cache=cache, keep=keep, with_=with_,
+                                  doubt=doubt)  # stops if fixed
             fixed = spent < p - done or bool((canvas.answer == before).all())
         done = p
         out[p] = canvas.answer.cpu().clone()
@@ -151,7 +152,8 @@ def polish_rows(denoiser, tokenizer, prompt: str, rows: torch.Tensor, passes, ch
 
 
 def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passes, eos: set[int],
-              judge: bool = True, keeps=(1.0,), replace_from: str = "pool", with_: str = "denoiser") -> dict:
+              judge: bool = True, keeps=(1.0,), replace_from: str = "pool", with_: str = "denoiser",
+              doubt: float = 1.0) -> dict:
     """Every cell {edit, rate, keep, passes, counts..., parent_ppl} of one run, and the references' own parent
     perplexity (`judge=False`: no perplexities, for a denoiser without a parent). Perplexity is judged before
     and after the most passes only (the parent's forwards cost as much as the passes). `replace_from`: a
@@ -168,7 +170,7 @@ def bench_run(denoiser, tokenizer, chat_template, refs: list[dict], rates, passe
                                                                     chat_template)
         rows, labels = corrupted(ref["ids"], rates, denoiser.mask_id, own, seed=index)
         for keep in keeps:
-            states = polish_rows(denoiser, tokenizer, ref["prompt"], rows, passes, chat_template, keep, with_)
+            states = polish_rows(denoiser, tokenizer, ref["prompt"], rows, passes, chat_template, keep, with_, doubt)
             for p, state in states.items():
                 for (edit, rate), before, after in zip(labels, rows, state):
                     key = (edit, rate, keep, p)
@@ -257,12 +259,23 @@ def source_table(records: list[dict], rate: float, passes: int = 1) -> str:
     return "\n".join(lines) if len(lines) > 4 else ""
 
 
+def filler(record: dict) -> str:
+    """Who filled the record's flagged slots, as the plot names it: denoiser, parent or both, with the parent's
+    order when it helped (records before 2026-12-08 filled at once) and its doubt when one applied."""
+    with_ = record.get("polish_with", "denoiser")
+    if with_ == "denoiser":
+        return with_
+    order = "left to right" if record.get("polish_order") == "left_to_right" else "at once"
+    doubt = record.get("polish_doubt", 1.0)
+    return f"{with_}, {order}" + (f", doubt {doubt:g}" if doubt < 1 else "")
+
+
 def frontiers(records: list[dict], rate: float, edit: str) -> dict[str, tuple[str, list]]:
     """{label: (filler, [(damaged, repaired) after one pass, one point per keep, most damage first])}: records of
     the same run, filler and replacements are one line (a later record may add keeps), named by the shortest label."""
     groups: dict[tuple, dict] = {}
     for record in records:
-        key = (record["run"], record.get("polish_with", "denoiser"), record.get("replace_from", "pool"))
+        key = (record["run"], filler(record), record.get("replace_from", "pool"))
         group = groups.setdefault(key, {"label": record["label"], "points": {}})
         group["label"] = min(group["label"], record["label"], key=len)
         for c in record["cells"]:
@@ -348,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--polish-with", choices=OPTIONS["polish_with"].choices, default="denoiser",
                    help="whose greedy token a slot the denoiser flags takes (lad/sampling/polish.py; label such "
                         "records apart)")
+    p.add_argument("--polish-doubt", type=float, default=1.0, metavar="P",
+                   help="with a parent filler: a flagged slot changes only where the parent too gives its token "
+                        "less than P (lad-generate --polish-doubt; default 1: off)")
     p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--report", action="store_true", help="write the table and plot from the saved results")
     args = p.parse_args(argv)
@@ -377,12 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         refs = references(out / "references.json", denoiser, tokenizer, chat_template, args)
         result = bench_run(denoiser, tokenizer, chat_template, refs, rates, passes,
                            eos_token_ids(tokenizer, denoiser), keeps=[float(k) for k in args.keep.split(",")],
-                           replace_from=args.replace_from, with_=args.polish_with)
+                           replace_from=args.replace_from, with_=args.polish_with, doubt=args.polish_doubt)
         info = denoiser.info
         record = {"label": label, "run": run, "command": command_line("eval/bench_refine.py", argv),
                   "environment": environment(), "references": len(refs), "rates": rates, "passes": passes,
                   "objective": info.objective, "attention": info.attention, "step": info.step,
                   "replace_from": args.replace_from, "polish_with": args.polish_with, **result}
+        if args.polish_with != "denoiser":  # records before 2026-12-08 filled every flagged slot at once
+            record.update(polish_order="left_to_right", polish_doubt=args.polish_doubt)
         write_record(out / f"{label}.json", record)
         print(table([record], 0.1 if 0.1 in rates else rates[0]), flush=True)
     return 0

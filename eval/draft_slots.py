@@ -28,6 +28,7 @@ def slot_agreement(run: str, prompts: list[str], slots: int, cuts: range) -> dic
     """{"run", "gated", "drafts", "agreement": [rate per slot]} for one run."""
     from transformers import DynamicCache
 
+    from lad.modeling.gate import parent_switch
     from lad.sampling import get_strategy
     from lad.sampling.common import prepare, row_generators
 
@@ -37,7 +38,7 @@ def slot_agreement(run: str, prompts: list[str], slots: int, cuts: range) -> dic
                                  chat_template=chat_template)
     hits, drafts = torch.zeros(slots), 0
     greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
-    with torch.no_grad(), speculative._gate(denoiser) as gate:
+    with torch.no_grad(), parent_switch(denoiser) as gate:
         for prompt, answer in zip(prompts, answers):
             for cut in cuts:
                 reference = answer.token_ids[cut:cut + slots]

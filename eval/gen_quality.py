@@ -28,9 +28,10 @@ from lad.sampling.options import OPTIONS  # noqa: E402
 
 
 def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options: dict, polish: int = 0,
-           keep: float | None = None, with_: str | None = None) -> dict:
+           **settings) -> dict:
     """Answers to every prompt, with seconds per prompt and NFE per batch (the cost each prompt shared);
-    `polish`: then up to that many noiseless passes over each batch's drafts (their forwards counted)."""
+    `polish`: then up to that many noiseless passes over each batch's drafts (their forwards counted), with
+    `settings` (polish()'s keep, with_, doubt; None: LAD's default)."""
     from lad.sampling.polish import polish as polish_drafts
 
     answers, texts, nfe, seconds = [], [], [], 0.0
@@ -39,7 +40,7 @@ def answer(fn, denoiser, tokenizer, prompts: list[str], batch_size: int, options
         gens = fn(denoiser, tokenizer, batch, **options)
         gens = polish_drafts(denoiser, tokenizer, gens, polish, max_new_tokens=options["max_new_tokens"],
                              chat_template=options["chat_template"],
-                             **{k: v for k, v in (("keep", keep), ("with_", with_)) if v is not None})
+                             **{k: v for k, v in settings.items() if v is not None})
         answers += [g.token_ids for g in gens]
         texts += [g.text for g in gens]
         nfe.append(gens[0].nfe)
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --polish: lad-generate --polish-keep P (default: LAD's)")
     parser.add_argument("--polish-with", choices=OPTIONS["polish_with"].choices, default=None,
                         help="with --polish: lad-generate --polish-with (default: LAD's)")
+    parser.add_argument("--polish-doubt", type=float, default=None, metavar="P",
+                        help="with --polish: lad-generate --polish-doubt P (default: LAD's)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "gen_quality.json"))
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name: str, polish: int = 0, parent: list | None = None, **options) -> tuple[dict, list]:
         """(the row, the answers); `parent`: the parent's answers the row's agreement is measured against."""
         out = answer(STRATEGIES[name], denoiser, tokenizer, prompts, args.batch_size, {**base, **options}, polish,
-                     args.polish_keep, args.polish_with)
+                     keep=args.polish_keep, with_=args.polish_with, doubt=args.polish_doubt)
         answers = out.pop("answers")
         quality = answer_quality(denoiser, tokenizer, prompts, answers, chat_template)
         quality["parent_agreement"] = agreement(answers, parent) if parent is not None else 1.0

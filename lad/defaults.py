@@ -28,6 +28,8 @@ POLISH_KEEP = 0.2  # --polish: a slot keeps its token when the denoiser gives it
 POLISH_WITH = "both"  # --polish: a flagged slot takes the greedy token of the denoiser x AR-parent product. On
 #                       held-out answers (keep 0.2) it repaired 34% of replacements, the parent's token 31%, the
 #                       denoiser's own 28%, each damaging 2.5% of right tokens. docs/results.md
+POLISH_DOUBT = 1.0  # --polish with a parent filler: a flagged slot changes only where the parent, reading the
+#                     repaired text before it, gives its token less than this (1: the denoiser's flag alone)
 
 
 def strategy_for(objective: str) -> str:

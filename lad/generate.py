@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from .defaults import POLISH_KEEP, POLISH_WITH
+from .defaults import POLISH_DOUBT, POLISH_KEEP, POLISH_WITH
 from .sampling import STRATEGIES, Generation, default_strategy, get_strategy, split_options, strategy_options
 from .sampling.options import OPTIONS, option_problem
 from .sampling.polish import polish as polish_drafts
@@ -59,8 +59,8 @@ def _chat_template(denoiser, options: dict) -> bool | str:
 
 def generate(model, prompts: list[str] | str, *, strategy: str | None = None, tokenizer=None,
              batch_size: int | None = None, device: str | torch.device | None = None, weights: str = "final",
-             polish: int = 0, polish_keep: float = POLISH_KEEP, polish_with: str = POLISH_WITH, on_step=None,
-             trace: bool = False, **options) -> list[Generation]:
+             polish: int = 0, polish_keep: float = POLISH_KEEP, polish_with: str = POLISH_WITH,
+             polish_doubt: float = POLISH_DOUBT, on_step=None, trace: bool = False, **options) -> list[Generation]:
     """Answer `prompts` with `strategy` (default: the run's own, `default_strategy`); returns one `Generation`
     per prompt, in order.
 
@@ -69,7 +69,8 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
     strategy (max_new_tokens, iters, seed, temperature, ...); `chat_template` defaults to the run's.
     `polish`: up to this many noiseless refinement passes over each finished draft (lad/sampling/polish.py), in
     which a slot keeps its token when the denoiser gives it at least `polish_keep` probability; `polish_with`: whose
-    greedy token a flagged slot takes (denoiser, parent, both).
+    greedy token a flagged slot takes (denoiser, parent, both; the parent fills left to right); `polish_doubt` < 1:
+    a flagged slot changes only where the parent too gives its token less than this.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -81,7 +82,8 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
         raise GenerateError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(polish, bool) or not isinstance(polish, int):
         raise GenerateError(f"polish must be an integer >= 0, got {polish!r}")
-    for name, value in {**options, "polish": polish, "polish_keep": polish_keep, "polish_with": polish_with}.items():
+    polishing = {"polish": polish, "polish_keep": polish_keep, "polish_with": polish_with, "polish_doubt": polish_doubt}
+    for name, value in {**options, **polishing}.items():
         problem = option_problem(name, value) if name in OPTIONS else None  # unknown names: split_options below
         if problem:
             raise GenerateError(problem)
@@ -108,7 +110,7 @@ def generate(model, prompts: list[str] | str, *, strategy: str | None = None, to
         drafts = fn(model, tokenizer, prompts[start:start + batch_size], chat_template=chat_template,
                     on_step=on_step, trace=trace, **options)
         out += polish_drafts(model, tokenizer, drafts, polish, max_new_tokens=width, chat_template=chat_template,
-                             keep=polish_keep, with_=polish_with, on_step=on_step, trace=trace)
+                             keep=polish_keep, with_=polish_with, doubt=polish_doubt, on_step=on_step, trace=trace)
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .console import Parser, device_problem, guarded, printable, quiet_libraries
-from .defaults import POLISH_KEEP, POLISH_WITH
+from .defaults import POLISH_DOUBT, POLISH_KEEP, POLISH_WITH
 from .generate import DEFAULT_BATCH_SIZE, GenerateError, ar_generate, generate, load, toy_note, trace_dict
 from .sampling import PARENT_STRATEGIES, STRATEGIES, Generation, default_strategy, get_strategy, split_options, \
     strategy_options
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="default: the run's own: confidence for runs trained on the mask objective, refine for "
                           "structural or mixed noise (docs/sampling.md)")
     add_option_flags(how, [*OPTION_FLAGS, *POLISH_OPTIONS], defaults={"polish": 0, "polish_keep": POLISH_KEEP,
-                                                                         "polish_with": POLISH_WITH})
+                                                                         "polish_with": POLISH_WITH,
+                                                                         "polish_doubt": POLISH_DOUBT})
     out = parser.add_argument_group("output")
     out.add_argument("--show", action="store_true", help="show every step (masked red, changed green)")
     out.add_argument("--no-redraw", action="store_true", help="with --show: one line per step, not redrawn in place")
@@ -195,15 +196,16 @@ def run(args: argparse.Namespace) -> int:
         if view is not None:
             view.reset([f"[{start + i + 1}]" for i in range(len(batch))] if numbered else None)
         gens = generate(denoiser, batch, strategy=args.strategy, tokenizer=tokenizer, batch_size=len(batch),
-                        polish=args.polish, polish_keep=args.polish_keep, polish_with=args.polish_with, on_step=view,
-                        trace=args.json, **options)
+                        polish=args.polish, polish_keep=args.polish_keep, polish_with=args.polish_with,
+                        polish_doubt=args.polish_doubt, on_step=view, trace=args.json, **options)
         ars = ar_generate(denoiser, tokenizer, batch, chat_template=denoiser.info.chat_template,
                           **options) if args.ar else [None] * len(batch)
         for i, (gen, ar) in enumerate(zip(gens, ars)):
             if args.json:
                 record = {**trace_dict(gen, tokenizer, cache), "options": options}
                 if args.polish:
-                    record.update(polish=args.polish, polish_keep=args.polish_keep, polish_with=args.polish_with)
+                    record.update(polish=args.polish, polish_keep=args.polish_keep, polish_with=args.polish_with,
+                                  polish_doubt=args.polish_doubt)
                 if ar is not None:
                     record["ar"] = ar.to_dict(with_steps=False)
                 print(json.dumps(record, ensure_ascii=False), flush=True)

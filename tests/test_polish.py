@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +53,32 @@ class WithParent(Oracle):
         super().__init__(tokens, vocab, p)
         self.parent, self.parent_calls = Oracle(parent, vocab, parent_p), 0
 
-    def parent_logits_at(self, ids, attention_mask, positions, position_ids=None):
-        self.parent_calls += 1
-        return self.parent.table.repeat(ids.shape[0], 1)
+    def parent_read(self, canvas, first: int, end: int) -> torch.Tensor:
+        return self.parent.table[first:end].log_softmax(-1).repeat(canvas.ids.shape[0], 1, 1)
+
+    @contextmanager
+    def parent_reader(self, canvas):
+        def read(first, end):
+            self.parent_calls += 1
+            return self.parent_read(canvas, first, end)
+        yield read
+
+
+class BigramParent(WithParent):
+    """A parent that reads the text: at slot j it predicts `follows[token at j - 1]` (the prompt's last token
+    before slot 0), so its prediction changes when the slot before it is repaired."""
+
+    def __init__(self, tokens: list[int], vocab: int, follows: dict[int, int]):
+        super().__init__(tokens, tokens, vocab)
+        self.follows, self.vocab = follows, vocab
+
+    def parent_read(self, canvas, first: int, end: int) -> torch.Tensor:
+        before = canvas.ids[:, canvas.prompt_width + first - 1:canvas.prompt_width + end - 1]
+        out = torch.full((*before.shape, self.vocab), math.log(1e-4 / self.vocab))
+        for (row, slot), token in zip(torch.cartesian_prod(*map(torch.arange, before.shape)).tolist(),
+                                      before.flatten().tolist()):
+            out[row, slot, self.follows.get(token, 0)] = 0.0
+        return out.log_softmax(-1)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +154,8 @@ def test_polish_after_each_strategy_counts_traces_and_reaches_a_fixed_point(run_
         (filled,) = generate(denoiser, "What is 2+2?", tokenizer=tokenizer, strategy=strategy, max_new_tokens=12,
                              trace=True, polish=4)  # the defaults: the parent is asked in a pass that flags a slot
         passes = len(filled.steps) - len(draft.steps)
-        assert 1 <= passes <= 4 and passes <= filled.polish_forwards <= 2 * passes
+        # a pass: the denoiser's forward, then the parent's, one per slot it changes (12 at most) and one more
+        assert 1 <= passes <= 4 and passes <= filled.polish_forwards <= passes * (1 + 12 + 1)
         assert filled.nfe == draft.nfe + filled.polish_forwards
         if draft.steps:
             assert polished.steps[len(draft.steps)].iteration == draft.steps[-1].iteration + 1
@@ -153,15 +178,18 @@ def test_cli_polish_flag(run_dir):
     done = lad_generate("--polish", "2", "--json")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert record["polish"] == 2 and 1 <= record["polish_forwards"] <= 4  # a pass that asks the parent costs two
-    assert record["polish_keep"] == 0.2 and record["polish_with"] == "both"  # lad/defaults.py
-    for with_, forwards in (("denoiser", 1), ("parent", 2)):  # keep 1 flags every slot the model is not sure of
+    # a pass: the denoiser's forward, and where it flags a slot the parent's, one per slot changed and one more
+    assert record["polish"] == 2 and 1 <= record["polish_forwards"] <= 2 * (1 + 8 + 1)
+    assert (record["polish_keep"], record["polish_with"], record["polish_doubt"]) == (0.2, "both", 1.0)  # defaults
+    for with_ in ("denoiser", "parent"):  # keep 1 flags every slot the model is not sure of
         done = lad_generate("--polish", "1", "--polish-with", with_, "--polish-keep", "1", "--json")
         assert done.returncode == 0, done.stderr
         record = json.loads(done.stdout)
-        assert record["polish_with"] == with_ and record["polish_forwards"] == forwards
+        assert record["polish_with"] == with_
+        assert record["polish_forwards"] == 1 if with_ == "denoiser" else record["polish_forwards"] >= 2
     for flag, value, message in (("--polish", "-1", "--polish must be >= 0, got -1"),
                                  ("--polish-keep", "1.5", "--polish-keep must be in [0, 1], got 1.5"),
+                                 ("--polish-doubt", "2", "--polish-doubt must be in [0, 1], got 2.0"),
                                  ("--polish-with", "oracle", "argument --polish-with: invalid choice: 'oracle' (choose "
                                                              "from 'denoiser', 'parent', 'both') (see lad-generate "
                                                              "--help)")):
@@ -251,7 +279,9 @@ def test_polish_with_the_parent_fills_the_slots_the_denoiser_flags(byte_tokenize
     assert answer[2] == 9 and answer[5] == REFERENCE[5] and model.parent_calls == 0
     answer, spent, model = polished("parent")
     assert answer == REFERENCE  # the second pass flags slot 2 again, the parent keeps it: nothing changed, so it ends
-    assert (model.calls, model.parent_calls, spent) == (2, 2, 4)
+    # the parent reads 16 slots a forward, left to right: pass 1 reads [0, 16) and changes slot 2, reads [3, 17)
+    # and changes 5, reads [6, 17); pass 2 reads [0, 16) and [16, 17), changing nothing
+    assert (model.calls, model.parent_calls, spent) == (2, 5, 7)
     sure = WithParent(REFERENCE, wrong, vocab)  # the denoiser flags nothing: the parent is never asked
     canvas = build_canvas(byte_tokenizer, ["a"], len(REFERENCE), MASK, chat_template=False)
     canvas.answer.copy_(torch.tensor([REFERENCE]))
@@ -259,7 +289,7 @@ def test_polish_with_the_parent_fills_the_slots_the_denoiser_flags(byte_tokenize
     assert canvas.answer[0].tolist() == REFERENCE
     answer, spent, model = polished("both")  # slot 2: the two disagree, each gives the other's token 0.01/vocab
     assert answer[5] == REFERENCE[5] and answer[2] in (9, REFERENCE[2])
-    assert 1 <= model.parent_calls <= model.calls and spent == model.calls + model.parent_calls
+    assert model.parent_calls >= 1 and spent == model.calls + model.parent_calls
     with pytest.raises(ValueError, match=r"^polish_with must be one of"):
         polish_canvas(model, build_canvas(byte_tokenizer, ["a"], 4, MASK, chat_template=False), 1, with_="oracle")
 
@@ -283,6 +313,62 @@ def test_polish_with_both_takes_the_token_the_two_models_agree_on(byte_tokenizer
     assert (answers["denoiser"][4], answers["parent"][4], answers["both"][4]) == (65, 67, 66)  # B: .16 against .5e-6
 
 
+def test_the_parent_fills_left_to_right_reading_the_repaired_text(byte_tokenizer):
+    vocab = len(byte_tokenizer)
+    canvas = build_canvas(byte_tokenizer, ["a"], 6, MASK, chat_template=False)
+    last = int(canvas.ids[0, canvas.prompt_width - 1])  # the prompt's last token: what slot 0 is read after
+    reference = [65, 66, 67, 68, 69, 70]
+    follows = dict(zip([last, *reference], reference))  # the parent continues the reference from any slot of it
+    model = BigramParent(reference, vocab, follows)
+    canvas.answer.copy_(torch.tensor([[65, 90, 91, 68, 69, 70]]))  # two wrong slots in a row; the denoiser flags both
+    polish_canvas(model, canvas, 1, keep=0.5, with_="parent")
+    # at once, slot 2 would be read after the wrong 90 (the parent's token there: 0); left to right it follows the
+    # repaired 66, so one pass repairs both
+    assert canvas.answer[0].tolist() == reference
+
+
+def test_doubt_keeps_a_flagged_token_the_parent_finds_likely(byte_tokenizer):
+    vocab = len(byte_tokenizer)
+    draft = list(REFERENCE)
+    draft[4] = 7  # the denoiser flags it; the parent prefers 67 (0.6) but gives 7 0.3 after the text before it
+    model = WithParent(REFERENCE, REFERENCE, vocab)
+    model.table[4] = math.log(1e-6)
+    model.table[4, 65] = 0.0
+    model.parent.table[4] = math.log(0.1 / vocab)
+    model.parent.table[4, 67], model.parent.table[4, 7] = math.log(0.6), math.log(0.3)
+    answers = {}
+    for doubt in (1.0, 0.5, 0.2):
+        canvas = build_canvas(byte_tokenizer, ["a"], len(REFERENCE), MASK, chat_template=False)
+        canvas.answer.copy_(torch.tensor([draft]))
+        polish_canvas(model, canvas, 1, keep=0.05, with_="parent", doubt=doubt)
+        answers[doubt] = canvas.answer[0].tolist()
+    assert answers[1.0][4] == answers[0.5][4] == 67 and answers[0.2] == draft  # 0.3 >= 0.2: the parent agrees
+    with pytest.raises(ValueError, match=r"^polish_doubt must be in \[0, 1\], got 1.5$"):
+        polish_canvas(model, canvas, 1, with_="parent", doubt=1.5)
+
+
+def test_parent_reader_reads_as_the_parent_does_uncached(run_dir):
+    """The cached left-to-right reading (`Denoiser.parent_reader`) gives the parent's own distributions: those of
+    one uncached causal forward over the canvas as it stands, after a slot changed too (prompts of two lengths:
+    left padding)."""
+    denoiser, tokenizer = load(run_dir)
+    canvas = build_canvas(tokenizer, ["Hi", "a longer prompt here"], 12, denoiser.mask_id,
+                          chat_template=denoiser.info.chat_template)
+    canvas.answer.copy_(torch.randint(0, 250, canvas.answer.shape, generator=torch.Generator().manual_seed(0)))
+
+    def uncached():
+        rows, width = canvas.answer.shape
+        logits = denoiser.parent_logits_at(canvas.ids, canvas.attention_mask, canvas.positions)
+        return logits.float().log_softmax(-1).view(rows, width, -1)
+
+    with denoiser.parent_reader(canvas) as read:
+        torch.testing.assert_close(read(0, 8), uncached()[:, :8], atol=1e-4, rtol=1e-4)
+        canvas.answer[:, 5] = 42
+        torch.testing.assert_close(read(5, 12), uncached()[:, 5:], atol=1e-4, rtol=1e-4)
+        canvas.answer[1, 2] = 43
+        torch.testing.assert_close(read(2, 12), uncached()[:, 2:], atol=1e-4, rtol=1e-4)
+
+
 def test_bench_polishes_with_the_filler_it_is_given(byte_tokenizer):
     pool = torch.tensor(REFERENCE)
     x = torch.tensor(REFERENCE)
@@ -304,9 +390,13 @@ def test_frontier_joins_the_keeps_of_one_run_and_filler(tmp_path):
 
     records = [{"label": "run_keeps", "run": "r", "cells": [cell(0.2, 3, 1)]},
                {"label": "run", "run": "r", "cells": [cell(1.0, 5, 4), cell(0.05, 2, 0)]},
-               {"label": "run_both", "run": "r", "polish_with": "both", "cells": [cell(0.2, 4, 1)]}]
+               {"label": "run_both", "run": "r", "polish_with": "both", "cells": [cell(0.2, 4, 1)]},
+               {"label": "run_both_lr", "run": "r", "polish_with": "both", "polish_order": "left_to_right",
+                "polish_doubt": 0.5, "cells": [cell(0.2, 6, 1)]}]
     got = bench_refine.frontiers(records, 0.1, "replace")
-    assert got == {"run": ("denoiser", [(0.04, 0.5), (0.01, 0.3), (0.0, 0.2)]), "run_both": ("both", [(0.01, 0.4)])}
+    assert got == {"run": ("denoiser", [(0.04, 0.5), (0.01, 0.3), (0.0, 0.2)]),
+                   "run_both": ("both, at once", [(0.01, 0.4)]),
+                   "run_both_lr": ("both, left to right, doubt 0.5", [(0.01, 0.6)])}
     bench_refine.plot(records, 0.1, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
@@ -320,7 +410,7 @@ def test_polish_with_the_parent_needs_one(run_dir):
     (draft,) = generate(denoiser, "Hi", tokenizer=tokenizer, max_new_tokens=8)
     (filled,) = polish(denoiser, tokenizer, [draft], 2, max_new_tokens=8, with_="parent",
                        chat_template=denoiser.info.chat_template)
-    assert 1 <= filled.polish_forwards <= 4
+    assert 2 <= filled.polish_forwards <= 2 * (1 + 8 + 1)  # the denoiser's forward and the parent's per pass
     denoiser.info = changed(denoiser.info, merged=True)
     with pytest.raises(RunDirError, match="exported .merged. model"):
         polish(denoiser, tokenizer, [draft], 1, max_new_tokens=8, with_="both")

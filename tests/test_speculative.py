@@ -18,6 +18,7 @@ import torch
 
 from lad.modeling.byte_tokenizer import build_byte_tokenizer
 from lad.modeling.denoiser import Denoiser
+from lad.modeling.gate import parent_switch
 from lad.sampling import get_strategy
 from lad.sampling.common import render_prompt
 from lad.sampling.verify import greedy_round, sampled_round
@@ -165,7 +166,7 @@ def test_sampled_tokens_follow_the_parents_distribution(tokenizer, gate, shift):
     rejected, stat = chi_square_rejects(counts, expected, n)
     assert not rejected, (stat, counts, expected)
     drafter = {}  # the test has power: the drafter's own first-token distribution is far from the parent's
-    with speculative_module._gate(den) as gate:
+    with parent_switch(den) as gate:
         for seed in range(200):
             (_, tokens, _) = speculative_module._draft(den, gate, speculative_module._Text(
                 speculative_module.prepare(den, tokenizer, ["ab"], 2, chat_template=False), 0), _cache(), 1,

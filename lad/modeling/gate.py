@@ -86,3 +86,18 @@ def _is_lora_b(name: str, module: nn.Module) -> bool:
 def attach_gate(model: nn.Module, mask_id: int, gate: str | None) -> MaskGate | None:
     """Gate `model`'s LoRA layers at the mask columns (gate "masked"); None when there is no gate."""
     return MaskGate(model, mask_id) if check_gate(gate) else None
+
+
+@contextmanager
+def parent_switch(denoiser):
+    """The denoiser's mask gate, or for an ungated run one attached for the call: `gate.at(all False)` switches
+    the adapter off for a forward (the parent, x + 0 is x) and other columns keep it, with no per-forward mode
+    switch (`Denoiser.as_parent` walks every module, which costs as much as a decode step on a CPU)."""
+    if denoiser.gated:
+        yield denoiser.gate
+        return
+    gate = MaskGate(denoiser.model, denoiser.mask_id)
+    try:
+        yield gate
+    finally:
+        gate.remove()

@@ -7,7 +7,7 @@ place and say the same thing (a test holds every strategy option to an entry her
 
 from __future__ import annotations
 
-from ..defaults import POLISH_KEEP, POLISH_WITH
+from ..defaults import POLISH_DOUBT, POLISH_KEEP, POLISH_WITH
 from ..options import Option, add_flags, flag, value_problem
 
 __all__ = ["OPTIONS", "POLISH_OPTIONS", "Option", "add_option_flags", "check_values", "flag", "option_problem"]
@@ -57,11 +57,16 @@ OPTIONS: dict[str, Option] = {
                                  f"{POLISH_KEEP:g})",
                           low=0, high=1, metavar="P"),
     "polish_with": Option(str, "with --polish: whose greedy token a slot the denoiser flags takes: the denoiser's, "
-                               "the AR parent's given the draft before it (parent), or their product's (both); the "
-                               f"parent costs one more forward per pass (default {POLISH_WITH})",
+                               "the AR parent's given the answer before it as repaired so far (parent: flagged "
+                               "slots are filled left to right), or their product's (both); the parent costs a "
+                               f"forward per change (default {POLISH_WITH})",
                           choices=("denoiser", "parent", "both")),
+    "polish_doubt": Option(float, "with --polish-with parent|both: a flagged slot changes only where the parent "
+                                  "also gives its token less than this, reading the repaired text before it (1 = "
+                                  f"the denoiser's flag alone; default {POLISH_DOUBT:g})",
+                           low=0, high=1, metavar="P"),
 }
-POLISH_OPTIONS = ("polish", "polish_keep", "polish_with")
+POLISH_OPTIONS = ("polish", "polish_keep", "polish_with", "polish_doubt")
 
 
 def option_problem(name: str, value, label: str | None = None) -> str | None:

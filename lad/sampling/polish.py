@@ -9,10 +9,12 @@ forward polishes every block within itself.
 
 Who fills (`polish_with`, measured by issue 31's repair benchmark): the denoiser always flags (a slot whose token it
 gives less than `keep`), and a flagged slot takes the greedy token of the denoiser (`denoiser`), of the AR parent
-given the draft before the slot (`parent`), or of the product of the two distributions (`both`: the denoiser reads
-the right context, the parent reads the left with all its pretraining). Asking the parent costs one more forward in
-a pass that flags something. Letting the product judge as well was measured and damages far more (after an
-earlier wrong token the parent's left context is wrong too; eval/results/repair/prototypes/).
+(`parent`), or of the product of the two distributions (`both`: the denoiser reads the right context, the parent
+the left with all its pretraining). The parent fills left to right, reading the answer as repaired so far
+(lad/sampling/parent_fill.py: one parent forward per slot changed, over a K/V cache), and with `doubt` < 1 a
+flagged slot changes only where the parent, too, gives its token less than `doubt`. Filling every flagged slot
+at once from the draft as it stood (2026-12-07) repaired fewer; letting the parent or the product judge alone
+damages far more (eval/results/repair/prototypes/).
 
 `polish_canvas` works on a canvas (ids in, ids out); `polish` rebuilds the canvas of finished `Generation`s (the
 answer, its end, then end tokens to the canvas width) so that it follows any strategy, the AR parent's included.
@@ -25,18 +27,11 @@ from dataclasses import replace
 
 import torch
 
-from ..defaults import POLISH_KEEP, POLISH_WITH
+from ..defaults import POLISH_DOUBT, POLISH_KEEP, POLISH_WITH
 from .common import (Generation, answer_logits, build_canvas, decode_blocks, eos_token_ids, record_step,
                      sampler_cache)
 from .options import check_values
-
-
-def parent_log_probs(denoiser, canvas) -> torch.Tensor:
-    """[B, N, V] the AR parent's log-distribution at each answer slot given the canvas before it (adapter off,
-    causal: the parent reads a draft as it would read its own answer)."""
-    rows, width = canvas.answer.shape
-    logits = denoiser.parent_logits_at(canvas.ids, canvas.attention_mask, canvas.positions)
-    return logits.float().log_softmax(-1).view(rows, width, -1)
+from .parent_fill import fill_left_to_right
 
 
 def check_filler(info, with_: str, where, name: str = "polish_with") -> None:
@@ -52,37 +47,41 @@ def check_filler(info, with_: str, where, name: str = "polish_with") -> None:
                               f"({name} denoiser)") from None
 
 
-def pass_edits(denoiser, canvas, cache, before, editable, keep: float, with_: str):
-    """One pass's (slots to change, their new tokens, confidence per slot, forwards spent): the denoiser flags
-    editable slots, and `with_` fills them; the parent is asked only when a slot is flagged."""
-    log_probs = answer_logits(denoiser, canvas, cache).log_softmax(-1)
+def polish_pass(denoiser, canvas, cache, editable, keep: float, with_: str, doubt: float = POLISH_DOUBT):
+    """One pass over `canvas.answer`, in place: the denoiser flags the editable slots whose token it gives less
+    than `keep`, and `with_` fills them, the parent left to right (lad/sampling/parent_fill.py; asked only when a
+    slot is flagged). Returns (the filler's confidence per slot, forwards spent)."""
+    log_probs = answer_logits(denoiser, canvas, cache).float().log_softmax(-1)
+    before = canvas.answer
     current = log_probs.gather(-1, before.to(log_probs.device).unsqueeze(-1)).squeeze(-1).exp()
-    change = editable & (current < keep).to(before.device)
-    spent = 1
-    if with_ != "denoiser" and bool(change.any()):
-        parent = parent_log_probs(denoiser, canvas).to(log_probs.device)
-        log_probs = parent if with_ == "parent" else (log_probs + parent).log_softmax(-1)
-        spent += 1
+    flagged = editable.to(before.device) & (current < keep).to(before.device)
     confidence, predicted = log_probs.exp().max(-1)
-    return change, predicted.to(before.device), confidence.to(before.device), spent
+    confidence = confidence.to(before.device)
+    if with_ == "denoiser" or not bool(flagged.any()):
+        canvas.answer.copy_(torch.where(flagged, predicted.to(before.device), before))
+        return confidence, 1
+    _, filled, forwards = fill_left_to_right(denoiser, canvas, flagged, log_probs if with_ == "both" else None,
+                                             doubt)
+    return torch.where(flagged, filled, confidence), 1 + forwards
 
 
 @torch.no_grad()
 def polish_canvas(denoiser, canvas, passes: int, *, cache=None, editable=None, keep: float = POLISH_KEEP,
-                  with_: str = POLISH_WITH, steps=None, on_step=None, first_iteration: int = 0, nfe: int = 0) -> int:
+                  with_: str = POLISH_WITH, doubt: float = POLISH_DOUBT, steps=None, on_step=None,
+                  first_iteration: int = 0, nfe: int = 0) -> int:
     """Up to `passes` noiseless passes over `canvas.answer`, in place; returns the forwards spent. `editable`
     (bool [B, N], default all): the slots a pass may change. `keep`: a slot whose current token the denoiser gives
     at least this probability keeps it (1: every slot takes the filler's greedy token). `with_`: who fills a
-    flagged slot (module docstring). Stops early once a pass changes nothing."""
-    check_values(polish=passes, polish_keep=keep, polish_with=with_)
+    flagged slot; `doubt` < 1: the parent must also give its token less than this (module docstring). Stops early
+    once a pass changes nothing."""
+    check_values(polish=passes, polish_keep=keep, polish_with=with_, polish_doubt=doubt)
     editable = torch.ones_like(canvas.answer, dtype=torch.bool) if editable is None else editable
     spent = 0
     for i in range(passes):
         before = canvas.answer.clone()
-        change, predicted, confidence, forwards = pass_edits(denoiser, canvas, cache, before, editable, keep, with_)
+        confidence, forwards = polish_pass(denoiser, canvas, cache, editable, keep, with_, doubt)
         spent += forwards
-        after = torch.where(change, predicted, before)
-        canvas.answer.copy_(after)
+        after = canvas.answer.clone()
         record_step(steps, on_step, first_iteration + i, before, after, confidence, denoiser.mask_id, nfe + spent)
         if bool((after == before).all()):
             break
@@ -113,12 +112,12 @@ def end_token(tokenizer, denoiser) -> int:
 
 @torch.no_grad()
 def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, max_new_tokens: int,
-           chat_template: bool | str = True, keep: float = POLISH_KEEP, with_: str = POLISH_WITH, on_step=None,
-           trace: bool = False) -> list[Generation]:
+           chat_template: bool | str = True, keep: float = POLISH_KEEP, with_: str = POLISH_WITH,
+           doubt: float = POLISH_DOUBT, on_step=None, trace: bool = False) -> list[Generation]:
     """`generations` (one batch, in prompt order) after up to `passes` noiseless passes: same prompts, the text
     the passes left, `nfe` counting their forwards, the passes' steps appended to the trace (iterations numbered
     on from the draft's). An answer longer than `max_new_tokens` (an AR draft) is cut to it first."""
-    check_values(polish=passes, polish_with=with_)  # before the canvas is built
+    check_values(polish=passes, polish_keep=keep, polish_with=with_, polish_doubt=doubt)  # before the canvas
     if passes == 0 or not generations:
         return generations
     check_filler(denoiser.info, with_, "this run")
@@ -131,7 +130,7 @@ def polish(denoiser, tokenizer, generations: list[Generation], passes: int, *, m
     done = max((g.steps[-1].iteration + 1 if g.steps else g.nfe for g in generations), default=0)
     steps = [[] for _ in generations] if trace else None
     draft_nfe = generations[0].nfe
-    spent = polish_canvas(denoiser, canvas, passes, cache=cache, keep=keep, with_=with_, steps=steps,
+    spent = polish_canvas(denoiser, canvas, passes, cache=cache, keep=keep, with_=with_, doubt=doubt, steps=steps,
                           on_step=on_step, first_iteration=done, nfe=draft_nfe)
     eos = eos_token_ids(tokenizer, denoiser)
     seconds = time.perf_counter() - started

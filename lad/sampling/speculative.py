@@ -28,13 +28,12 @@ drafted and accepted tokens, and the seconds spent drafting and verifying.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from ..defaults import DRAFT_LENGTH, ITERS, MAX_DRAFT, MAX_NEW_TOKENS
-from ..modeling.gate import MaskGate
+from ..modeling.gate import MaskGate, parent_switch
 from ..modeling.cache import crop_to, left_padded, position_ids_from_mask, query_rows, rebuilt_cache
 from .common import Canvas, Step, draw_rows, eos_token_ids, filter_logits, finish, prepare, row_generators
 from .verify import greedy_round, sampled_round
@@ -131,21 +130,6 @@ def _parent_head(denoiser, hidden: Tensor, count: int) -> Tensor:
     return denoiser.causal_lm.get_output_embeddings()(hidden[:, -count:]).float()
 
 
-@contextmanager
-def _gate(denoiser):
-    """The denoiser's mask gate, or for an ungated run one attached for the call: it switches the adapter off for
-    the parent's forwards (all columns closed) and on for the drafter's, with no per-forward mode switch
-    (`as_parent` walks every module, which costs as much as a decode step on a CPU)."""
-    if denoiser.gated:
-        yield denoiser.gate
-        return
-    gate = MaskGate(denoiser.model, denoiser.mask_id)
-    try:
-        yield gate
-    finally:
-        gate.remove()
-
-
 class _Round:
     """One round's forwards: ungated, the denoiser drafts and the parent checks (two caches); gated, one forward
     checks the previous draft and drafts the next (one cache, the parent's)."""
@@ -220,7 +204,7 @@ def speculative(denoiser, tokenizer, prompts: list[str], *, max_new_tokens: int 
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     generators = row_generators(rows, seed, canvas.ids.device)
     steps = [[] for _ in range(rows)] if trace else None
-    with _gate(denoiser) as gate:
+    with parent_switch(denoiser) as gate:
         round_ = _Round(denoiser, gate, text, generators, sampling)
         stats = _decode(round_, max_new_tokens, eos, (draft_length, adaptive, max_draft), steps, on_step)
     answers = text.answers(max_new_tokens, fill=pad)
