@@ -23,13 +23,15 @@ DRAFT_LENGTH = 4  # speculative: tokens drafted per round (provisional, until th
 MAX_DRAFT = 16  # speculative with adaptive=True: the longest draft
 MAX_NEW_TOKENS = 64  # the answer length of lad-generate, the demo and the training report
 POLISH_KEEP = 0.2  # --polish: a slot keeps its token when the denoiser gives it at least this probability. With
-#                   POLISH_WITH, one pass of the 320-step draft_local run repairs 38% of replaced tokens while
-#                   damaging 1.5% of right ones (keep 0.05: 32%, 0.9%; keep 0.5: 48%, 5.3%); issue 31's benchmark
-POLISH_WITH = "both"  # --polish: a flagged slot takes the greedy token of the denoiser x AR-parent product. On
-#                       held-out answers (keep 0.2) it repaired 34% of replacements, the parent's token 31%, the
-#                       denoiser's own 28%, each damaging 2.5% of right tokens. docs/results.md
+#                   POLISH_WITH, one pass of the 320-step draft_local run repairs 44% of replaced tokens while
+#                   damaging 1.4% of right ones (keep 0.05: 35%, 0.9%; 0.3: 48%, 2.4%; 0.5: 63%, 3.6%); issue 31
+POLISH_WITH = "parent"  # --polish: a flagged slot takes the AR parent's greedy token, filled left to right. It
+#                         repaired the most (44%; the product `both` 39%, the denoiser 29%, each at keep 0.2 with
+#                         1.4-1.5% damaged), 33% of held-out answers' replacements (both 31%). docs/results.md
 POLISH_DOUBT = 1.0  # --polish with a parent filler: a flagged slot changes only where the parent, reading the
 #                     repaired text before it, gives its token less than this (1: the denoiser's flag alone)
+#                     (off: at keep 0.5 with the product filling, doubt 0.01 repaired 50% with 3.3% damaged, on
+#                     the frontier keep alone draws; eval/results/repair/prototypes/left_to_right.json)
 
 
 def strategy_for(objective: str) -> str:

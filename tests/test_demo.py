@@ -156,7 +156,7 @@ def test_stream_polishes_the_draft_after_its_steps(model):
     passes = len(out) - len(plain)  # the passes are steps of their own, each of the denoiser's forward and the
     # parent's where it flags a slot: one per slot changed (12 at most) and one more
     assert 1 <= passes <= 3 and passes <= gen.polish_forwards <= passes * (1 + 12 + 1)
-    assert model.polish_with == "both"
+    assert model.polish_with == "parent"
     assert out[-2].status == f"LAD: step {gen.steps[-1].iteration + 1}/9 · {gen.nfe} forwards"
     assert out[-1].lad == view.final_html(gen.text)
     assert out[-1].status.startswith(f"**LAD** (confidence): {gen.nfe} forwards, {gen.polish_forwards} of them "

@@ -180,7 +180,7 @@ def test_cli_polish_flag(run_dir):
     record = json.loads(done.stdout)
     # a pass: the denoiser's forward, and where it flags a slot the parent's, one per slot changed and one more
     assert record["polish"] == 2 and 1 <= record["polish_forwards"] <= 2 * (1 + 8 + 1)
-    assert (record["polish_keep"], record["polish_with"], record["polish_doubt"]) == (0.2, "both", 1.0)  # defaults
+    assert (record["polish_keep"], record["polish_with"], record["polish_doubt"]) == (0.2, "parent", 1.0)  # defaults
     for with_ in ("denoiser", "parent"):  # keep 1 flags every slot the model is not sure of
         done = lad_generate("--polish", "1", "--polish-with", with_, "--polish-keep", "1", "--json")
         assert done.returncode == 0, done.stderr

@@ -60,9 +60,9 @@ def polish_pass(denoiser, canvas, cache, editable, keep: float, with_: str, doub
     if with_ == "denoiser" or not bool(flagged.any()):
         canvas.answer.copy_(torch.where(flagged, predicted.to(before.device), before))
         return confidence, 1
-    _, filled, forwards = fill_left_to_right(denoiser, canvas, flagged, log_probs if with_ == "both" else None,
-                                             doubt)
-    return torch.where(flagged, filled, confidence), 1 + forwards
+    changed, filled, forwards = fill_left_to_right(denoiser, canvas, flagged, log_probs if with_ == "both" else None,
+                                                   doubt)
+    return torch.where(changed, filled, confidence), 1 + forwards
 
 
 @torch.no_grad()
