@@ -313,11 +313,12 @@ def window_logits(denoiser, input_ids: Tensor, attention_mask: Tensor, positions
 # new one, its columns kept, SDAR/Fast-dLLM v2) or in a forward of its own (`carry=False`).
 
 
-def query_rows(mask, first: int):
-    """The query rows from canvas column `first` on of a decoder mask (one tensor or {layer type: tensor})."""
+def query_rows(mask, first: int, end: int | None = None):
+    """The query rows from canvas column `first` on of a decoder mask (one tensor or {layer type: tensor}); with
+    `end`, the rows [first, end) over the key columns [0, end) (a forward that stops before the canvas does)."""
     if isinstance(mask, dict):
-        return {kind: m[:, :, first:] for kind, m in mask.items()}
-    return mask[:, :, first:]
+        return {kind: query_rows(m, first, end) for kind, m in mask.items()}
+    return mask[:, :, first:] if end is None else mask[:, :, first:end, :end]
 
 
 class GrowingCache:

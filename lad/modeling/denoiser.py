@@ -249,24 +249,19 @@ class Denoiser(nn.Module):
         off (x + 0 is x: the base model exactly) with no per-forward mode switch (lad/modeling/gate.py)."""
         from transformers import DynamicCache
 
-        from .cache import crop_to
+        from .cache import crop_to, query_rows
         from .gate import parent_switch
 
         start, kv = canvas.prompt_width, DynamicCache()
         position_ids = position_ids_from_mask(canvas.attention_mask)
         causal = self.draft_mask(canvas.attention_mask, canvas.ids.shape[1], position_ids)  # no draft: all causal
 
-        def rows(first: int, end: int):  # query rows [first, end) over key columns [0, end)
-            if isinstance(causal, dict):
-                return {kind: m[:, :, first:end, :end] for kind, m in causal.items()}
-            return causal[:, :, first:end, :end]
-
         def read(first: int, end: int) -> Tensor:
             crop_to(kv, start + first - 1)  # slot s is read from column start + s - 1
             done, last = kv.get_seq_length(), start + end - 1
             ids = canvas.ids[:, done:last]
             with gate.at(torch.zeros_like(ids, dtype=torch.bool)):
-                hidden = self.decode_into(ids, rows(done, last), position_ids[:, done:last], kv)
+                hidden = self.decode_into(ids, query_rows(causal, done, last), position_ids[:, done:last], kv)
             return self.head(hidden[:, hidden.shape[1] - (end - first):]).float().log_softmax(-1)
 
         with torch.no_grad(), parent_switch(self) as gate:

@@ -52,13 +52,13 @@ def polish_pass(denoiser, canvas, cache, editable, keep: float, with_: str, doub
     than `keep`, and `with_` fills them, the parent left to right (lad/sampling/parent_fill.py; asked only when a
     slot is flagged). Returns (the filler's confidence per slot, forwards spent)."""
     log_probs = answer_logits(denoiser, canvas, cache).float().log_softmax(-1)
-    before = canvas.answer
-    current = log_probs.gather(-1, before.to(log_probs.device).unsqueeze(-1)).squeeze(-1).exp()
-    flagged = editable.to(before.device) & (current < keep).to(before.device)
+    answer = canvas.answer
+    current = log_probs.gather(-1, answer.to(log_probs.device).unsqueeze(-1)).squeeze(-1).exp()
+    flagged = editable.to(answer.device) & (current < keep).to(answer.device)
     confidence, predicted = log_probs.exp().max(-1)
-    confidence = confidence.to(before.device)
+    confidence = confidence.to(answer.device)
     if with_ == "denoiser" or not bool(flagged.any()):
-        canvas.answer.copy_(torch.where(flagged, predicted.to(before.device), before))
+        answer.copy_(torch.where(flagged, predicted.to(answer.device), answer))
         return confidence, 1
     changed, filled, forwards = fill_left_to_right(denoiser, canvas, flagged, log_probs if with_ == "both" else None,
                                                    doubt)
